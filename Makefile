@@ -1,0 +1,46 @@
+# gru4rec: `make demo` runs the pipeline end to end on built-in synthetic data; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/gru4rec-cli
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(CLI) data synth $(DEMO)/data --sessions 20000 --items 2000 --seed 7
+	$(CLI) train $(DEMO)/data/train.parquet --valid $(DEMO)/data/test.parquet --out $(DEMO)/model.pt --preset demo
+	$(CLI) export $(DEMO)/model.pt --out $(DEMO)/model.onnx --top-k 20
+	$(CLI) score --model $(DEMO)/model.onnx --sessions $(DEMO)/data/test.parquet --out $(DEMO)/recs.parquet --metrics $(DEMO)/metrics.json
+	$(CLI) eval benchmark --config eval/configs/demo.toml --out $(DEMO)/report
+	@echo "demo finished: see $(DEMO)/"
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
+
+bench: install
+	$(CLI) bench --out bench/results/latest.json
+
+lint: install
+	$(PY) -m ruff check gru4rec train export score eval tests
+	$(PY) -m ruff format --check gru4rec train export score eval tests
+
+clean:
+	rm -rf $(VENV) $(DEMO) build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

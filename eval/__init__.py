@@ -1,0 +1,1 @@
+"""Stage 'eval' of the gru4rec pipeline (installed as gru4rec.eval)."""

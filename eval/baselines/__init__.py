@@ -1,0 +1,1 @@
+"""Baselines scored by the same metric code as GRU4Rec."""

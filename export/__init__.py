@@ -1,0 +1,1 @@
+"""Stage 'export' of the gru4rec pipeline (installed as gru4rec.export)."""

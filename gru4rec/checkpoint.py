@@ -1,0 +1,88 @@
+"""The model file: one torch file holding weights, item map, hyperparameters and provenance.
+
+Written atomically; loaded with `weights_only=True` (plain containers and tensors only), so a
+checkpoint can never run code. Training state for `--resume` rides along under "train_state".
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gru4rec
+from gru4rec.errors import UserError
+from gru4rec.io import atomic_path
+from gru4rec.items import ItemMap
+from gru4rec.model import GRU4Rec, ModelConfig
+
+FORMAT = "gru4rec-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: GRU4Rec
+    items: ItemMap
+    params: dict[str, Any] = field(default_factory=dict)  # training hyperparameters
+    data_fingerprint: str = ""
+    train_state: dict[str, Any] | None = None  # optimiser/rng/epoch for --resume
+    info: dict[str, Any] = field(default_factory=dict)  # versions, timings, metrics
+
+
+def versions() -> dict[str, str]:
+    return {"gru4rec": gru4rec.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> None:
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": ckpt.model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
+        "item_ids": torch.from_numpy(np.ascontiguousarray(ckpt.items.ids, dtype=np.int64)),
+        "params": ckpt.params,
+        "data_fingerprint": ckpt.data_fingerprint,
+        "train_state": ckpt.train_state,
+        "info": {**ckpt.info, "versions": versions()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable gru4rec checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a gru4rec checkpoint")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {payload['format_version']} is newer than this gru4rec")
+    try:
+        cfg = ModelConfig(**payload["model_config"])
+        model = GRU4Rec(cfg, seed=None)
+        model.load_state_dict(payload["state_dict"])
+        items = ItemMap(payload["item_ids"].numpy().astype(np.int64))
+        if len(items) != cfg.n_items:
+            raise ValueError(f"item map has {len(items)} items, model {cfg.n_items}")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: corrupt checkpoint ({str(e).splitlines()[0][:160]})") from None
+    model.eval()
+    return Checkpoint(
+        model=model.to(map_location),
+        items=items,
+        params=payload.get("params") or {},
+        data_fingerprint=payload.get("data_fingerprint", ""),
+        train_state=payload.get("train_state"),
+        info=payload.get("info") or {},
+    )

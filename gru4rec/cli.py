@@ -1,0 +1,49 @@
+"""`gru4rec-cli`: one typer app; each stage registers its own commands from its own module.
+
+User errors (`UserError`) become one line on stderr and exit code 2; typer's own usage errors
+also exit 2. Exit 1 is reserved for checks that ran and failed (a regression, a failed parity
+verification); anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gru4rec.errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(
+    name="gru4rec-cli",
+    help="GRU4Rec session-based recommenders: train, export to ONNX, score, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register_all() -> None:
+    # Imports are cheap: stage modules import torch/onnx lazily inside their commands.
+    from gru4rec import data_commands
+    from gru4rec.eval import cli as eval_cli
+    from gru4rec.export import cli as export_cli
+    from gru4rec.score import cli as score_cli
+    from gru4rec.train import cli as train_cli
+
+    for module in (data_commands, train_cli, export_cli, score_cli, eval_cli):
+        module.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""One exception type for user errors: the CLI prints its message on one line and exits 2."""
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Bad input, a bad option or a broken file: the user can fix it, so no traceback."""

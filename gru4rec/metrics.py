@@ -1,0 +1,70 @@
+"""Ranks -> Recall@k / MRR@k. Every number this project reports comes from these functions.
+
+Tie modes (spec §7), with s* the target's score:
+  standard:     1 + #{s_i > s*}
+  conservative: #{s_i >= s*}                      (the target counts itself)
+  median:       1 + #{s_i > s*} + (#{s_i == s*} - 1) / 2
+Recall@k = mean(rank <= k); MRR@k = mean(1[rank <= k] / rank), micro-averaged over all predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+TIE_MODES = ("standard", "conservative", "median")
+DEFAULT_CUTOFFS = (1, 5, 10, 20)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, mode: str = "standard") -> torch.Tensor:
+    """Rank of each row's target among all columns of `scores` [B, N]; float (median may be x.5)."""
+    target_scores = scores.gather(1, targets.view(-1, 1))
+    greater = (scores > target_scores).sum(1)
+    if mode == "standard":
+        return (greater + 1).to(torch.float64)
+    equal = (scores == target_scores).sum(1)  # includes the target itself
+    if mode == "conservative":
+        return (greater + equal).to(torch.float64)
+    if mode == "median":
+        return greater.to(torch.float64) + 1 + 0.5 * (equal.to(torch.float64) - 1)
+    raise ValueError(f"unknown tie mode {mode!r}; use one of {', '.join(TIE_MODES)}")
+
+
+@dataclass
+class RankAccumulator:
+    """Streams ranks in; keeps exact float64 sums of hits and reciprocal ranks per cut-off."""
+
+    cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS
+    n: int = 0
+    hits: dict[int, float] = field(default_factory=dict)
+    rr: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cutoffs = tuple(sorted(set(int(k) for k in self.cutoffs)))
+        for k in self.cutoffs:
+            self.hits.setdefault(k, 0.0)
+            self.rr.setdefault(k, 0.0)
+
+    def add(self, ranks) -> None:
+        r = np.asarray(ranks.detach().cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+        self.n += r.size
+        for k in self.cutoffs:
+            hit = r <= k
+            self.hits[k] += float(hit.sum())
+            self.rr[k] += float((hit / r).sum())
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in self.cutoffs:
+            out[f"recall@{k}"] = self.hits[k] / self.n if self.n else float("nan")
+            out[f"mrr@{k}"] = self.rr[k] / self.n if self.n else float("nan")
+        out["n"] = self.n
+        return out
+
+
+def metrics_from_ranks(ranks, cutoffs=DEFAULT_CUTOFFS) -> dict[str, float]:
+    acc = RankAccumulator(tuple(cutoffs))
+    acc.add(ranks)
+    return acc.result()

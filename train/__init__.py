@@ -1,0 +1,1 @@
+"""Stage 'train' of the gru4rec pipeline (installed as gru4rec.train)."""
