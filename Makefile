@@ -35,7 +35,8 @@ test-all: install
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
 
 bench: install
-	$(CLI) bench --out bench/results/latest.json
+	$(CLI) bench train --out bench/results/train-latest.json
+	$(CLI) bench score --out bench/results/score-latest.json
 
 lint: install
 	$(PY) -m ruff check gru4rec train export score eval tests

@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 
 
+bench_app = typer.Typer(help="Benchmarks: JSON results, measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
 def _register_all() -> None:
     # Imports are cheap: stage modules import torch/onnx lazily inside their commands.
     from gru4rec import data_commands
@@ -32,6 +36,8 @@ def _register_all() -> None:
 
     for module in (data_commands, train_cli, export_cli, score_cli, eval_cli):
         module.register(app)
+    for module in (train_cli, score_cli):
+        module.register_bench(bench_app)
 
 
 _register_all()

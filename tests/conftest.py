@@ -1,0 +1,51 @@
+"""Shared test fixtures: markers (slow, gpu, data), paths to ../shared/data, CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip (a user's clone has no ../shared)."""
+    if not (SHARED_DATA / "rsc15_100k" / "train.parquet").exists():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gru4rec.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gru4rec-cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
