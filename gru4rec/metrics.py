@@ -32,6 +32,19 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, mode: str = "stand
     raise ValueError(f"unknown tie mode {mode!r}; use one of {', '.join(TIE_MODES)}")
 
 
+def ranks_from_counts(n_greater, n_equal, mode: str = "standard") -> np.ndarray:
+    """Ranks from #{s_i > s*} and #{s_i == s*} (the latter counting the target itself)."""
+    g = np.asarray(n_greater, dtype=np.float64)
+    e = np.asarray(n_equal, dtype=np.float64)
+    if mode == "standard":
+        return g + 1
+    if mode == "conservative":
+        return g + e
+    if mode == "median":
+        return g + 1 + 0.5 * (e - 1)
+    raise ValueError(f"unknown tie mode {mode!r}; use one of {', '.join(TIE_MODES)}")
+
+
 @dataclass
 class RankAccumulator:
     """Streams ranks in; keeps exact float64 sums of hits and reciprocal ranks per cut-off."""
