@@ -96,6 +96,9 @@ def validate_events(df: pl.DataFrame, source: str = "events") -> pl.DataFrame:
         df = df.with_columns(pl.col(TIME).cast(pl.Int64))
     else:
         raise UserError(f"{source}: column '{TIME}' must be numeric seconds or a datetime, found {tdtype}")
+    for col in (SESSION, ITEM):  # unsigned 64-bit ids may not fit
+        if df[col].dtype == pl.UInt64 and df[col].max() > np.iinfo(np.int64).max:
+            raise UserError(f"{source}: column '{col}' has ids larger than 2^63-1")
     df = df.with_columns(pl.col(SESSION).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))
     return sort_events(df)
 

@@ -1,7 +1,220 @@
 """`gru4rec-cli data ...`: synthetic data, preprocessing protocols, statistics."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from gru4rec.data import Keys
+
+data_app = typer.Typer(
+    help="Data: synthetic sessions, preprocessing protocols, statistics.", no_args_is_help=True
+)
+
+SessionKey = Annotated[
+    str, typer.Option("--session-key", help="Name of the session id column in the input file.")
+]
+ItemKey = Annotated[str, typer.Option("--item-key", help="Name of the item id column in the input file.")]
+TimeKey = Annotated[
+    str, typer.Option("--time-key", help="Name of the time column (seconds) in the input file.")
+]
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(data_app, name="data")
+
+
+@data_app.command()
+def synth(
+    outdir: Annotated[
+        Path, typer.Argument(metavar="OUTDIR", help="Folder to write train.parquet and test.parquet into.")
+    ],
+    sessions: Annotated[
+        int, typer.Option(help="Number of sessions to generate (before the test filter).")
+    ] = 20000,
+    items: Annotated[int, typer.Option(help="Number of distinct items.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 7,
+) -> None:
+    """Generate seeded synthetic sessions (Zipf items, persistent session intents, transitions)."""
+    from gru4rec.synth import generate
+
+    train, test = generate(sessions, items, seed)
+    _write(outdir, {"train": train, "test": test})
+
+
+@data_app.command("prepare-rsc15")
+def prepare_rsc15(
+    raw_clicks: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RAW_CLICKS", help="yoochoose-clicks.dat: session,ISO timestamp,item,category lines."
+        ),
+    ],
+    outdir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUTDIR", help="Folder for train_full/test/train_tr/train_valid Parquet and stats."
+        ),
+    ],
+) -> None:
+    """The RSC15 protocol of the GRU4Rec papers: filters, last-day test split, train_tr/train_valid."""
+    from gru4rec.prepare import read_rsc15_clicks, rsc15_protocol
+
+    with _Steps(3) as step:
+        step("reading raw clicks")
+        events = read_rsc15_clicks(raw_clicks)
+        step(f"filtering and splitting {events.height:,} clicks")
+        frames = rsc15_protocol(events)
+        step("writing")
+        _write(outdir, frames, title="RSC15 protocol")
+
+
+@data_app.command()
+def split(
+    events_file: Annotated[Path, typer.Argument(metavar="EVENTS", help="Click log: Parquet, TSV or CSV.")],
+    outdir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUTDIR", help="Folder for train_full/test/train_tr/train_valid Parquet and stats."
+        ),
+    ],
+    test_days: Annotated[
+        float | None, typer.Option(help="Test = sessions whose last event is in the last N days (default 1).")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Instead of --test-days: the last fraction (0..1) of the time span.")
+    ] = None,
+    min_item_support: Annotated[
+        int,
+        typer.Option(help="Drop items with fewer events (repeated with the session filter until stable)."),
+    ] = 5,
+    min_session_length: Annotated[
+        int,
+        typer.Option(help="Drop sessions with fewer events (also test sessions after unseen-item removal)."),
+    ] = 2,
+    dedup: Annotated[
+        bool,
+        typer.Option(
+            "--dedup/--no-dedup", help="Remove consecutive repeats of the same item in a session first."
+        ),
+    ] = False,
+    valid: Annotated[
+        bool,
+        typer.Option(
+            "--valid/--no-valid", help="Also split train_full into train_tr/train_valid the same way."
+        ),
+    ] = True,
+    session_key: SessionKey = "session_id",
+    item_key: ItemKey = "item_id",
+    time_key: TimeKey = "time",
+) -> None:
+    """Time split of your own click log: filters, whole-session test split, unseen test items removed."""
+    from gru4rec.data import read_events
+    from gru4rec.prepare import SplitConfig, split_events
+
+    if test_days is None and test_fraction is None:
+        test_days = 1.0
+    cfg = SplitConfig(test_days, test_fraction, min_item_support, min_session_length, dedup, valid)
+    with _Steps(3) as step:
+        step("reading events")
+        events = read_events(events_file, Keys(session_key, item_key, time_key))
+        step(f"filtering and splitting {events.height:,} events")
+        frames = split_events(events, cfg)
+        step("writing")
+        _write(outdir, frames, title="split")
+
+
+@data_app.command()
+def stats(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Events file: Parquet, TSV or CSV.")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")
+    ] = None,
+    session_key: SessionKey = "session_id",
+    item_key: ItemKey = "item_id",
+    time_key: TimeKey = "time",
+) -> None:
+    """Sessions, events, items, predictions and the session-length distribution of an events file."""
+    from rich.console import Console
+
+    from gru4rec.data import read_events
+    from gru4rec.io import write_text_atomic
+    from gru4rec.stats import dataset_stats, histogram_table, stats_table
+
+    s = dataset_stats(read_events(file, Keys(session_key, item_key, time_key)))
+    console = Console()
+    console.print(stats_table({file.name: s}, title=str(file)))
+    console.print(histogram_table(s))
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps({"file": str(file), **s}, indent=2) + "\n")
+
+
+def _write(outdir: Path, frames: dict, title: str = "dataset statistics") -> None:
+    """Each frame as OUTDIR/<name>.parquet, their statistics as stats.json and stats.md; print the table."""
+    from rich.console import Console
+
+    from gru4rec.io import write_parquet_atomic, write_text_atomic
+    from gru4rec.stats import dataset_stats, stats_table
+
+    if outdir.exists() and not outdir.is_dir():
+        from gru4rec.errors import UserError
+
+        raise UserError(f"{outdir}: exists and is not a folder")
+    stats = {}
+    for name, df in frames.items():
+        write_parquet_atomic(df, outdir / f"{name}.parquet")
+        stats[name] = dataset_stats(df)
+    write_text_atomic(outdir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(outdir / "stats.md", _markdown(stats))
+    Console().print(stats_table(stats, title=f"{title}: {outdir}"))
+
+
+def _markdown(stats: dict[str, dict]) -> str:
+    rows = [
+        "| file | sessions | events | items | predictions | mean len | median len | min/max len |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in stats.items():
+        ln = s["length"]
+        rows.append(
+            f"| {name} | {s['sessions']:,} | {s['events']:,} | {s['items']:,} | {s['predictions']:,} "
+            f"| {ln['mean']:.2f} | {ln['median']:g} | {ln['min']}/{ln['max']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+class _Steps:
+    """A rich progress bar over a few named steps (on stderr, so stdout keeps only the results)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        # Off when stderr is not a terminal: logs and `error:` lines stay clean.
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self._task = self._progress.add_task("", total=total)
+        self._started = False
+
+    def __enter__(self):
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, description: str) -> None:
+        if self._started:
+            self._progress.advance(self._task)
+        self._started = True
+        self._progress.update(self._task, description=description)

@@ -49,3 +49,20 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def run(capsys):
+    """`gru4rec-cli ARGS` in this process (same `main`, no interpreter start): (exit code, stdout, stderr)."""
+    from gru4rec.cli import main
+
+    def call(*args):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
