@@ -121,9 +121,9 @@ class GRU4Rec(nn.Module):
         else:
             x = F.dropout(x, cfg.dropout_p_embed, drop)
             rest = hidden
-        for l, h in enumerate(rest):
-            gi = F.linear(x, self.W_ih[l], self.b_ih[l])
-            gh = F.linear(h, self.W_hh[l], self.b_hh[l])
+        for i, h in enumerate(rest):
+            gi = F.linear(x, self.W_ih[i], self.b_ih[i])
+            gh = F.linear(h, self.W_hh[i], self.b_hh[i])
             i_r, i_z, i_n = gi.chunk(3, 1)
             h_r, h_z, h_n = gh.chunk(3, 1)
             r = torch.sigmoid(i_r + h_r)
