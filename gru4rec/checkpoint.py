@@ -35,7 +35,7 @@ class Checkpoint:
 
 
 def versions() -> dict[str, str]:
-    return {"gru4rec": gru4rec.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"gru4rec": str(gru4rec.__version__), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:

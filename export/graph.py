@@ -1,0 +1,144 @@
+"""The one-step graphs that are exported (spec §2.7): plain ops only, every shape constant but batch.
+
+`ServingStep(item_idx [B], hidden [L,B,H]) -> scores [B,N], hidden_out [L,B,H], topk_scores,
+topk_idx [B,K]`; `EvalStep` adds `target_idx [B]` and returns the counts the tie modes need
+(n_greater = #scores > target score, n_equal = #scores == target score, target included) instead
+of the [B,N] matrix, so evaluation never moves scores off the device.
+
+The GRU is written out gate by gate (Gather, Gemm, Sigmoid, Tanh, Add/Mul) rather than through
+`GRU4Rec.gru`: that code splits gates with `chunk`, which traces to Shape/Slice arithmetic on the
+batch dimension (CPU-side nodes under the CUDA EP), and the ONNX `GRU` op is avoided altogether
+(gate order and `linear_before_reset` pitfalls, cuDNN fallbacks; spec §2.7). The same maths as
+`gru4rec.model`, rearranged: h' = n + z (h - n) is (1 - z) n + z h with one op fewer.
+Export verification (`verify.py`) replays the real `GRU4Rec.forward` against this graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gru4rec.errors import UserError
+from gru4rec.model import GRU4Rec
+
+
+def _frozen(t: Tensor, dtype: torch.dtype) -> nn.Parameter:
+    # Shares storage with the model's weights when no cast is needed: the step never writes them.
+    return nn.Parameter(t.detach().to(dtype).contiguous(), requires_grad=False)
+
+
+class ServingStep(nn.Module):
+    """Inference step over a trained model's weights; `dtype` float16 halves weights and compute.
+
+    Inputs and outputs stay float32 whatever `dtype` is (casts at the graph edges), so a scorer
+    works with either file unchanged.
+    """
+
+    def __init__(self, model: GRU4Rec, top_k: int, dtype: torch.dtype = torch.float32, topk_chunks: int = 0):
+        super().__init__()
+        cfg = model.cfg
+        if len(set(cfg.layers)) != 1:
+            raise UserError(
+                f"cannot export layers={cfg.layers}: the graph's hidden input is one [L, B, H] tensor, "
+                "so every GRU layer must have the same size"
+            )
+        if not 1 <= top_k <= cfg.n_items:
+            raise UserError(f"--top-k must be between 1 and the number of items ({cfg.n_items}), got {top_k}")
+        if cfg.n_items >= 2**24:
+            raise UserError(
+                f"{cfg.n_items} items: counts are summed in float32, exact only below 2**24 items"
+            )
+        if topk_chunks < 0 or topk_chunks > cfg.n_items:
+            raise UserError(
+                f"--topk-chunks must be between 0 (off) and the number of items, got {topk_chunks}"
+            )
+        self.mode, self.top_k, self.dtype, self.topk_chunks = cfg.mode, top_k, dtype, topk_chunks
+        self.n_items = cfg.n_items
+        self.H, self.L = cfg.layers[0], len(cfg.layers)
+        self.Wy = _frozen(model.Wy, dtype)
+        self.By = _frozen(model.By.view(-1), dtype)
+        if self.mode == "separate":
+            self.E = _frozen(model.E, dtype)
+        if self.mode == "onehot":
+            # Bias folded into the gathered rows: x W_x + b is one table lookup (spec §2.2, original cell).
+            self.Wx0 = _frozen(model.Wx0 + model.Bx0, dtype)
+            self.Wrz0 = _frozen(model.Wrz0, dtype)
+            self.Wh0 = _frozen(model.Wh0, dtype)
+        self.W_ih = nn.ParameterList([_frozen(w, dtype) for w in model.W_ih])
+        self.W_hh = nn.ParameterList([_frozen(w, dtype) for w in model.W_hh])
+        self.b_ih = nn.ParameterList([_frozen(b, dtype) for b in model.b_ih])
+        self.b_hh = nn.ParameterList([_frozen(b, dtype) for b in model.b_hh])
+
+    def _onehot_layer(self, item_idx: Tensor, h: Tensor) -> Tensor:
+        H = self.H
+        c_in, rz_in = self.Wx0[item_idx].split([H, 2 * H], 1)  # blocks [c, r, z]
+        r, z = torch.sigmoid(rz_in + h @ self.Wrz0).split([H, H], 1)
+        c = torch.tanh(c_in + (r * h) @ self.Wh0)
+        return h + z * (c - h)
+
+    def _torch_cell(self, layer: int, x: Tensor, h: Tensor) -> Tensor:
+        H = self.H
+        gi_rz, gi_n = nn.functional.linear(x, self.W_ih[layer], self.b_ih[layer]).split([2 * H, H], 1)
+        gh_rz, gh_n = nn.functional.linear(h, self.W_hh[layer], self.b_hh[layer]).split([2 * H, H], 1)
+        r, z = torch.sigmoid(gi_rz + gh_rz).split([H, H], 1)  # rows [r, z, n] as nn.GRUCell
+        n = torch.tanh(gi_n + r * gh_n)
+        return n + z * (h - n)
+
+    def step(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (scores [B, N] float32, hidden_out [L, B, H] float32)."""
+        half = self.dtype != torch.float32
+        states = list((hidden.to(self.dtype) if half else hidden).unbind(0))
+        new_states: list[Tensor] = []
+        if self.mode == "onehot":
+            x = self._onehot_layer(item_idx, states[0])
+            new_states.append(x)
+            states = states[1:]
+        else:
+            x = (self.Wy if self.mode == "shared" else self.E)[item_idx]
+        for layer, h in enumerate(states):
+            x = self._torch_cell(layer, x, h)
+            new_states.append(x)
+        scores, hidden_out = nn.functional.linear(x, self.Wy, self.By), torch.stack(new_states)
+        return (scores.float(), hidden_out.float()) if half else (scores, hidden_out)
+
+    def topk(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k per row; with `topk_chunks` C in two stages: top-k of each of C column chunks, then
+        top-k of the C*k survivors. Same items (ties aside), but many small sorts instead of one wide
+        one, which is what GPU TopK kernels are fast at. Shapes stay constants: Pad, Reshape, TopK."""
+        if not self.topk_chunks:
+            return torch.topk(scores, self.top_k, dim=1)
+        C = self.topk_chunks
+        M = -(-self.n_items // C)  # chunk width; the last chunk is padded with -inf
+        k1 = min(self.top_k, M)
+        padded = nn.functional.pad(scores, (0, C * M - self.n_items), value=float("-inf"))
+        val1, idx1 = torch.topk(padded.reshape(-1, C, M), k1, dim=2)
+        idx1 = idx1 + torch.arange(0, C * M, M, dtype=torch.int64).view(C, 1)  # chunk-local -> global
+        val, pos = torch.topk(val1.reshape(-1, C * k1), self.top_k, dim=1)
+        return val, idx1.reshape(-1, C * k1).gather(1, pos)
+
+    def forward(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        scores, hidden_out = self.step(item_idx, hidden)
+        topk_scores, topk_idx = self.topk(scores)
+        return scores, hidden_out, topk_scores, topk_idx
+
+
+class EvalStep(ServingStep):
+    """Serving step plus the target's tie counts; no [B, N] output."""
+
+    def forward(  # type: ignore[override]
+        self, item_idx: Tensor, hidden: Tensor, target_idx: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        scores, hidden_out = self.step(item_idx, hidden)
+        topk_scores, topk_idx = self.topk(scores)
+        target = scores.gather(1, target_idx.unsqueeze(1))
+        # Counts summed as float32 (exact below 2**24 items): float ReduceSum runs on every EP.
+        n_greater = (scores > target).float().sum(1).long()
+        n_equal = (scores == target).float().sum(1).long()
+        return hidden_out, topk_scores, topk_idx, n_greater, n_equal
+
+
+SERVING_IO = (["item_idx", "hidden"], ["scores", "hidden_out", "topk_scores", "topk_idx"])
+EVAL_IO = (
+    ["item_idx", "hidden", "target_idx"],
+    ["hidden_out", "topk_scores", "topk_idx", "n_greater", "n_equal"],
+)

@@ -1,0 +1,215 @@
+"""Checkpoint -> serving graph + evaluation graph + item-map sidecar, verified before they appear.
+
+All three files are written to temporary names beside their targets, verified there, and only then
+renamed into place (sidecar first, serving graph last: `load_bundle` checks that they belong
+together, so a crash between renames is caught, not silently used). A failed verification leaves
+no output behind and any previous export at that path untouched; `--no-verify` skips the check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import uuid
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+import gru4rec
+from gru4rec.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    SIDECAR_EXPORT_KEY,
+    SIDECAR_KEY,
+    companion_paths,
+    items_sha256,
+)
+from gru4rec.errors import UserError
+from gru4rec.io import atomic_path
+from gru4rec.items import INDEX, ItemMap
+
+MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 17, 17, 20  # 20: newest opset of torch's TorchScript exporter
+BATCH = "batch"
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    eval_path: Path
+    sidecar_path: Path
+    meta: dict[str, str]
+    report: Any = None  # verify.VerifyReport, or None with --no-verify
+
+
+def trace_to_onnx(step, example: tuple, names: tuple[list[str], list[str]], opset: int):
+    """torch.onnx (TorchScript exporter: it keeps our explicit gate ops as written) -> ModelProto."""
+    import onnx
+    import torch
+
+    inputs, outputs = names
+    dynamic = {n: {1 if n in ("hidden", "hidden_out") else 0: BATCH} for n in inputs + outputs}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice is not the user's business
+        torch.onnx.export(
+            step, example, buf, dynamo=False, opset_version=opset, input_names=inputs,
+            output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
+        )  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
+def set_io_shapes(model, shapes: dict[str, list[int | str]]) -> None:
+    """Overwrite the declared shapes of graph inputs/outputs with the documented ones."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shapes[value.name]:
+            dims.add(**({"dim_param": d} if isinstance(d, str) else {"dim_value": d}))
+
+
+def model_metadata(
+    ckpt, top_k: int, topk_chunks: int, opset: int, precision: str, digest: str, export_id: str
+) -> dict[str, str]:
+    cfg = ckpt.model.cfg
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "export_id": export_id,
+        "export_time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "gru4rec_version": gru4rec.__version__,
+        "versions": json.dumps(_versions(ckpt)),
+        "hyperparameters": json.dumps(ckpt.params, default=str, sort_keys=True),
+        "model_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "data_fingerprint": ckpt.data_fingerprint or "",
+        "input_mode": cfg.mode,
+        "precision": precision,
+        "opset": str(opset),
+        "top_k": str(top_k),
+        "topk_chunks": str(topk_chunks),
+        "n_items": str(cfg.n_items),
+        "n_layers": str(len(cfg.layers)),
+        "hidden_size": str(cfg.layers[0]),
+        "items_sha256": digest,
+    }
+
+
+def _versions(ckpt) -> dict[str, str]:
+    import onnx
+    import torch
+
+    trained = (ckpt.info or {}).get("versions", {})
+    return {"torch": str(torch.__version__), "onnx": onnx.__version__, "trained_with": trained}
+
+
+def finish_graph(model, meta: dict[str, str], graph: str, shapes: dict) -> bytes:
+    import onnx
+
+    set_io_shapes(model, shapes)
+    model.producer_name, model.producer_version = "gru4rec", gru4rec.__version__
+    model.graph.name = f"gru4rec_{graph}_step"
+    del model.metadata_props[:]
+    for key, value in {**meta, "graph": graph}.items():
+        model.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:  # a bug in this module, not a user error
+        raise RuntimeError(f"exported {graph} graph fails onnx.checker: {e}") from e
+    return model.SerializeToString()
+
+
+def sidecar_frame(items: ItemMap) -> pl.DataFrame:
+    return pl.DataFrame({INDEX: np.arange(len(items), dtype=np.int64), "item_id": items.ids.astype(np.int64)})
+
+
+def build_graphs(
+    ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0
+) -> tuple[bytes, bytes, dict[str, str]]:
+    """-> (serving ONNX bytes, eval ONNX bytes, metadata)."""
+    import torch
+    from gru4rec.export.graph import EVAL_IO, SERVING_IO, EvalStep, ServingStep
+
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+    model = ckpt.model.cpu().eval()
+    cfg = model.cfg
+    dtype = torch.float16 if fp16 else torch.float32
+    serving = ServingStep(model, top_k, dtype, topk_chunks).eval()
+    evaluation = EvalStep(model, top_k, dtype, topk_chunks).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in serving.parameters())
+    if n_bytes >= 2**31 - 2**24:  # protobuf's 2 GB message limit, with room for the graph itself
+        raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB (try --fp16)")
+    L, H, N = len(cfg.layers), cfg.layers[0], cfg.n_items
+    B = 3  # any batch: the axis is exported dynamic
+    x, h, t = torch.arange(B) % N, torch.zeros(L, B, H), (torch.arange(B) + 1) % N
+    meta = model_metadata(
+        ckpt,
+        top_k,
+        topk_chunks,
+        opset,
+        "float16" if fp16 else "float32",
+        items_sha256(ckpt.items.ids),
+        export_id,
+    )
+    shapes = {
+        "item_idx": [BATCH], "target_idx": [BATCH], "hidden": [L, BATCH, H], "hidden_out": [L, BATCH, H],
+        "scores": [BATCH, N], "topk_scores": [BATCH, top_k], "topk_idx": [BATCH, top_k],
+        "n_greater": [BATCH], "n_equal": [BATCH],
+    }  # fmt: skip
+    serving_bytes = finish_graph(trace_to_onnx(serving, (x, h), SERVING_IO, opset), meta, "serving", shapes)
+    eval_bytes = finish_graph(trace_to_onnx(evaluation, (x, h, t), EVAL_IO, opset), meta, "eval", shapes)
+    return serving_bytes, eval_bytes, meta
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    top_k: int = 20,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    verify: bool = True,
+    status=None,
+    topk_chunks: int = 0,
+) -> ExportResult:
+    """Export a checkpoint; raises UserError on bad input, verify.VerificationFailed on a failed check.
+
+    `status(message)` is called before each phase (progress display).
+    """
+    say = status or (lambda _msg: None)
+    out = Path(out)
+    if out.suffix != ".onnx" or out.name.endswith(".eval.onnx"):
+        raise UserError(f"--out must name the serving graph, ending in .onnx (not .eval.onnx): {out}")
+    if not Path(checkpoint).is_file():  # before importing torch: a typo should fail fast
+        raise UserError(f"{checkpoint}: model file not found")
+    from gru4rec import checkpoint as ckpt_io
+
+    eval_out, sidecar_out = companion_paths(out)
+    say(f"loading {checkpoint}")
+    ckpt = ckpt_io.load(checkpoint)
+    export_id = uuid.uuid4().hex
+    say("tracing the serving and evaluation graphs")
+    serving_bytes, eval_bytes, meta = build_graphs(ckpt, top_k, opset, fp16, export_id, topk_chunks)
+    report = None
+    with contextlib.ExitStack() as stack:
+        # Entered sidecar first so that, on exit (reverse order), the serving graph is renamed last.
+        tmp_side = stack.enter_context(atomic_path(sidecar_out))
+        tmp_eval = stack.enter_context(atomic_path(eval_out))
+        tmp_onnx = stack.enter_context(atomic_path(out))
+        sidecar_frame(ckpt.items).write_parquet(
+            tmp_side, metadata={SIDECAR_KEY: meta["items_sha256"], SIDECAR_EXPORT_KEY: export_id}
+        )
+        tmp_eval.write_bytes(eval_bytes)
+        tmp_onnx.write_bytes(serving_bytes)
+        if verify:
+            from gru4rec.export.verify import VerificationFailed, verify_graphs
+
+            say("verifying: PyTorch vs ONNX Runtime replay")
+            report = verify_graphs(ckpt.model, tmp_onnx, tmp_eval, top_k=top_k, fp16=fp16)
+            if not report.passed:
+                raise VerificationFailed(report)
+    return ExportResult(out, eval_out, sidecar_out, meta, report)

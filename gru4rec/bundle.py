@@ -1,0 +1,192 @@
+"""The exported model bundle: serving graph, evaluation graph and item-map sidecar, read as one.
+
+`gru4rec-cli export ... --out DIR/m.onnx` writes three files that only make sense together:
+  DIR/m.onnx           serving step graph (item_idx, hidden -> scores, hidden_out, top-k)
+  DIR/m.eval.onnx      evaluation step graph (adds target_idx -> n_greater, n_equal)
+  DIR/m.items.parquet  sidecar: item_idx, item_id (index -> original id)
+Both graphs carry the same `metadata_props` (see `MODEL_KEYS`); the sidecar carries the item map's
+sha256 and the export id in its Parquet key-value metadata. `load_bundle` checks that all three
+come from the same export before anything is scored, so a sidecar copied from another model (or a
+half-finished overwrite) is refused instead of silently mapping indices to the wrong items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from gru4rec.data import ITEM
+from gru4rec.errors import UserError
+from gru4rec.items import INDEX, ItemMap
+
+FORMAT = "gru4rec-onnx"
+FORMAT_VERSION = 1
+SIDECAR_KEY = "gru4rec.items_sha256"  # Parquet key-value metadata of the sidecar
+SIDECAR_EXPORT_KEY = "gru4rec.export_id"
+INT_KEYS = ("format_version", "top_k", "topk_chunks", "n_items", "n_layers", "hidden_size", "opset")
+JSON_KEYS = ("hyperparameters", "model_config", "versions")
+# Every key below is present in both graphs' metadata_props (values are strings; JSON_KEYS hold JSON).
+MODEL_KEYS = (
+    "format", "format_version", "graph", "export_id", "export_time_utc", "gru4rec_version", "versions",
+    "hyperparameters", "model_config", "data_fingerprint", "input_mode", "precision", "opset",
+    "top_k", "topk_chunks", "n_items", "n_layers", "hidden_size", "items_sha256",
+)  # fmt: skip
+
+
+def items_sha256(ids: np.ndarray) -> str:
+    """Fingerprint of an item map: sha256 of the ids in index order as little-endian int64."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def companion_paths(onnx_path: str | Path) -> tuple[Path, Path]:
+    """(eval graph, sidecar) paths that belong to the serving graph `onnx_path`."""
+    p = Path(onnx_path)
+    stem = p.with_suffix("") if p.suffix == ".onnx" else p
+    return stem.with_name(stem.name + ".eval.onnx"), stem.with_name(stem.name + ".items.parquet")
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    onnx_path: Path
+    eval_path: Path
+    items: ItemMap
+    meta: dict[str, Any]  # decoded metadata_props of the serving graph
+    n_items: int
+    n_layers: int
+    hidden_size: int
+    top_k: int
+
+
+def decode_metadata(props: dict[str, str], source: str | Path) -> dict[str, Any]:
+    """metadata_props (string -> string) -> typed dict; UserError when it is not a gru4rec export."""
+    if props.get("format") != FORMAT:
+        raise UserError(f"{source}: not a gru4rec ONNX export (no '{FORMAT}' metadata)")
+    missing = [k for k in MODEL_KEYS if k not in props]
+    if missing:
+        raise UserError(f"{source}: ONNX metadata lacks {', '.join(missing)}")
+    meta: dict[str, Any] = dict(props)
+    try:
+        for k in INT_KEYS:
+            meta[k] = int(props[k])
+        for k in JSON_KEYS:
+            meta[k] = json.loads(props[k])
+    except ValueError as e:
+        raise UserError(f"{source}: corrupt ONNX metadata ({e})") from None
+    if meta["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{source}: export format {meta['format_version']} is newer than this gru4rec")
+    return meta
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def scan_metadata_props(buf) -> dict[str, str]:
+    """metadata_props of a serialized ModelProto without parsing the graph (whose weights are most of
+    the file): walk the top-level protobuf fields, skip all but field 14. Raises ValueError/IndexError
+    on bytes that are not a well-formed message."""
+    from onnx import StringStringEntryProto
+
+    props, pos, end = {}, 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated file")
+            if field == 14:
+                entry = StringStringEntryProto.FromString(bytes(buf[pos : pos + size]))
+                props[entry.key] = entry.value
+            pos += size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if field == 0 or pos > end:
+            raise ValueError("not a protobuf message")
+    return props
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Decoded gru4rec metadata of one ONNX file (read without loading the weights)."""
+    import mmap
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model not found")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            props = scan_metadata_props(buf)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable ONNX model ({e or type(e).__name__})") from None
+    return decode_metadata(props, path)
+
+
+def read_sidecar(path: Path) -> tuple[ItemMap, dict[str, str]]:
+    """The item map and key-value metadata of a sidecar Parquet; UserError when unreadable."""
+    if not path.is_file():
+        raise UserError(f"{path}: item-map sidecar not found (export writes it beside the .onnx file)")
+    try:
+        kv = pl.read_parquet_metadata(path)
+        df = pl.read_parquet(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Parquet sidecar ({str(e).splitlines()[0][:160]})") from None
+    if set(df.columns) != {INDEX, ITEM} or df[INDEX].null_count() or df[ITEM].null_count():
+        raise UserError(f"{path}: sidecar must have non-null columns {INDEX}, {ITEM}; found {df.columns}")
+    df = df.sort(INDEX)
+    if not np.array_equal(df[INDEX].to_numpy(), np.arange(df.height)):
+        raise UserError(f"{path}: sidecar {INDEX} is not 0..N-1")
+    return ItemMap(df[ITEM].cast(pl.Int64).to_numpy()), kv
+
+
+def load_bundle(onnx_path: str | Path) -> ModelBundle:
+    """Read and cross-check serving graph, eval graph and sidecar; UserError on any mismatch."""
+    onnx_path = Path(onnx_path)
+    eval_path, sidecar = companion_paths(onnx_path)
+    meta = read_metadata(onnx_path)
+    if meta["graph"] != "serving":
+        raise UserError(
+            f"{onnx_path}: is the {meta['graph']} graph; pass the serving graph (m.onnx, not m.eval.onnx)"
+        )
+    if not eval_path.is_file():
+        raise UserError(f"{eval_path}: evaluation graph not found (export writes it beside {onnx_path.name})")
+    eval_meta = read_metadata(eval_path)
+    if eval_meta["graph"] != "eval" or eval_meta["export_id"] != meta["export_id"]:
+        raise UserError(
+            f"{eval_path}: evaluation graph does not belong to {onnx_path} (different export); re-export"
+        )
+    items, kv = read_sidecar(sidecar)
+    digest = items_sha256(items.ids)
+    if kv.get(SIDECAR_KEY) != digest:
+        raise UserError(f"{sidecar}: sidecar content does not match its own checksum (corrupt or edited)")
+    if digest != meta["items_sha256"] or len(items) != meta["n_items"]:
+        raise UserError(
+            f"{sidecar}: item map does not match {onnx_path} (items_sha256 {digest[:12]} vs "
+            f"{meta['items_sha256'][:12]}, {len(items)} vs {meta['n_items']} items); re-export the model"
+        )
+    return ModelBundle(
+        onnx_path=onnx_path,
+        eval_path=eval_path,
+        items=items,
+        meta=meta,
+        n_items=meta["n_items"],
+        n_layers=meta["n_layers"],
+        hidden_size=meta["hidden_size"],
+        top_k=meta["top_k"],
+    )
