@@ -1,11 +1,146 @@
-"""CLI commands of this stage."""
+"""CLI commands of this stage: `score` and `bench score` (heavy imports happen inside the commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from gru4rec.data import ITEM, SESSION, TIME
+from gru4rec.errors import UserError
+
+
+def parse_cutoffs(text: str) -> tuple[int, ...]:
+    try:
+        cutoffs = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--cutoffs must be comma-separated integers, got {text!r}") from None
+    if not cutoffs:
+        raise UserError("--cutoffs is empty")
+    return cutoffs
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("score")
+    def score_cmd(
+        model: Path = typer.Option(
+            ..., "--model", help="Exported serving graph m.onnx (m.eval.onnx and m.items.parquet beside it)."
+        ),
+        sessions: Path = typer.Option(
+            ..., "--sessions", help="Test sessions: Parquet, TSV or CSV with session, item and time columns."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", help="Write recommendations (one row per scored event) to this Parquet file."
+        ),
+        metrics: Path | None = typer.Option(
+            None, "--metrics", help="Write metrics and latency figures to this JSON file."
+        ),
+        k: int | None = typer.Option(
+            None,
+            "--k",
+            help="Recommendations per event in --out: at most the model's exported top-k [default: 20, or that top-k if smaller].",
+        ),
+        cutoffs: str = typer.Option(
+            "1,5,10,20", "--cutoffs", help="Comma-separated cut-offs for Recall@k and MRR@k."
+        ),
+        tie_mode: str = typer.Option(
+            "standard", "--tie-mode", help="Rank ties: standard | conservative | median (spec §7)."
+        ),
+        batch_size: int = typer.Option(
+            1024, "--batch-size", help="Sessions replayed in parallel (batch mode)."
+        ),
+        provider: str = typer.Option(
+            "auto", "--provider", help="ONNX Runtime provider: auto (CUDA if usable) | cuda | cpu."
+        ),
+        latency_mode: str = typer.Option(
+            "batch",
+            "--latency-mode",
+            help="batch: session-parallel; online: one session at a time, batch 1, as a server sees it.",
+        ),
+        tf32: bool = typer.Option(
+            False, "--tf32/--no-tf32", help="Allow TF32 matmuls on the CUDA EP (faster, not bit-exact fp32)."
+        ),
+        chunk_events: int = typer.Option(
+            1_000_000, "--chunk-events", help="Events read per chunk (whole sessions); bounds memory use."
+        ),
+        session_key: str = typer.Option(SESSION, "--session-key", help="Session id column in --sessions."),
+        item_key: str = typer.Option(ITEM, "--item-key", help="Item id column in --sessions."),
+        time_key: str = typer.Option(TIME, "--time-key", help="Timestamp column in --sessions."),
+    ) -> None:
+        """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
+        from gru4rec.score.scorer import ScoreConfig, score
+
+        from gru4rec.data import Keys
+
+        cfg = ScoreConfig(
+            k=k,
+            cutoffs=parse_cutoffs(cutoffs),
+            tie_mode=tie_mode,
+            batch_size=batch_size,
+            latency_mode=latency_mode,
+            keys=Keys(session_key, item_key, time_key),
+            chunk_events=chunk_events,
+        )
+        report = score(
+            model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32, progress=True
+        )
+        print_report(report)
+        for path, what in ((out, "recommendations"), (metrics, "metrics")):
+            if path is not None:
+                typer.echo(f"{what}: {path}")
+
+
+def print_report(report: dict) -> None:
+    from gru4rec.score.latency import latency_table_rows
+    from rich.console import Console
+    from rich.table import Table
+
+    m = report["metrics"]
+    table = Table(title="metrics")
+    table.add_column("cut-off", justify="right")
+    table.add_column("Recall", justify="right")
+    table.add_column("MRR", justify="right")
+    for c in report["cutoffs"]:
+        table.add_row(str(c), f"{m[f'recall@{c}']:.4f}", f"{m[f'mrr@{c}']:.4f}")
+    lat = Table(title="latency", show_header=False)
+    for label, value in latency_table_rows(report["latency"]):
+        lat.add_row(label, value)
+    console = Console()
+    console.print(
+        f"{m['n']:,} predictions in {report['n_scored_sessions']:,} sessions, tie mode {report['tie_mode']}"
+    )
+    console.print(table)
+    if report["n_unknown_dropped"]:
+        console.print(
+            f"dropped {report['n_unknown_dropped']:,} event(s) of items unknown to the model (spec §7)"
+        )
+    console.print(lat)
 
 
 def register_bench(bench_app: typer.Typer) -> None:
-    pass
+    @bench_app.command("score")
+    def bench_score_cmd(
+        model: Path | None = typer.Option(
+            None,
+            "--model",
+            help="Checkpoint (.pt, exported on the fly; torch runs use it too) or m.onnx (ORT runs only); default: a random-weight diginetica-shaped model (43,097 items, 512 units).",
+        ),
+        sessions: Path | None = typer.Option(
+            None,
+            "--sessions",
+            help="Test sessions; default: ../shared/data/diginetica/test.parquet, else synthetic data.",
+        ),
+        out: Path | None = typer.Option(None, "--out", help="Write the results JSON here."),
+        batch_size: int = typer.Option(
+            1024, "--batch-size", help="Batch size of the CPU comparison (ORT CPU EP vs torch CPU)."
+        ),
+        online_sessions: int = typer.Option(
+            200, "--online-sessions", help="Sessions replayed one at a time for the online (batch 1) latency."
+        ),
+    ) -> None:
+        """ORT vs torch scoring speed side by side in one run (CPU always; CUDA EP batches and online when a GPU exists)."""
+        from gru4rec.score.bench import run_bench
+
+        run_bench(
+            model=model, sessions=sessions, out=out, batch_size=batch_size, online_sessions=online_sessions
+        )

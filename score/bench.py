@@ -1,0 +1,363 @@
+"""`gru4rec-cli bench score`: ORT vs torch scoring speed, side by side in one run, as JSON.
+
+Always: ORT CPU EP and torch eager CPU at one batch size, plus ORT CPU online (batch 1) latency on
+a subset of sessions. With a usable CUDA EP: ORT CUDA EP with IOBinding at batch 256 / 1024 / 4096
+(and 1024 with TF32), online batch-1 latency, torch eager on the same GPU, and the roofline of one
+batch-1024 step from the GPU's measured matmul rate and memory bandwidth. Every run scores the
+same sessions, so their metrics must agree; the JSON says whether they did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from gru4rec.errors import UserError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DIGINETICA = SHARED_DATA / "diginetica"
+DIGINETICA_SHAPE = {"n_items": 43_097, "layers": [512]}
+GPU_BATCHES = (256, 1024, 4096)
+
+
+def run_bench(
+    model: Path | None = None,
+    sessions: Path | None = None,
+    out: Path | None = None,
+    batch_size: int = 1024,
+    online_sessions: int = 200,
+) -> dict:
+    import torch
+    from gru4rec.score.ort_backend import OrtBackend, cuda_usable
+    from gru4rec.score.torch_backend import TorchBackend
+    from rich.console import Console
+
+    from gru4rec.bundle import load_bundle
+    from gru4rec.checkpoint import load as load_checkpoint
+
+    console = Console(stderr=True)
+    tmp = Path(tempfile.mkdtemp(prefix="gru4rec-bench-score-"))
+    with console.status("preparing model and data"):
+        sessions, data_desc, train_path = _sessions(sessions, tmp)
+        onnx_path, ckpt_path, model_desc = _model(model, train_path, tmp)
+        bundle = load_bundle(onnx_path)
+        torch_model = load_checkpoint(ckpt_path).model if ckpt_path is not None else None
+        online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
+    has_cuda = cuda_usable()
+
+    def ort(provider: str, tf32: bool = False):
+        return lambda: OrtBackend(
+            bundle.eval_path,
+            bundle.n_items,
+            bundle.top_k,
+            bundle.n_layers,
+            bundle.hidden_size,
+            provider,
+            tf32,
+        )
+
+    def torch_eager(device: str):
+        return lambda: TorchBackend(torch_model, bundle.top_k, device)
+
+    plan: list[tuple[str, object, int, str, Path]] = [
+        ("ORT CPU EP", ort("cpu"), batch_size, "batch", sessions)
+    ]
+    if torch_model is not None:
+        plan.append(("torch eager CPU", torch_eager("cpu"), batch_size, "batch", sessions))
+    plan.append(("ORT CPU EP online", ort("cpu"), 1, "online", online_path))
+    if has_cuda:
+        plan += [(f"ORT CUDA EP b{b}", ort("cuda"), b, "batch", sessions) for b in GPU_BATCHES]
+        plan.append(("ORT CUDA EP b1024 tf32", ort("cuda", tf32=True), 1024, "batch", sessions))
+        plan.append(("ORT CUDA EP b1024 tf32 cuda-graph", ort("cuda", True, True), 1024, "batch", sessions))
+        plan.append(("ORT CUDA EP online", ort("cuda"), 1, "online", online_path))
+        plan.append(("ORT CUDA EP online cuda-graph", ort("cuda", cuda_graph=True), 1, "online", online_path))
+    if torch_model is not None and torch.cuda.is_available():
+        plan.append(("torch eager CUDA b1024", torch_eager("cuda"), 1024, "batch", sessions))
+        plan.append(("torch eager CUDA online", torch_eager("cuda"), 1, "online", online_path))
+
+    runs, failed = [], []
+    load_before = os.getloadavg()
+    for label, make_backend, batch, mode, path in plan:
+        with console.status(f"scoring: {label}"):
+            try:
+                runs.append(_timed_run(label, make_backend(), bundle.items, path, batch, mode))
+            except (
+                Exception
+            ) as e:  # one failing configuration (e.g. CUDA graph capture) must not lose the rest
+                failed.append(
+                    {"label": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                )
+                console.print(f"{label:28s} failed: {failed[-1]['error']}")
+                continue
+        r = runs[-1]
+        console.print(
+            f"{label:28s} {r['events_per_s']:>12,.0f} events/s   step p50 {r['step_ms_p50']:.3f} ms  "
+            f"p99 {r['step_ms_p99']:.3f} ms   recall@20 {r['recall@20']:.4f}"
+        )
+    result = {
+        "benchmark": "score",
+        "machine": {
+            "cpu": _cpu(),
+            "gpu": _gpu() if has_cuda else None,
+            "cuda_ep": has_cuda,
+            "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],  # shared machines: context
+        },
+        "versions": _versions(),
+        "commit": _commit(),
+        "data": data_desc,
+        "model": model_desc,
+        "runs": runs,
+        "failed": failed,
+        "metrics_agree_fp32_batch_runs": _agree([r for r in runs if r["mode"] == "batch" and not r["tf32"]]),
+        "speedup_ort_cpu_vs_torch_cpu": _ratio(runs, "ORT CPU EP", "torch eager CPU"),
+    }
+    if torch.cuda.is_available():
+        result["roofline_b1024"] = _roofline(bundle.n_items, bundle.hidden_size, bundle.n_layers, 1024, runs)
+    if out is not None:
+        from gru4rec.io import write_text_atomic
+
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {out}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _timed_run(label: str, backend, items, sessions: Path, batch: int, mode: str) -> dict:
+    from gru4rec.score.scorer import ScoreConfig, score_source
+    from gru4rec.score.source import SessionSource
+
+    source = SessionSource(sessions)
+    # Warm up at the run's own batch: same buffers, so captured CUDA graphs stay valid.
+    _warm_up(backend, 1 if mode == "online" else min(batch, source.stats.n_multi_sessions))
+    report = score_source(backend, items, source, ScoreConfig(batch_size=batch, latency_mode=mode))
+    lat, m = report["latency"], report["metrics"]
+    return {
+        "label": label,
+        "backend": backend.name,
+        "device": backend.device,
+        "mode": mode,
+        "batch_size": lat["batch_size"],
+        "tf32": bool(getattr(backend, "tf32", False)),
+        "cuda_graph": bool(getattr(backend, "cuda_graph", False)),
+        "events_per_s": lat["events_per_s"],
+        "sessions_per_s": lat["sessions_per_s"],
+        "step_ms_p50": lat["step_ms_p50"],
+        "step_ms_p95": lat["step_ms_p95"],
+        "step_ms_p99": lat["step_ms_p99"],
+        "n_steps": lat["n_steps"],
+        "replay_s": lat["replay_s"],
+        "n_events_scored": m["n"],
+        "recall@20": m["recall@20"],
+        "mrr@20": m["mrr@20"],
+    }
+
+
+def _warm_up(backend, batch: int, steps: int = 3) -> None:
+    """First runs allocate arenas and pick kernels: keep them out of the timings."""
+    rng = np.random.default_rng(0)
+    backend.start(batch)
+    for _ in range(steps):
+        x = rng.integers(0, backend.n_items, batch)
+        backend.step(x, x, np.zeros(batch, dtype=np.int64), np.ones(batch, dtype=bool), True)
+
+
+def _agree(runs: list[dict], tol: float = 1e-4) -> bool:
+    if not runs:
+        return True
+    ref = runs[0]
+    return all(abs(r[k] - ref[k]) <= tol for r in runs for k in ("recall@20", "mrr@20"))
+
+
+def _ratio(runs: list[dict], a: str, b: str) -> float | None:
+    by = {r["label"]: r["events_per_s"] for r in runs}
+    return by[a] / by[b] if a in by and b in by else None
+
+
+def _roofline(n_items: int, hidden: int, n_layers: int, batch: int, runs: list[dict]) -> dict:
+    """Lower bound of one step: GEMM flops at the measured matmul rate + item matrix and score traffic."""
+
+    rate_fp32, rate_tf32 = _matmul_rate(tf32=False), _matmul_rate(tf32=True)
+    bandwidth = _copy_bandwidth()
+    flops = 2 * batch * hidden * n_items + n_layers * 2 * batch * 6 * hidden * hidden
+    traffic = 4 * (n_items * hidden + 2 * batch * n_items)  # item matrix read; scores written, read back
+    bound = {
+        "fp32": flops / rate_fp32 + traffic / bandwidth,
+        "tf32": flops / rate_tf32 + traffic / bandwidth,
+    }
+    measured = {r["label"]: r["step_ms_p50"] / 1e3 for r in runs if r["batch_size"] == batch}
+    return {
+        "batch_size": batch,
+        "gemm_flops_per_step": flops,
+        "bytes_per_step": traffic,
+        "matmul_tflops_fp32": rate_fp32 / 1e12,
+        "matmul_tflops_tf32": rate_tf32 / 1e12,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "roofline_step_ms": {k: v * 1e3 for k, v in bound.items()},
+        "measured_step_ms_p50": {k: v * 1e3 for k, v in measured.items()},
+        "measured_over_roofline": {
+            k: v / bound["tf32" if "tf32" in k else "fp32"] for k, v in measured.items()
+        },
+    }
+
+
+def _cuda_seconds(fn, repeats: int = 10) -> float:
+    import torch
+
+    fn()  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def _matmul_rate(tf32: bool, n: int = 8192) -> float:
+    """Measured fp32 (or TF32) matmul flop/s on the GPU."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        return 2 * n**3 / _cuda_seconds(lambda: a @ a)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _copy_bandwidth(n_bytes: int = 2**30) -> float:
+    """Measured device memory bandwidth (bytes read + written per second) of a large copy."""
+    import torch
+
+    src = torch.empty(n_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / _cuda_seconds(lambda: dst.copy_(src))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _sessions(sessions: Path | None, tmp: Path) -> tuple[Path, dict, Path | None]:
+    """(test sessions, description, training file whose items define a random model's catalog)."""
+    if sessions is not None:
+        return Path(sessions), {"sessions": str(sessions)}, None
+    if (DIGINETICA / "test.parquet").exists():
+        return (
+            DIGINETICA / "test.parquet",
+            {"dataset": "diginetica", "sessions": str(DIGINETICA / "test.parquet")},
+            (DIGINETICA / "train.parquet"),
+        )
+    from gru4rec.synth import generate
+
+    train, test = generate(20_000, 5_000, seed=1)
+    train.write_parquet(tmp / "train.parquet")
+    test.write_parquet(tmp / "test.parquet")
+    return (
+        tmp / "test.parquet",
+        {"dataset": "synthetic", "sessions": 20_000, "items": 5_000},
+        tmp / "train.parquet",
+    )
+
+
+def _model(model: Path | None, train_path: Path | None, tmp: Path) -> tuple[Path, Path | None, dict]:
+    """(m.onnx, checkpoint for the torch runs or None, description). A .pt is exported on the fly."""
+    from gru4rec.export.onnx_export import export_bundle
+
+    if model is not None and Path(model).suffix == ".onnx":
+        return (
+            Path(model),
+            None,
+            {"onnx": str(model), "note": "ONNX only: pass a checkpoint (.pt) for torch runs"},
+        )
+    if model is not None:
+        ckpt = Path(model)
+        desc = {"checkpoint": str(model)}
+    else:
+        if train_path is None:
+            raise UserError("bench score: --sessions without --model; pass a checkpoint (.pt) or an m.onnx")
+        ckpt, desc = _random_model(train_path, tmp)
+    export_bundle(ckpt, tmp / "m.onnx", top_k=20, verify=False)
+    return tmp / "m.onnx", ckpt, desc
+
+
+def _random_model(train_path: Path, tmp: Path) -> tuple[Path, dict]:
+    """Random weights over the training file's catalog: diginetica-shaped on diginetica (43,097 x 512)."""
+    from unittest import mock
+
+    import gru4rec.checkpoint as ckpt_io
+    from gru4rec.data import read_events
+    from gru4rec.items import ItemMap
+    from gru4rec.model import GRU4Rec, ModelConfig
+
+    items = ItemMap.from_events(read_events(train_path))
+    model = GRU4Rec(ModelConfig(n_items=len(items), layers=list(DIGINETICA_SHAPE["layers"])), seed=0)
+    path = tmp / "random.pt"
+    # checkpoint.versions() holds torch's TorchVersion, which weights_only loading refuses: store strings.
+    original = ckpt_io.versions
+    with mock.patch.object(ckpt_io, "versions", lambda: {k: str(v) for k, v in original().items()}):
+        ckpt_io.save(ckpt_io.Checkpoint(model, items), path)
+    return path, {
+        "random_weights": True,
+        "n_items": len(items),
+        "layers": model.cfg.layers,
+        "mode": model.cfg.mode,
+    }
+
+
+def _subset(sessions: Path, n_sessions: int, path: Path) -> Path:
+    """The first `n_sessions` sessions (by id): online replays are long at batch 1."""
+    from gru4rec.data import SESSION, read_events
+
+    events = read_events(sessions)
+    keep = events[SESSION].unique().sort().head(n_sessions)
+    events.filter(pl.col(SESSION).is_in(keep.implode())).write_parquet(path)
+    return path
+
+
+def _cpu() -> str:
+    import os
+
+    from gru4rec.score.latency import cpu_name
+
+    return f"{cpu_name()} ({os.cpu_count()} logical cores)"
+
+
+def _gpu() -> str:
+    from gru4rec.score.ort_backend import gpu_name
+
+    return gpu_name()
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+
+    import gru4rec
+
+    return {
+        "gru4rec": gru4rec.__version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "onnxruntime": onnxruntime.__version__,
+        "polars": pl.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _commit() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except Exception:
+        return None

@@ -1,0 +1,80 @@
+"""Latency figures of a scoring run: per-step percentiles, throughput, wall time by phase.
+
+Step times are taken around `backend.step`, which returns host arrays: every timed step therefore
+ends device-synchronised, whatever the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@dataclass
+class LatencyRecorder:
+    """Collects step times and phase wall times; `report()` gives the metrics-JSON `latency` dict."""
+
+    phases: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "replay": 0.0, "write": 0.0})
+    steps: list[np.ndarray] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    def add_steps(self, seconds: np.ndarray) -> None:
+        self.steps.append(np.asarray(seconds, dtype=np.float64))
+
+    def report(self, n_events: int, n_sessions: int, **run_info) -> dict:
+        steps = np.concatenate(self.steps) if self.steps else np.zeros(0)
+        p50, p95, p99 = (np.percentile(steps, [50, 95, 99]) * 1e3) if len(steps) else (float("nan"),) * 3
+        replay = self.phases["replay"]
+        return {
+            "step_ms_p50": float(p50),
+            "step_ms_p95": float(p95),
+            "step_ms_p99": float(p99),
+            "events_per_s": n_events / replay if replay > 0 else float("nan"),
+            "sessions_per_s": n_sessions / replay if replay > 0 else float("nan"),
+            "load_s": self.phases["load"],
+            "replay_s": replay,
+            "write_s": self.phases["write"],
+            "n_steps": int(len(steps)),
+            **run_info,
+        }
+
+
+def latency_table_rows(lat: dict) -> list[tuple[str, str]]:
+    """(label, value) rows for the terminal table."""
+    return [
+        ("provider", f"{lat['provider']} ({lat['device']})"),
+        ("mode / batch", f"{lat['mode']} / {lat['batch_size']}"),
+        (
+            "step p50 / p95 / p99",
+            f"{lat['step_ms_p50']:.3f} / {lat['step_ms_p95']:.3f} / {lat['step_ms_p99']:.3f} ms",
+        ),
+        ("scored events/s", f"{lat['events_per_s']:,.0f}"),
+        ("sessions/s", f"{lat['sessions_per_s']:,.0f}"),
+        (
+            "wall: load / replay / write",
+            f"{lat['load_s']:.2f} / {lat['replay_s']:.2f} / {lat['write_s']:.2f} s",
+        ),
+    ]

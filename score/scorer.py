@@ -1,0 +1,193 @@
+"""Score a sessions file with an exported model: metrics, optional recommendations, latency.
+
+    from gru4rec.score.scorer import score
+    report = score("m.onnx", "test.parquet", out="recs.parquet", metrics="metrics.json")
+
+`score` loads the bundle and an ONNX Runtime backend; `score_source` is the loop itself and takes
+any step backend (the PyTorch one in tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gru4rec.score.latency import LatencyRecorder
+from gru4rec.score.outputs import open_recs, recs_frame, write_metrics_json
+from gru4rec.score.replay import StepBackend, plan_chunk, replay
+from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SessionSource
+
+from gru4rec.data import Keys
+from gru4rec.errors import UserError
+from gru4rec.items import ItemMap
+from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES, RankAccumulator, ranks_from_counts
+
+LATENCY_MODES = ("batch", "online")
+DEFAULT_K = 20
+
+
+@dataclass
+class ScoreConfig:
+    k: int | None = None  # recommendations per event in the recs file; None: 20, or the model's top-k if less
+    cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS
+    tie_mode: str = "standard"
+    batch_size: int = 1024
+    latency_mode: str = "batch"  # online: one session at a time, batch 1
+    keys: Keys = field(default_factory=Keys)
+    chunk_events: int = DEFAULT_CHUNK_EVENTS
+
+    def check(self, n_items: int, top_k: int) -> None:
+        if self.tie_mode not in TIE_MODES:
+            raise UserError(f"--tie-mode must be one of {', '.join(TIE_MODES)}, got {self.tie_mode!r}")
+        if self.latency_mode not in LATENCY_MODES:
+            raise UserError(
+                f"--latency-mode must be one of {', '.join(LATENCY_MODES)}, got {self.latency_mode!r}"
+            )
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.k is None:
+            self.k = min(DEFAULT_K, top_k)
+        if not 1 <= self.k <= min(top_k, n_items):
+            limit = "the model's top-k" if top_k <= n_items else "the catalog"
+            raise UserError(
+                f"--k {self.k} is out of range: it must be between 1 and {min(top_k, n_items)} ({limit}; "
+                f"the model was exported with top-k {top_k} over {n_items} items)"
+            )
+        if not self.cutoffs:
+            raise UserError("--cutoffs is empty")
+        bad = [c for c in self.cutoffs if not 1 <= c <= n_items]
+        if bad:
+            raise UserError(
+                f"--cutoffs {bad} out of range: each must be between 1 and {n_items} (the catalog)"
+            )
+
+
+def score(
+    model: str | Path,
+    sessions: str | Path,
+    out: str | Path | None = None,
+    metrics: str | Path | None = None,
+    config: ScoreConfig | None = None,
+    provider: str = "auto",
+    tf32: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict."""
+    from gru4rec.score.ort_backend import OrtBackend
+
+    from gru4rec.bundle import load_bundle
+
+    cfg = config or ScoreConfig()
+    rec = LatencyRecorder()
+    with rec.phase("load"):
+        bundle = load_bundle(model)
+        cfg.check(bundle.n_items, bundle.top_k)
+        source = SessionSource(sessions, cfg.keys, cfg.chunk_events)
+        backend = OrtBackend(
+            bundle.eval_path,
+            bundle.n_items,
+            bundle.top_k,
+            bundle.n_layers,
+            bundle.hidden_size,
+            provider,
+            tf32,
+        )
+    report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
+    report["model"] = str(model)
+    report["latency"]["tf32"] = backend.tf32
+    if metrics is not None:
+        write_metrics_json(metrics, report)
+    return report
+
+
+def score_source(
+    backend: StepBackend,
+    items: ItemMap,
+    source: SessionSource,
+    cfg: ScoreConfig,
+    out: str | Path | None = None,
+    recorder: LatencyRecorder | None = None,
+    progress: bool = False,
+) -> dict:
+    """Replay every chunk of `source` through `backend`; metrics + latency dict (JSON schema)."""
+    cfg.check(backend.n_items, backend.top_k)
+    if len(items) != backend.n_items:
+        raise UserError(f"item map has {len(items)} items but the model scores {backend.n_items}")
+    rec = recorder or LatencyRecorder()
+    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
+    backend.start(batch)
+    acc = RankAccumulator(tuple(cfg.cutoffs))
+    n_dropped = n_scored_sessions = 0
+    bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
+    with bar, open_recs(out) as writer:
+        chunks = source.chunks()
+        while True:
+            with rec.phase("load"):  # reading, item mapping and planning count as loading
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                events, dropped = items.translate(chunk)
+                n_dropped += dropped
+                plan = plan_chunk(events, batch)
+            if plan is None:
+                continue
+            with rec.phase("replay"):
+                res = replay(backend, plan, fetch_topk=writer is not None, on_step=bar.advance)
+            rec.add_steps(res.step_seconds)
+            ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
+            acc.add(ranks)
+            n_scored_sessions += int(plan.schedule.reset.sum())
+            if writer is not None:
+                with rec.phase("write"):
+                    writer.write(recs_frame(res, items, ranks, cfg.k))
+        if acc.n == 0:
+            raise UserError(
+                f"{source.path}: nothing to score: after dropping {n_dropped} event(s) of items unknown to the "
+                "model, no session has 2 or more events"
+            )
+    return {
+        "metrics": acc.result(),
+        "tie_mode": cfg.tie_mode,
+        "cutoffs": list(acc.cutoffs),
+        "n_events": source.stats.n_events,
+        "n_sessions": source.stats.n_sessions,
+        "n_scored_sessions": n_scored_sessions,
+        "n_unknown_dropped": n_dropped,
+        "latency": rec.report(
+            acc.n,
+            n_scored_sessions,
+            provider=backend.name,
+            batch_size=batch,
+            device=backend.device,
+            mode=cfg.latency_mode,
+        ),
+    }
+
+
+class _Progress:
+    """A rich progress bar over scored events (total is an upper bound: unknown items shrink it)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self._pending, self._bar = enabled, total, 0, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("score", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._pending += n
+            if self._pending >= 4096:  # rich redraws at its own rate; batch the bookkeeping
+                self._bar.advance(self._task, self._pending)
+                self._pending = 0
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
