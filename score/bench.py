@@ -52,7 +52,7 @@ def run_bench(
         online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
     has_cuda = cuda_usable()
 
-    def ort(provider: str, tf32: bool = False):
+    def ort(provider: str, tf32: bool = False, cuda_graph: bool = False):
         return lambda: OrtBackend(
             bundle.eval_path,
             bundle.n_items,
@@ -61,6 +61,7 @@ def run_bench(
             bundle.hidden_size,
             provider,
             tf32,
+            cuda_graph=cuda_graph,
         )
 
     def torch_eager(device: str):

@@ -191,6 +191,7 @@ class OrtBackend:
         self.io_binding = self.kind == "cuda" if io_binding is None else bool(io_binding)
         self.ort_device = "cuda" if self.kind == "cuda" else "cpu"
         self.batch: int | None = None
+        self._graph_ids = 0  # ORT keeps every captured graph for the session's lifetime: never reuse an id
 
     # ----------------------------------------------------------------------------------------------
     def start(self, batch_size: int) -> None:
@@ -245,7 +246,8 @@ class OrtBackend:
             io.bind_output("topk_scores", dev, 0, np.float32, [b, K], self._topk_scores.data_ptr())
             ro = ort.RunOptions()
             if self.cuda_graph:  # one graph per (shape, buffer) combination: its addresses are fixed
-                ro.add_run_config_entry("gpu_graph_id", str(len(self._bindings) + 1))
+                self._graph_ids += 1
+                ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
             self._bindings[key] = (io, ro)
         return self._bindings[key]
 
