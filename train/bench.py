@@ -1,0 +1,101 @@
+"""`bench train`: train the official preset per dataset, record events/s per epoch and final metrics."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+PRESET_OF = {"rsc15_100k": "rsc15", "diginetica": "diginetica"}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def run_bench(
+    data_dir: Path, out: Path, epochs: int, device: str, datasets: list[str], seed: int, pairs: list[str]
+) -> dict:
+    import torch
+    from gru4rec.train.params import resolve
+    from gru4rec.train.trainer import describe_device, resolve_device, train
+    from rich.console import Console
+
+    from gru4rec.data import read_events
+    from gru4rec.evaluate import evaluate
+    from gru4rec.io import write_text_atomic
+
+    console = Console(stderr=True)
+    dev = resolve_device(device)
+    runs = []
+    jobs = []
+    if (data_dir / "rsc15_100k" / "train.parquet").exists():
+        for name in datasets:
+            if not (data_dir / name / "train.parquet").exists():
+                console.print(f"skipping {name}: not found under {data_dir}")
+                continue
+            jobs.append(
+                (
+                    name,
+                    PRESET_OF.get(name, "rsc15"),
+                    lambda n=name: (
+                        read_events(data_dir / n / "train.parquet"),
+                        read_events(data_dir / n / "test.parquet"),
+                    ),
+                )
+            )
+    else:
+        from gru4rec.synth import generate
+
+        console.print(f"{data_dir} not found: benchmarking on synthetic data (demo preset)")
+        jobs.append(("synthetic-20000x2000", "demo", lambda: generate(20000, 2000, 7)))
+    for name, preset, load in jobs:
+        tr, te = load()
+        cfg = resolve(preset, None, pairs, {"n_epochs": epochs})
+        console.print(f"[bold]{name}[/bold] preset {preset}")
+        ck = train(tr, cfg, None, device=str(dev), seed=seed, progress=True, console=console)
+        m = evaluate(ck.model, ck.items, te, batch_size=cfg.eval_batch_size, device=dev)
+        hist = ck.info["history"]
+        eps = [h["events_per_s"] for h in hist]
+        runs.append(
+            {
+                "dataset": name,
+                "preset": preset,
+                "params": cfg.to_dict(),
+                "epochs": epochs,
+                "events_per_s": eps,
+                "epoch_seconds": [h["seconds"] for h in hist],
+                "events_per_s_median": sorted(eps)[len(eps) // 2],
+                "train_seconds": sum(h["seconds"] for h in hist),
+                "recall@20": m["recall@20"],
+                "mrr@20": m["mrr@20"],
+                "metrics": m,
+                "tie_mode": "standard",
+            }
+        )
+        console.print(
+            f"{name}: median {runs[-1]['events_per_s_median']:,.0f} events/s, "
+            f"Recall@20 {m['recall@20']:.4f} MRR@20 {m['mrr@20']:.4f}"
+        )
+    result = {
+        "device": describe_device(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "seed": seed,
+        "runs": runs,
+    }
+    write_text_atomic(out, json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+    return result

@@ -1,0 +1,428 @@
+"""Session-parallel GRU4Rec training (spec §3-§6), built for speed on the GPU.
+
+Per epoch the schedule (gru4rec.batching.make_schedule; identical every epoch, so it moves to the
+device once) splits into full steps (every slot active: fixed shapes) and the shrinking tail.
+A full step reads its rows, reset flags and sample row through device counters, so it needs no
+host work at all: eagerly it is one call, on CUDA it is captured once as a CUDA graph and replayed.
+The tail runs the same `_step` eagerly on the active slots. Nothing syncs with the host except the
+progress update every `SYNC_EVERY` steps (loss summed on the device) and the end of the epoch.
+
+Item tables are updated row-wise: the step gathers the rows it touches (input rows, target and
+sample output rows; in shared mode input and output rows in ONE lookup of W_y) as leaf tensors,
+differentiates with respect to them and the dense weights, and hands both to the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from gru4rec.train.dwell import boost
+from gru4rec.train.losses import row_loss_sum
+from gru4rec.train.optim import make_optimizer
+from gru4rec.train.params import TrainConfig, from_dict
+from gru4rec.train.sampler import SampleStore
+
+from gru4rec import checkpoint as ckpt_io
+from gru4rec.batching import Schedule, Sessions, make_schedule
+from gru4rec.data import fingerprint, validate_events
+from gru4rec.errors import UserError
+from gru4rec.items import INDEX, ItemMap
+from gru4rec.model import GRU4Rec, ModelConfig
+
+SYNC_EVERY = 100  # steps between host syncs for the progress bar / NaN check
+WARMUP_STEPS = 3  # eager steps on a side stream before CUDA-graph capture (they are real steps)
+RUNTIME_KEYS = ("n_epochs", "eval_batch_size", "cuda_graph", "tf32")  # may change on --resume
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {device!r} (use auto, cuda or cpu)")
+    return dev
+
+
+def describe_device(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    seconds: float
+    pairs: int
+    steps: int
+
+    @property
+    def events_per_s(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Trainer:
+    """Owns the device-side state of a run: model, optimiser, sample store, schedule, counters."""
+
+    def __init__(
+        self, model: GRU4Rec, cfg: TrainConfig, sched: Schedule, supp: np.ndarray, device, seed: int
+    ):
+        self.model, self.cfg, self.sched, self.dev = model.train(), cfg, sched, torch.device(device)
+        dev, B, S = self.dev, sched.n_slots, cfg.n_sample
+        self.tables = model.sparse_parameters()
+        table_ids = {id(t) for t in self.tables}
+        self.dense = [p for p in model.parameters() if id(p) not in table_ids]
+        self.opt = make_optimizer(cfg.optimizer, self.dense, self.tables, cfg.learning_rate, cfg.momentum)
+        supp_t = torch.from_numpy(supp.astype(np.float64))
+        self.store = SampleStore(supp_t, S, cfg.sample_alpha, cfg.sample_store_size, dev, seed + 1)
+        log_supp = torch.log(supp_t.clamp(min=1)).to(torch.float32)  # raw counts, never normalised
+        self.log_q_in = log_supp.to(dev)
+        self.log_q_smp = (cfg.sample_alpha * log_supp).to(dev)
+
+        # the epoch schedule on the device: flat arrays for the tail, [n_full, B] views for full steps
+        to = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt)  # noqa: E731
+        self.inputs, self.targets, self.slots = to(sched.inputs), to(sched.targets), to(sched.slot)
+        self.keep = to(~sched.reset, torch.float32).unsqueeze(1)
+        self.n_full = sched.n_full_steps()
+        nf = self.n_full * B
+        self.full_in = self.inputs[:nf].view(self.n_full, B)
+        self.full_tgt = self.targets[:nf].view(self.n_full, B)
+        self.full_keep = self.keep[:nf].view(self.n_full, B, 1)
+        self.hidden = model.init_hidden(B, dev)
+        self.t_dev = torch.zeros((), dtype=torch.int64, device=dev)  # full-step counter
+        self.pos_dev = torch.zeros((), dtype=torch.int64, device=dev)  # sample store row
+        self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)  # sum of row losses
+        self.use_graph = dev.type == "cuda" and cfg.cuda_graph and self.n_full > WARMUP_STEPS
+        self.graph = None
+
+    # -- one step --------------------------------------------------------------------------------
+    def _step(self, inp, tgt, keep, smp, hidden):
+        """Forward, loss, backward and optimiser update for R rows; returns (row-loss sum, new states)."""
+        cfg, model = self.cfg, self.model
+        R = inp.shape[0]
+        out_idx = tgt if smp is None else torch.cat([tgt, smp])
+        leaf = lambda table, idx: table.detach().index_select(0, idx).requires_grad_()  # noqa: E731
+        mode = model.cfg.mode
+        if mode == "shared":  # one lookup: an item's row gets input and output gradient summed
+            wy_idx = torch.cat([inp, out_idx])
+            wy_rows = leaf(model.Wy, wy_idx)
+            x_rows, o_rows = wy_rows[:R], wy_rows[R:]
+            rows = {id(model.Wy): (wy_idx, wy_rows)}
+        else:
+            in_table = model.E if mode == "separate" else model.Wx0
+            x_rows, o_rows = leaf(in_table, inp), leaf(model.Wy, out_idx)
+            rows = {id(in_table): (inp, x_rows), id(model.Wy): (out_idx, o_rows)}
+        by_rows = leaf(model.By, out_idx)
+        rows[id(model.By)] = (out_idx, by_rows)
+
+        out, new_hidden = model.gru(x_rows, [h * keep for h in hidden])
+        scores = model.score_rows(out, o_rows, by_rows)
+        logq_cols = None
+        if cfg.loss == "cross-entropy" and cfg.logq > 0:
+            q = self.log_q_in[tgt] if smp is None else torch.cat([self.log_q_in[tgt], self.log_q_smp[smp]])
+            logq_cols = cfg.logq * q
+        loss_rows = row_loss_sum(
+            cfg.loss, scores, logq_cols=logq_cols, bpreg=cfg.bpreg, elu_param=cfg.elu_param
+        )
+        leaves = [rows[id(t)][1] for t in self.tables if id(t) in rows]
+        grads = torch.autograd.grad(loss_rows / cfg.batch_size, self.dense + leaves)
+        nd = len(self.dense)
+        row_updates = []
+        for t in self.tables:
+            if id(t) in rows:
+                row_updates.append((rows[id(t)][0], grads[nd + len(row_updates)]))
+            else:  # a table with no touched rows this step cannot happen in these modes
+                raise AssertionError("untouched item table")
+        self.opt.step(list(grads[:nd]), row_updates)
+        return loss_rows.detach(), [h.detach() for h in new_hidden]
+
+    def _full_step(self) -> None:
+        """A full-batch step driven entirely by device counters (the CUDA-graph body)."""
+        # index_select, not t[...]: indexing with a 0-d device tensor calls .item() (a host sync,
+        # which would also break CUDA-graph capture)
+        t = self.t_dev.view(1)
+        row = lambda a, i: a.index_select(0, i).squeeze(0)  # noqa: E731
+        smp = row(self.store.store, self.pos_dev.view(1)) if self.cfg.n_sample > 0 else None
+        loss_rows, new_hidden = self._step(
+            row(self.full_in, t), row(self.full_tgt, t), row(self.full_keep, t), smp, self.hidden
+        )
+        with torch.no_grad():
+            for h, n in zip(self.hidden, new_hidden):
+                h.copy_(n)
+            self.loss_acc.add_(loss_rows)
+            self.t_dev.add_(1)
+            self.pos_dev.add_(1)
+
+    def _before_full_step(self) -> None:
+        if self.cfg.n_sample > 0:
+            if self.store.pos >= self.store.n_rows:
+                self.store.redraw()  # in place: same buffer the graph reads
+                self.pos_dev.zero_()
+            self.store.pos += 1
+
+    def _capture(self, n_done: int) -> int:
+        """Run WARMUP_STEPS real steps on a side stream, then capture `_full_step`; returns steps run."""
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._before_full_step()
+                self._full_step()
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only: the counters do not advance here
+            self._full_step()
+        return n_done + WARMUP_STEPS
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def run_epoch(self, on_progress=None) -> EpochStats:
+        sched, B = self.sched, self.sched.n_slots
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for h in self.hidden:
+                h.zero_()
+            self.t_dev.zero_()
+            self.pos_dev.fill_(self.store.pos)
+            self.loss_acc.zero_()
+        pairs_done, step = 0, 0
+        sizes = sched.step_sizes()
+        n_steps = self._n_steps()
+
+        def report(step: int, pairs: int) -> None:
+            loss = float(self.loss_acc) / max(pairs, 1)  # the only host sync
+            if not math.isfinite(loss):
+                raise UserError(
+                    f"training diverged: loss is {loss} after {step} steps; lower learning_rate or check the data"
+                )
+            if on_progress is not None:
+                on_progress(step, n_steps, loss, pairs / max(time.perf_counter() - t0, 1e-9))
+
+        next_report = SYNC_EVERY
+        while step < self.n_full:
+            if self.use_graph and self.graph is None and self.n_full - step > WARMUP_STEPS:
+                step = self._capture(step)
+            else:
+                self._before_full_step()
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._full_step()
+                step += 1
+            if step >= next_report:
+                report(step, step * B)
+                next_report += SYNC_EVERY
+        pairs_done = self.n_full * B
+
+        # shrinking tail: the same step on the active slots, eagerly
+        bounds = sched.step_offsets
+        for t in range(self.n_full, n_steps):
+            a, b = int(bounds[t]), int(bounds[t + 1])
+            slot = self.slots[a:b]
+            smp = self.store.next_row() if self.cfg.n_sample > 0 else None
+            h = [hl.index_select(0, slot) for hl in self.hidden]
+            loss_rows, new_h = self._step(self.inputs[a:b], self.targets[a:b], self.keep[a:b], smp, h)
+            with torch.no_grad():
+                for hl, nh in zip(self.hidden, new_h):
+                    hl.index_copy_(0, slot, nh)
+                self.loss_acc.add_(loss_rows)
+            pairs_done += int(sizes[t])
+        report(n_steps, pairs_done)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        seconds = time.perf_counter() - t0
+        return EpochStats(float(self.loss_acc) / max(pairs_done, 1), seconds, pairs_done, n_steps)
+
+    def _n_steps(self) -> int:
+        """Steps of an epoch; with n_sample=0 it ends once fewer than 2 rows remain (spec §3)."""
+        sizes = self.sched.step_sizes()
+        if self.cfg.n_sample == 0:
+            short = np.flatnonzero(sizes < 2)
+            return int(short[0]) if len(short) else len(sizes)
+        return len(sizes)
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "sampler": self.store.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "device_type": self.dev.type,
+        }
+        if self.dev.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.dev)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("device_type") != self.dev.type:
+            raise UserError(
+                f"the checkpoint was trained on {state.get('device_type')}; resume it with --device {state.get('device_type')}"
+            )
+        self.opt.load_state_dict(state["optimizer"])
+        self.store.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.dev)
+
+
+# ------------------------------------------------------------------------------------------------
+def prepare(events: pl.DataFrame, items: ItemMap, cfg: TrainConfig) -> tuple[Schedule, np.ndarray]:
+    """Training frame -> (epoch schedule, supp counts per item index) after dwell boosting."""
+    boosted = boost(events, cfg.dwell_boost, cfg.dwell_cap)
+    known, _ = items.translate(boosted)
+    sched = make_schedule(Sessions.from_events(known), cfg.batch_size)
+    if sched.n_slots == 0:
+        raise UserError("training data has no session with at least 2 events")
+    if cfg.n_sample == 0 and sched.n_slots < 2:
+        raise UserError("training data has a single usable session; n_sample=0 needs at least 2")
+    supp = np.bincount(known[INDEX].to_numpy(), minlength=len(items)).astype(np.float64)
+    return sched, supp
+
+
+def model_config(cfg: TrainConfig, n_items: int) -> ModelConfig:
+    return ModelConfig(
+        n_items=n_items,
+        layers=list(cfg.layers),
+        embedding=cfg.embedding,
+        constrained_embedding=cfg.constrained_embedding,
+        dropout_p_embed=cfg.dropout_p_embed,
+        dropout_p_hidden=cfg.dropout_p_hidden,
+    )
+
+
+def _resume_from(out: Path, cfg: TrainConfig, data_fp: str, seed: int, dev) -> ckpt_io.Checkpoint | None:
+    if not out.exists():
+        return None
+    ck = ckpt_io.load(out, map_location="cpu")
+    if ck.data_fingerprint != data_fp:
+        raise UserError(
+            f"{out}: was trained on different data (fingerprint {ck.data_fingerprint} != {data_fp})"
+        )
+    saved = dict(ck.params)
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"{out}: parameter {k} differs from the checkpoint ({saved.get(k)!r} vs {now[k]!r}); cannot resume"
+        )
+    if ck.info.get("seed") != seed:
+        raise UserError(f"{out}: was trained with --seed {ck.info.get('seed')}, not {seed}")
+    if ck.train_state is None:
+        raise UserError(f"{out}: holds no training state to resume from")
+    return ck
+
+
+def train(
+    train_events: pl.DataFrame,
+    params: dict | TrainConfig,
+    valid_events: pl.DataFrame | None = None,
+    device: str = "auto",
+    seed: int = 42,
+    progress: bool = True,
+    out: str | Path | None = None,
+    resume: bool = False,
+    console=None,
+) -> ckpt_io.Checkpoint:
+    """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`."""
+    from gru4rec.evaluate import evaluate
+
+    cfg = from_dict(params)
+    dev = resolve_device(device)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True, quiet=not progress)
+    events = validate_events(train_events, "training data")
+    data_fp = fingerprint(events)
+    items = ItemMap.from_events(events)
+    sched, supp = prepare(events, items, cfg)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.manual_seed(seed)
+    model = GRU4Rec(model_config(cfg, len(items)), seed=seed).to(dev)
+    trainer = Trainer(model, cfg, sched, supp, dev, seed)
+
+    history: list[dict] = []
+    start = 0
+    prev = _resume_from(Path(out), cfg, data_fp, seed, dev) if (resume and out is not None) else None
+    if prev is not None:
+        with torch.no_grad():
+            model.load_state_dict(prev.model.state_dict())
+        trainer.load_state_dict(prev.train_state)
+        history = list(prev.info.get("history", []))
+        start = int(prev.train_state["epoch"])
+        console.print(f"resuming {out} after epoch {start}")
+    elif resume:
+        console.print(f"--resume: {out} does not exist yet, starting from scratch")
+
+    console.print(
+        f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
+        f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}"
+        + ("  cuda_graph on" if trainer.use_graph else "")
+    )
+    t_start = time.perf_counter()
+    ck = ckpt_io.Checkpoint(model=model, items=items, params=cfg.to_dict(), data_fingerprint=data_fp)
+    for epoch in range(start, cfg.n_epochs):
+        stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
+        row = {
+            "epoch": epoch + 1,
+            "loss": stats.loss,
+            "seconds": stats.seconds,
+            "events_per_s": stats.events_per_s,
+        }
+        line = f"epoch {epoch + 1}/{cfg.n_epochs}  loss {stats.loss:.4f}  {stats.seconds:.1f}s  {stats.events_per_s:,.0f} events/s"
+        if valid_events is not None:
+            m = evaluate(
+                model, items, valid_events, batch_size=cfg.eval_batch_size, cutoffs=(20,), device=dev
+            )
+            row.update({"recall@20": m["recall@20"], "mrr@20": m["mrr@20"]})
+            line += f"  valid Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}"
+        history.append(row)
+        console.print(line)
+        ck.train_state = {"epoch": epoch + 1, **trainer.state_dict()}
+        ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
+        if out is not None:
+            ckpt_io.save(ck, out)
+    model.eval()
+    total = time.perf_counter() - t_start
+    last = history[-1] if history else {}
+    summary = f"done: {len(history)} epochs, {total:.1f}s this run"
+    if "recall@20" in last:
+        summary += f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
+    if out is not None:
+        summary += f", model saved to {out}"
+    console.print(summary)
+    ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
+    return ck
+
+
+def _run_with_bar(trainer: Trainer, epoch: int, n_epochs: int, console, progress: bool) -> EpochStats:
+    if not progress:
+        return trainer.run_epoch()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"epoch {epoch + 1}/{n_epochs}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[eps]:,.0f} events/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=trainer._n_steps(), loss=float("nan"), eps=0.0)
+
+        def on_progress(step, total, loss, eps):
+            bar.update(task, completed=step, loss=loss, eps=eps)
+
+        return trainer.run_epoch(on_progress)
