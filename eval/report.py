@@ -1,0 +1,133 @@
+"""Markdown for people: the benchmark table (the 2016 paper's Table 1 / 3 layout) and the nightly summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+HEADLINE = ("recall@20", "mrr@20")
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{x:+.1f}%"
+
+
+def _secs(x: float | None) -> str:
+    return "–" if x is None else (f"{x:.2f} s" if x < 100 else f"{x:,.0f} s")
+
+
+def best_baseline(rows: Sequence[dict], mode: str, metric: str) -> dict | None:
+    base = [r for r in rows if r["baseline"]]
+    return max(base, key=lambda r: r["metrics"][mode][metric]) if base else None
+
+
+def relative_change(value: float, reference: float) -> float | None:
+    return None if not reference else 100.0 * (value - reference) / reference
+
+
+def benchmark_markdown(results: dict) -> str:
+    mode, other = results["headline_mode"], [m for m in results["tie_modes"] if m != results["headline_mode"]]
+    lines = [
+        "# Benchmark: GRU4Rec and baselines",
+        "",
+        f"Generated {results['created']} with gru4rec {results['versions'].get('gru4rec', '?')} "
+        f"on {results['host']}.",
+        "",
+        f"Next-item prediction over all items; Recall@20 and MRR@20 in tie mode **{mode}** "
+        "(rank = 1 + number of items scoring strictly higher than the target; hit when rank ≤ 20).",
+        "Δ = change relative to the best baseline for that metric (the 2016 paper's Table 3 layout).",
+    ]
+    if other:
+        lines.append(
+            f"Also shown: the **{other[0]}** tie mode (rank = number of items scoring at least as high), "
+            "which does not flatter models that give many items the same score: baselines score most "
+            "items exactly 0 (POP and S-POP rank only 100 items, Item-KNN 100 neighbours), so a target "
+            "outside their lists can still land inside the top 20 in standard mode when fewer than 20 "
+            "items score above 0. A gap between the two modes measures how much of a score comes from ties."
+        )
+    for ds, info in results["datasets"].items():
+        rows = [r for r in results["results"] if r["dataset"] == ds]
+        if not rows:
+            continue
+        lines += ["", f"## {ds}", ""]
+        lines.append(
+            f"train: {info['n_train_events']:,} events, {info['n_train_sessions']:,} sessions, "
+            f"{info['n_items']:,} items · test: {info['n_predictions']:,} predictions "
+            f"({info['n_test_sessions']:,} sessions, {info['n_unknown_dropped']:,} events of unknown items dropped)"
+        )
+        refs = {m: best_baseline(rows, mode, m) for m in HEADLINE}
+        if all(refs.values()):
+            lines.append(
+                f"Best baseline: {refs['recall@20']['model']} (Recall@20), {refs['mrr@20']['model']} (MRR@20)."
+            )
+        lines.append("")
+        head = ["Method", "Recall@20", "MRR@20", "ΔRecall@20", "ΔMRR@20"]
+        head += [h for o in other[:1] for h in (f"Recall@20 ({o})", f"MRR@20 ({o})")]
+        head += ["fit / train", "evaluation"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            m = r["metrics"][mode]
+            cells = [
+                r["model"] + ("" if r["baseline"] else " **(GRU4Rec)**"),
+                _f(m["recall@20"]),
+                _f(m["mrr@20"]),
+            ]
+            for metric in HEADLINE:
+                ref = refs[metric]
+                same = ref is not None and ref is r
+                cells.append(
+                    "best"
+                    if same
+                    else _pct(relative_change(m[metric], ref["metrics"][mode][metric]) if ref else None)
+                )
+            for o in other[:1]:
+                cells += [_f(r["metrics"][o]["recall@20"]), _f(r["metrics"][o]["mrr@20"])]
+            cells += [_secs(r.get("fit_s")), _secs(r.get("eval_s"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"![Recall@k and MRR@k on {ds}]({results['plots'][ds]['curves']})"]
+        for r in rows:
+            for kind, label in (("latency", "scorer latency"), ("training", "training loss")):
+                p = r.get("plots", {}).get(kind)
+                if p:
+                    lines += ["", f"![{r['model']} {label} on {ds}]({p})"]
+            lat = r.get("latency")
+            if lat:
+                lines.append(
+                    f"\n{r['model']} scorer ({lat.get('provider', '?')}, {lat.get('device', '?')}, batch "
+                    f"{lat.get('batch_size', '?')}): step p50 {_f(lat.get('step_ms_p50'), 3)} ms, p95 "
+                    f"{_f(lat.get('step_ms_p95'), 3)} ms, p99 {_f(lat.get('step_ms_p99'), 3)} ms, "
+                    f"{lat.get('events_per_s', float('nan')):,.0f} events/s."
+                )
+    lines += ["", "## Methods", ""]
+    for r in results["results"]:
+        if r["dataset"] == next(iter(results["datasets"])):
+            lines.append(f"- **{r['model']}** ({r['kind']}): {r.get('description', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
+    cur = summary["current"]
+    verdict = "REGRESSION" if summary["regressions"] else "OK"
+    lines = [
+        f"# Nightly evaluation — {verdict}",
+        "",
+        f"Run `{cur['run_id']}` at {cur['time']} · model `{cur.get('model', '?')}` · data `{cur.get('test', '?')}` "
+        f"· tie mode {cur.get('tie_mode', '?')} · {summary['n_runs']} run(s) in the history.",
+        "",
+    ]
+    if summary["regressions"]:
+        lines += ["## Regressions", ""] + [f"- {r}" for r in summary["regressions"]] + [""]
+    lines += ["## This run against the previous and the best run", ""]
+    lines += ["| figure | this run | previous | change | best | change |", "|---|---|---|---|---|---|"]
+    for c in summary["table"]:
+        lines.append(
+            f"| {c['name']} | {_f(c['current'])} | {_f(c.get('previous'))} | {_pct(c.get('previous_change'))} "
+            f"| {_f(c.get('best'))} | {_pct(c.get('best_change'))} |"
+        )
+    lines += ["", "Tolerances: " + summary["tolerances"], ""]
+    for title, path in plots.items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Nightly evaluation: regression detection on a fabricated history, clean runs, reports, bad history.
+
+The runs take their figures from fabricated score-stage metrics JSON files (`metrics_json`), so
+these tests need no model; tests/test_benchmark.py runs the full train -> export -> score path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from gru4rec.errors import UserError
+from gru4rec.eval.nightly import Tolerances, compare, load_config, run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics_json(path, recall=0.50, mrr=0.20, p50=2.0, p95=3.0):
+    path.write_text(json.dumps({
+        "metrics": {"recall@20": recall, "mrr@20": mrr, "recall@5": recall / 2, "mrr@5": mrr / 2, "n": 1000},
+        "tie_mode": "standard", "cutoffs": [5, 20], "n_events": 1300, "n_sessions": 300,
+        "n_unknown_dropped": 0,
+        "latency": {"step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p95 * 1.5, "events_per_s": 5e4,
+                    "sessions_per_s": 1e4, "load_s": 0.1, "replay_s": 0.5, "write_s": 0.0,
+                    "provider": "CPUExecutionProvider", "batch_size": 64, "device": "cpu", "mode": "batch"},
+        "model": "m.onnx",
+    }))  # fmt: skip
+    return path
+
+
+def config(tmp_path, extra: str = "") -> str:
+    cfg = tmp_path / "nightly.toml"
+    cfg.write_text(
+        f"""
+[nightly]
+history = "{tmp_path / "history.parquet"}"
+out = "{tmp_path / "out"}"
+metrics_json = "{tmp_path / "metrics.json"}"
+tie_mode = "standard"
+[nightly.tolerances]
+metrics = ["recall@20", "mrr@20"]
+latency = ["step_ms_p50", "step_ms_p95"]
+metric_drop_abs = 0.01
+metric_drop_rel = 0.0
+latency_rise_abs_ms = 0.5
+latency_rise_rel = 0.10
+{extra}
+"""
+    )
+    return str(cfg)
+
+
+def fabricate_history(tmp_path, recalls=(0.49, 0.52, 0.50), p50s=(2.0, 2.1, 1.9)):
+    rows = [
+        {"run_id": f"2026010{i + 1}T020000Z", "time": f"2026-01-0{i + 1}T02:00:00+00:00", "status": "ok",
+         "model": "m.onnx", "test": "", "test_fingerprint": "", "tie_mode": "standard",
+         "recall@20": r, "mrr@20": 0.20, "step_ms_p50": p, "step_ms_p95": 3.0}
+        for i, (r, p) in enumerate(zip(recalls, p50s, strict=True))
+    ]  # fmt: skip
+    pl.DataFrame(rows).write_parquet(tmp_path / "history.parquet")
+
+
+def test_metric_drop_against_previous_run_exits_1(tmp_path, cli):
+    fabricate_history(tmp_path)
+    metrics_json(tmp_path / "metrics.json", recall=0.485)  # 0.015 below the previous 0.50: past 0.01
+    proc = cli("eval", "nightly", "--config", config(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert "recall@20 dropped to 0.4850 from 0.5000 (previous run" in proc.stderr
+    assert "mrr@20" not in proc.stderr and "step_ms" not in proc.stderr  # unchanged figures pass
+    hist = pl.read_parquet(tmp_path / "history.parquet")
+    assert hist.height == 4 and hist["status"].to_list()[-1] == "regression"
+    assert hist["recall@20"].to_list()[-1] == pytest.approx(0.485)
+
+
+def test_drop_against_best_run_only(tmp_path):
+    """0.505 is fine against the previous run (0.50) but 0.015 below the best (0.52)."""
+    fabricate_history(tmp_path)
+    metrics_json(tmp_path / "metrics.json", recall=0.505)
+    regressions = run(load_config(config(tmp_path)))["regressions"]
+    assert len(regressions) == 1 and regressions[0].startswith(
+        "recall@20 dropped to 0.5050 from 0.5200 (best run"
+    )
+    # The same run with the best-run comparison switched off passes.
+    fabricate_history(tmp_path)
+    assert run(load_config(config(tmp_path, "compare_best = false")))["regressions"] == []
+
+
+def test_latency_rise_is_a_regression(tmp_path):
+    fabricate_history(tmp_path)
+    metrics_json(tmp_path / "metrics.json", recall=0.52, p50=2.6)  # allowed: 0.5 + 10% of 1.9 = 0.69 -> 2.59
+    regressions = run(load_config(config(tmp_path)))["regressions"]
+    # 1.9 ms is both the previous and the best run: one message for each comparison.
+    assert [r.split(" (")[0] for r in regressions] == ["step_ms_p50 rose to 2.6000 ms from 1.9000 ms"] * 2
+    assert "(previous run" in regressions[0] and "(best run" in regressions[1]
+
+
+def test_clean_run_exits_0_and_writes_report_and_plots(tmp_path, cli):
+    fabricate_history(tmp_path)
+    metrics_json(tmp_path / "metrics.json", recall=0.515, mrr=0.205, p50=2.5)  # within every tolerance
+    proc = cli("eval", "nightly", "--config", config(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: no regression against 3 earlier run(s)" in proc.stdout
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Nightly evaluation — OK")
+    assert "| recall@20 | 0.5150 | 0.5000 | +3.0% | 0.5200 | -1.0% |" in report
+    for png in ("trend_metrics.png", "trend_latency.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+        assert f"]({png})" in report
+    hist = pl.read_parquet(tmp_path / "history.parquet")
+    assert hist["status"].to_list() == ["ok"] * 4
+
+
+def test_first_run_creates_history(tmp_path):
+    metrics_json(tmp_path / "metrics.json")
+    assert run(load_config(config(tmp_path)))["regressions"] == []
+    hist = pl.read_parquet(tmp_path / "history.parquet")
+    assert hist.height == 1 and hist["recall@20"][0] == pytest.approx(0.5)
+    assert (tmp_path / "out" / "trend_metrics.png").stat().st_size > 0
+
+
+def test_corrupt_history_exits_2_and_is_left_untouched(tmp_path, cli):
+    content = b"PAR1 this is not parquet at all"
+    (tmp_path / "history.parquet").write_bytes(content)
+    metrics_json(tmp_path / "metrics.json", recall=0.9)
+    proc = cli("eval", "nightly", "--config", config(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "history" in lines[0], proc.stderr
+    assert "left untouched" in lines[0] and "Traceback" not in proc.stderr
+    assert (tmp_path / "history.parquet").read_bytes() == content
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("kind", ["zeros", "truncated", "other-table"])
+def test_unreadable_history_is_rejected_untouched(tmp_path, kind):
+    path = tmp_path / "history.parquet"
+    if kind == "zeros":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        fabricate_history(tmp_path) if kind == "truncated" else pl.DataFrame({"a": [1]}).write_parquet(path)
+        if kind == "truncated":
+            path.write_bytes(path.read_bytes()[:-40])
+    before = path.read_bytes()
+    metrics_json(tmp_path / "metrics.json")
+    with pytest.raises(UserError, match="history" if kind != "other-table" else "not a nightly history"):
+        run(load_config(config(tmp_path)))
+    assert path.read_bytes() == before
+
+
+def test_bad_config(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[nightly]\nhistory = "h.parquet"\n')
+    with pytest.raises(UserError, match="needs 'out'"):
+        load_config(bad)
+    bad.write_text(f'[nightly]\nhistory = "h"\nout = "{tmp_path}"\nmetrics_json = "m.json"\nbogus = 1\n')
+    with pytest.raises(UserError, match="bogus"):
+        load_config(bad)
+    bad.write_text("[nightly\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_tolerance_rule():
+    """worse by more than abs + rel*|ref| regresses; exactly at the limit does not."""
+    tol = Tolerances(metrics=["recall@20"], latency=["step_ms_p50"], metric_drop_abs=0.01, metric_drop_rel=0.5,
+                     latency_rise_abs_ms=1.0, latency_rise_rel=0.5, compare_best=False)  # fmt: skip
+    hist = pl.DataFrame({"recall@20": [0.25], "step_ms_p50": [2.0]})
+    # allowed metric drop 0.01 + 0.125 = 0.135; allowed latency rise 1.0 + 1.0 = 2.0
+    ok, table = compare(hist, {"recall@20": 0.25 - 0.125, "step_ms_p50": 3.5}, tol)
+    assert ok == [] and table[0]["previous_change"] == pytest.approx(-50.0)
+    bad, _ = compare(hist, {"recall@20": 0.25 - 0.136, "step_ms_p50": 4.01}, tol)
+    assert len(bad) == 2 and bad[0].startswith("recall@20 dropped") and bad[1].startswith("step_ms_p50 rose")
+    improved, _ = compare(hist, {"recall@20": 0.9, "step_ms_p50": 0.1}, tol)
+    assert improved == []
+
+
+def test_example_config_parses():
+    cfg = load_config("eval/configs/nightly.example.toml")
+    assert cfg.model is not None and cfg.tolerances.compare_best and 20 in cfg.cutoffs
+
+
+def test_run_api_returns_summary(tmp_path):
+    fabricate_history(tmp_path)
+    metrics_json(tmp_path / "metrics.json", recall=0.30)
+    summary = run(load_config(config(tmp_path)))
+    assert summary["n_runs"] == 4 and summary["n_comparable"] == 3
+    assert any(r.startswith("recall@20 dropped to 0.3000") for r in summary["regressions"])
+
+
+@pytest.mark.slow
+def test_full_pipeline_train_export_score_twice(tmp_path):
+    """[nightly.train] trains, exports and scores for real; the same seed twice gives no regression."""
+    from gru4rec.synth import generate
+
+    train, test = generate(n_sessions=300, n_items=50, seed=5)
+    train.write_parquet(tmp_path / "train.parquet")
+    test.write_parquet(tmp_path / "test.parquet")
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(
+        f"""
+[nightly]
+history = "{tmp_path / "history.parquet"}"
+out = "{tmp_path / "out"}"
+test = "{tmp_path / "test.parquet"}"
+batch_size = 16
+[nightly.train]
+train = "{tmp_path / "train.parquet"}"
+preset = "demo"
+params = {{ n_epochs = 1, layers = [16], n_sample = 8, batch_size = 16 }}
+device = "cpu"
+[nightly.tolerances]
+latency_rise_abs_ms = 1000.0
+"""
+    )
+    first = run(load_config(cfg))
+    assert first["regressions"] == [] and (tmp_path / "out" / "model.onnx").is_file()
+    scored = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert first["current"]["recall@20"] == scored["metrics"]["recall@20"] > 0
+    second = run(load_config(cfg))
+    assert second["regressions"] == [] and second["n_comparable"] == 1
+    assert second["current"]["recall@20"] == pytest.approx(first["current"]["recall@20"], abs=1e-9)
