@@ -166,14 +166,18 @@ def test_topk_matches_torch_topk(exported):
         assert np.all(np.abs(s["ref"][rows, s["top_i"][swapped]] - ref_val.numpy()[swapped]) <= 2e-4)
 
 
-def test_eval_counts_brute_force_with_planted_ties(tmp_path):
+@pytest.mark.parametrize("count_block,topk_chunks", [(0, 0), (64, 4)])
+def test_eval_counts_brute_force_with_planted_ties(tmp_path, count_block, topk_chunks):
     model = random_model("shared", 1, seed=3)
     tied = np.arange(20, 60)  # 40 items that always score exactly 0.25: zero rows, equal biases
     with torch.no_grad():
         model.Wy[tied] = 0.0
         model.By[tied] = 0.25
     save_model(model, tmp_path / "m.pt")
-    result = export_bundle(tmp_path / "m.pt", tmp_path / "m.onnx", top_k=5)
+    result = export_bundle(
+        tmp_path / "m.pt", tmp_path / "m.onnx", top_k=5, count_block=count_block, topk_chunks=topk_chunks
+    )
+    assert result.report.passed
     serving, evaluation = ort_session(result.onnx_path), ort_session(result.eval_path)
     rng = np.random.default_rng(0)
     B = 48
@@ -181,7 +185,10 @@ def test_eval_counts_brute_force_with_planted_ties(tmp_path):
     t = np.where(np.arange(B) % 2 == 0, rng.choice(tied, B), rng.integers(0, N, B))  # half the targets tied
     h = rng.standard_normal((1, B, H)).astype(np.float32) * 0.5
     scores = torch.from_numpy(serving.run(["scores"], {"item_idx": x, "hidden": h})[0])
-    n_gt, n_eq = evaluation.run(["n_greater", "n_equal"], {"item_idx": x, "hidden": h, "target_idx": t})
+    n_gt, n_eq, top_i = evaluation.run(
+        ["n_greater", "n_equal", "topk_idx"], {"item_idx": x, "hidden": h, "target_idx": t}
+    )
+    assert top_i.max() < N  # padded columns (count_block) never reach the top-k
     for b in range(B):  # brute force, one item at a time
         target = scores[b, t[b]]
         greater = sum(int(scores[b, j] > target) for j in range(N))

@@ -26,7 +26,7 @@ N_ITEMS, TOP_K = 60, 10
 IDS = np.arange(1000, 1000 + N_ITEMS, dtype=np.int64)
 
 
-def export_model(model, items: ItemMap, directory, top_k: int) -> str:
+def export_model(model, items: ItemMap, directory, top_k: int, **options) -> str:
     from gru4rec.export.onnx_export import export_bundle
 
     ckpt = ckpt_io.Checkpoint(model, items)
@@ -36,7 +36,7 @@ def export_model(model, items: ItemMap, directory, top_k: int) -> str:
         original = ckpt_io.versions
         mp.setattr(ckpt_io, "versions", lambda: {k: str(v) for k, v in original().items()})
         ckpt_io.save(ckpt, directory / "m.pt")
-    export_bundle(directory / "m.pt", directory / "m.onnx", top_k=top_k)
+    export_bundle(directory / "m.pt", directory / "m.onnx", top_k=top_k, **options)
     return str(directory / "m.onnx")
 
 
@@ -66,6 +66,15 @@ def test_ort_metrics_match_brute_force_in_every_tie_mode(tiny, tiny_reference, m
     )
     assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, mode))
     assert report["tie_mode"] == mode and report["latency"]["provider"] == "ort-cpu"
+
+
+@pytest.mark.parametrize("mode", ["standard", "conservative"])
+def test_fast_count_graph_matches_brute_force(tiny, tiny_reference, tmp_path, mode):
+    """Export's exact speed options (float16 block counts, padded columns, two-stage top-k): same metrics."""
+    fast = export_model(tiny["model"], ItemMap(IDS), tmp_path, TOP_K, count_block=16, topk_chunks=4)
+    assert load_bundle(fast).meta["count_block"] == "16"
+    report = score(fast, tiny["sessions"], config=ScoreConfig(tie_mode=mode, batch_size=32), provider="cpu")
+    assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, mode))
 
 
 def test_recs_parquet_matches_reference(tiny, tiny_reference, tmp_path):
