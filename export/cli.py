@@ -38,6 +38,14 @@ def export(
             help="Two-stage top-k over C column chunks (0: one TopK over all items); a GPU speed option.",
         ),
     ] = 0,
+    count_block: Annotated[
+        int,
+        typer.Option(
+            "--count-block",
+            help="Eval graph: exact target counts summed in float16 blocks of this many columns "
+            "(1 to 2048; 0: float32 sums); a GPU speed option.",
+        ),
+    ] = 0,
     no_verify: Annotated[
         bool,
         typer.Option("--no-verify", help="Skip the PyTorch vs ONNX Runtime replay check (not recommended)."),
@@ -56,6 +64,7 @@ def export(
         with console.status("exporting") as status:
             result = export_bundle(
                 model, out, top_k=top_k, opset=opset, fp16=fp16, verify=not no_verify, topk_chunks=topk_chunks,
+                count_block=count_block,
                 status=lambda msg: status.update(msg),
             )  # fmt: skip
     except VerificationFailed as e:
@@ -80,7 +89,9 @@ def export(
 
 
 def _chunks(meta: dict) -> str:
-    return f" in {meta['topk_chunks']} chunks" if meta["topk_chunks"] != "0" else ""
+    out = f" in {meta['topk_chunks']} chunks" if meta["topk_chunks"] != "0" else ""
+    block = meta.get("count_block", "0")
+    return out + (f", counts in blocks of {block}" if block != "0" else "")
 
 
 def _mb(path: Path) -> str:

@@ -15,6 +15,8 @@ Export verification (`verify.py`) replays the real `GRU4Rec.forward` against thi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -53,7 +55,7 @@ class ServingStep(nn.Module):
                 f"--topk-chunks must be between 0 (off) and the number of items, got {topk_chunks}"
             )
         self.mode, self.top_k, self.dtype, self.topk_chunks = cfg.mode, top_k, dtype, topk_chunks
-        self.n_items = cfg.n_items
+        self.n_items = self.n_cols = cfg.n_items  # n_cols: score columns, padded in EvalStep
         self.H, self.L = cfg.layers[0], len(cfg.layers)
         self.Wy = _frozen(model.Wy, dtype)
         self.By = _frozen(model.By.view(-1), dtype)
@@ -84,8 +86,8 @@ class ServingStep(nn.Module):
         n = torch.tanh(gi_n + r * gh_n)
         return n + z * (h - n)
 
-    def step(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (scores [B, N] float32, hidden_out [L, B, H] float32)."""
+    def recur(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (last layer's output [B, H] in `dtype`, hidden_out [L, B, H] float32)."""
         half = self.dtype != torch.float32
         states = list((hidden.to(self.dtype) if half else hidden).unbind(0))
         new_states: list[Tensor] = []
@@ -98,22 +100,30 @@ class ServingStep(nn.Module):
         for layer, h in enumerate(states):
             x = self._torch_cell(layer, x, h)
             new_states.append(x)
-        scores, hidden_out = nn.functional.linear(x, self.Wy, self.By), torch.stack(new_states)
-        return (scores.float(), hidden_out.float()) if half else (scores, hidden_out)
+        hidden_out = torch.stack(new_states)
+        return x, (hidden_out.float() if half else hidden_out)
 
-    def topk(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (scores [B, N] float32, hidden_out [L, B, H] float32)."""
+        x, hidden_out = self.recur(item_idx, hidden)
+        return nn.functional.linear(x, self.Wy, self.By).float(), hidden_out
+
+    def topk(self, scores: Tensor, k: int = 0) -> tuple[Tensor, Tensor]:
         """Top-k per row; with `topk_chunks` C in two stages: top-k of each of C column chunks, then
         top-k of the C*k survivors. Same items (ties aside), but many small sorts instead of one wide
         one, which is what GPU TopK kernels are fast at. Shapes stay constants: Pad, Reshape, TopK."""
+        k = k or self.top_k
         if not self.topk_chunks:
-            return torch.topk(scores, self.top_k, dim=1)
+            return torch.topk(scores, k, dim=1)
         C = self.topk_chunks
-        M = -(-self.n_items // C)  # chunk width; the last chunk is padded with -inf
-        k1 = min(self.top_k, M)
-        padded = nn.functional.pad(scores, (0, C * M - self.n_items), value=float("-inf"))
+        M = -(-self.n_cols // C)  # chunk width; the last chunk is padded with -inf
+        k1 = min(k, M)
+        padded = scores  # no Pad node (a pass over [B, N]) where the columns split evenly
+        if C * M != self.n_cols:
+            padded = nn.functional.pad(scores, (0, C * M - self.n_cols), value=float("-inf"))
         val1, idx1 = torch.topk(padded.reshape(-1, C, M), k1, dim=2)
         idx1 = idx1 + torch.arange(0, C * M, M, dtype=torch.int64).view(C, 1)  # chunk-local -> global
-        val, pos = torch.topk(val1.reshape(-1, C * k1), self.top_k, dim=1)
+        val, pos = torch.topk(val1.reshape(-1, C * k1), k, dim=1)
         return val, idx1.reshape(-1, C * k1).gather(1, pos)
 
     def forward(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -123,18 +133,74 @@ class ServingStep(nn.Module):
 
 
 class EvalStep(ServingStep):
-    """Serving step plus the target's tie counts; no [B, N] output."""
+    """Serving step plus the target's tie counts; no [B, N] output.
+
+    `count_block` M > 0 (at most 2048) makes the counts cheaper, still exact: the item matrix gets
+    zero rows with a -inf bias up to a multiple of M (and of `topk_chunks`), so the GEMM itself
+    writes padded scores, which are never in the top-k and never counted; each comparison is cast to
+    float16 (half the bytes of float32) and summed per block of M columns, exact because every
+    partial sum is an integer <= 2048; the block sums are added in float32. A float16 model keeps
+    its scores in float16 here (same order and counts as their float32 casts, half the traffic).
+
+    Approximate speed options (benchmarks only; agreement is measured, not guaranteed):
+    `score_half` keeps the GRU in `dtype` but scores with a float16 copy of the item matrix (scores,
+    top-k and counts from float16 scores); `rerank` R > top_k then takes the float16 top-R and
+    re-scores those R items with the full-precision rows to order the top-k.
+    """
+
+    def __init__(
+        self, model: GRU4Rec, top_k: int, dtype: torch.dtype = torch.float32, topk_chunks: int = 0,
+        count_block: int = 0, score_half: bool = False, rerank: int = 0,
+    ):  # fmt: skip
+        super().__init__(model, top_k, dtype, topk_chunks)
+        if not 0 <= count_block <= 2048:
+            raise UserError(f"--count-block must be between 0 (off) and 2048, got {count_block}")
+        if rerank and not top_k < rerank <= self.n_items:
+            raise UserError(f"rerank must be between top_k and the number of items, got {rerank}")
+        self.count_block, self.rerank = count_block, rerank
+        pad = 0
+        if count_block:
+            step = math.lcm(count_block, topk_chunks or 1)
+            pad = -self.n_items % step
+            if pad > max(self.n_items // 10, count_block):
+                raise UserError(
+                    f"--count-block {count_block} with --topk-chunks {topk_chunks} pads {self.n_items} items "
+                    f"by {pad} columns; pick a block that is a multiple of the chunk count"
+                )
+        self.n_cols = self.n_items + pad
+        out_dtype = torch.float16 if score_half else dtype
+        # The scoring matrix: the input table too in shared mode, unless scores get their own copy.
+        self.score_half = score_half and dtype != torch.float16
+        wy = torch.cat([self.Wy, self.Wy.new_zeros(pad, self.H)])
+        by = torch.cat([self.By, self.By.new_full((pad,), float("-inf"))])
+        if self.score_half:
+            self.Wy_out, self.By_out = _frozen(wy, out_dtype), _frozen(by, out_dtype)
+        else:
+            self.Wy, self.By = _frozen(wy, dtype), _frozen(by, dtype)
+            self.Wy_out, self.By_out = self.Wy, self.By
+
+    def _count(self, hits: Tensor) -> Tensor:
+        if not self.count_block:  # float32 sums: exact below 2**24 items, ReduceSum on every EP
+            return hits.float().sum(1).long()
+        blocks = hits.to(torch.float16).reshape(-1, self.n_cols // self.count_block, self.count_block)
+        return blocks.sum(2).float().sum(1).long()
+
+    def _rerank(self, x: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        _, cand = self.topk(scores, self.rerank)  # [B, R], never a padded column
+        exact = (self.Wy[cand] @ x.unsqueeze(2)).squeeze(2) + self.By[cand]
+        val, pos = torch.topk(exact, self.top_k, dim=1)
+        return val, cand.gather(1, pos)
 
     def forward(  # type: ignore[override]
         self, item_idx: Tensor, hidden: Tensor, target_idx: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        scores, hidden_out = self.step(item_idx, hidden)
-        topk_scores, topk_idx = self.topk(scores)
+        x, hidden_out = self.recur(item_idx, hidden)
+        xs = x.half() if self.score_half else x
+        scores = nn.functional.linear(xs, self.Wy_out, self.By_out)
+        topk_scores, topk_idx = self._rerank(x, scores) if self.rerank else self.topk(scores)
         target = scores.gather(1, target_idx.unsqueeze(1))
-        # Counts summed as float32 (exact below 2**24 items): float ReduceSum runs on every EP.
-        n_greater = (scores > target).float().sum(1).long()
-        n_equal = (scores == target).float().sum(1).long()
-        return hidden_out, topk_scores, topk_idx, n_greater, n_equal
+        n_greater, n_equal = self._count(scores > target), self._count(scores == target)
+        return hidden_out, topk_scores.float(), topk_idx, n_greater, n_equal
 
 
 SERVING_IO = (["item_idx", "hidden"], ["scores", "hidden_out", "topk_scores", "topk_idx"])

@@ -74,8 +74,9 @@ def set_io_shapes(model, shapes: dict[str, list[int | str]]) -> None:
 
 
 def model_metadata(
-    ckpt, top_k: int, topk_chunks: int, opset: int, precision: str, digest: str, export_id: str
-) -> dict[str, str]:
+    ckpt, top_k: int, topk_chunks: int, opset: int, precision: str, digest: str, export_id: str,
+    count_block: int = 0,
+) -> dict[str, str]:  # fmt: skip
     cfg = ckpt.model.cfg
     return {
         "format": FORMAT,
@@ -92,6 +93,7 @@ def model_metadata(
         "opset": str(opset),
         "top_k": str(top_k),
         "topk_chunks": str(topk_chunks),
+        "count_block": str(count_block),
         "n_items": str(cfg.n_items),
         "n_layers": str(len(cfg.layers)),
         "hidden_size": str(cfg.layers[0]),
@@ -128,7 +130,7 @@ def sidecar_frame(items: ItemMap) -> pl.DataFrame:
 
 
 def build_graphs(
-    ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0
+    ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0, count_block: int = 0
 ) -> tuple[bytes, bytes, dict[str, str]]:
     """-> (serving ONNX bytes, eval ONNX bytes, metadata)."""
     import torch
@@ -140,7 +142,7 @@ def build_graphs(
     cfg = model.cfg
     dtype = torch.float16 if fp16 else torch.float32
     serving = ServingStep(model, top_k, dtype, topk_chunks).eval()
-    evaluation = EvalStep(model, top_k, dtype, topk_chunks).eval()
+    evaluation = EvalStep(model, top_k, dtype, topk_chunks, count_block).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in serving.parameters())
     if n_bytes >= 2**31 - 2**24:  # protobuf's 2 GB message limit, with room for the graph itself
         raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB (try --fp16)")
@@ -155,6 +157,7 @@ def build_graphs(
         "float16" if fp16 else "float32",
         items_sha256(ckpt.items.ids),
         export_id,
+        count_block,
     )
     shapes = {
         "item_idx": [BATCH], "target_idx": [BATCH], "hidden": [L, BATCH, H], "hidden_out": [L, BATCH, H],
@@ -175,6 +178,7 @@ def export_bundle(
     verify: bool = True,
     status=None,
     topk_chunks: int = 0,
+    count_block: int = 0,
 ) -> ExportResult:
     """Export a checkpoint; raises UserError on bad input, verify.VerificationFailed on a failed check.
 
@@ -193,7 +197,9 @@ def export_bundle(
     ckpt = ckpt_io.load(checkpoint)
     export_id = uuid.uuid4().hex
     say("tracing the serving and evaluation graphs")
-    serving_bytes, eval_bytes, meta = build_graphs(ckpt, top_k, opset, fp16, export_id, topk_chunks)
+    serving_bytes, eval_bytes, meta = build_graphs(
+        ckpt, top_k, opset, fp16, export_id, topk_chunks, count_block
+    )
     report = None
     with contextlib.ExitStack() as stack:
         # Entered sidecar first so that, on exit (reverse order), the serving graph is renamed last.

@@ -25,6 +25,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DIGINETICA = SHARED_DATA / "diginetica"
 DIGINETICA_SHAPE = {"n_items": 43_097, "layers": [512]}
 GPU_BATCHES = (256, 1024, 4096)
+# Exact speed options of the eval graph (export --count-block / --topk-chunks), also timed on CUDA;
+# bench/score_variants.py compares the alternatives.
+FAST_EXPORT = {"count_block": 1024, "topk_chunks": 64}
 
 
 def run_bench(
@@ -52,7 +55,7 @@ def run_bench(
         online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
     has_cuda = cuda_usable()
 
-    def ort(provider: str, tf32: bool = False, cuda_graph: bool = False):
+    def ort(provider: str, tf32: bool = False, cuda_graph: bool = False, bundle=bundle):
         return lambda: OrtBackend(
             bundle.eval_path,
             bundle.n_items,
@@ -77,6 +80,20 @@ def run_bench(
         plan += [(f"ORT CUDA EP b{b}", ort("cuda"), b, "batch", sessions) for b in GPU_BATCHES]
         plan.append(("ORT CUDA EP b1024 tf32", ort("cuda", tf32=True), 1024, "batch", sessions))
         plan.append(("ORT CUDA EP b1024 tf32 cuda-graph", ort("cuda", True, True), 1024, "batch", sessions))
+        if ckpt_path is not None:
+            fast = _fast_bundle(ckpt_path, tmp)
+            tag = f"block{FAST_EXPORT['count_block']}+chunks{FAST_EXPORT['topk_chunks']}"
+            plan.append((f"ORT CUDA EP b1024 {tag}", ort("cuda", bundle=fast), 1024, "batch", sessions))
+            for b in (1024, 4096):
+                plan.append(
+                    (
+                        f"ORT CUDA EP b{b} tf32 cuda-graph {tag}",
+                        ort("cuda", True, True, fast),
+                        b,
+                        "batch",
+                        sessions,
+                    )
+                )
         plan.append(("ORT CUDA EP online", ort("cuda"), 1, "online", online_path))
         plan.append(("ORT CUDA EP online cuda-graph", ort("cuda", cuda_graph=True), 1, "online", online_path))
     if torch_model is not None and torch.cuda.is_available():
@@ -285,6 +302,15 @@ def _model(model: Path | None, train_path: Path | None, tmp: Path) -> tuple[Path
         ckpt, desc = _random_model(train_path, tmp)
     export_bundle(ckpt, tmp / "m.onnx", top_k=20, verify=False)
     return tmp / "m.onnx", ckpt, desc
+
+
+def _fast_bundle(ckpt: Path, tmp: Path):
+    """The same model exported with the exact speed options (FAST_EXPORT)."""
+    from gru4rec.bundle import load_bundle
+    from gru4rec.export.onnx_export import export_bundle
+
+    export_bundle(ckpt, tmp / "fast" / "m.onnx", top_k=20, verify=False, **FAST_EXPORT)
+    return load_bundle(tmp / "fast" / "m.onnx")
 
 
 def _random_model(train_path: Path, tmp: Path) -> tuple[Path, dict]:

@@ -318,6 +318,9 @@ def test_cli_missing_file(tmp_path, cli):
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
 def test_cuda_graph_path_equals_eager_path(synth, loss):
     tr, te = synth
+    # A short run: atomics (index_add_) sum in varying order on the GPU, and over thousands of
+    # steps those last-bit differences grow chaotically; a few hundred steps stay within 1e-4.
+    tr = tr.filter(pl.col("session_id").is_in(tr["session_id"].unique().sort().head(600).implode()))
     p = dict(
         layers=[32],
         batch_size=16,
