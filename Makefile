@@ -39,8 +39,8 @@ bench: install
 	$(CLI) bench score --out bench/results/score-latest.json
 
 lint: install
-	$(PY) -m ruff check gru4rec train export score eval tests
-	$(PY) -m ruff format --check gru4rec train export score eval tests
+	$(PY) -m ruff check gru4rec train export score eval tests bench
+	$(PY) -m ruff format --check gru4rec train export score eval tests bench
 
 clean:
 	rm -rf $(VENV) $(DEMO) build dist *.egg-info .pytest_cache .ruff_cache

@@ -29,13 +29,13 @@ import datetime as dt
 import json
 import platform
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
-import tomllib
 
 from gru4rec.data import read_events
 from gru4rec.errors import UserError
@@ -257,7 +257,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
     out.mkdir(parents=True, exist_ok=True)
     cutoffs = tuple(range(1, cfg.max_k + 1))
     results: dict[str, Any] = {
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": f"{platform.node()} ({platform.machine()}, {_cpu()})",
         "versions": _versions(),
         "tie_modes": list(cfg.tie_modes),

@@ -150,7 +150,7 @@ def _train_spec(t: dict) -> TrainSpec:
 def run(cfg: NightlyConfig, now: dt.datetime | None = None) -> dict:
     """Do one nightly run; returns the summary (regressions empty when all is well)."""
     history = read_history(cfg.history)  # first: an unreadable history stops the run before any work
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     cfg.out.mkdir(parents=True, exist_ok=True)
     report, model = _measure(cfg)
     row = _row(cfg, report, model, now)

@@ -55,9 +55,10 @@ def export(
 
     Verification replays random multi-step sessions (with hidden resets) through PyTorch and ONNX Runtime (CPU) and requires max |score diff| <= 1e-4, max |hidden diff| <= 1e-5 and identical top-k but for exact ties. On failure nothing is written (an earlier export at --out is kept) and the exit code is 1. With --fp16 the errors and top-k overlap are reported, not enforced.
     """
+    from rich.console import Console
+
     from gru4rec.export.onnx_export import export_bundle
     from gru4rec.export.verify import VerificationFailed
-    from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
     try:

@@ -14,7 +14,7 @@ import json
 import uuid
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def model_metadata(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "export_id": export_id,
-        "export_time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "export_time_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gru4rec_version": gru4rec.__version__,
         "versions": json.dumps(_versions(ckpt)),
         "hyperparameters": json.dumps(ckpt.params, default=str, sort_keys=True),
@@ -134,6 +134,7 @@ def build_graphs(
 ) -> tuple[bytes, bytes, dict[str, str]]:
     """-> (serving ONNX bytes, eval ONNX bytes, metadata)."""
     import torch
+
     from gru4rec.export.graph import EVAL_IO, SERVING_IO, EvalStep, ServingStep
 
     if not MIN_OPSET <= opset <= MAX_OPSET:

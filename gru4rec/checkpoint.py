@@ -35,7 +35,11 @@ class Checkpoint:
 
 
 def versions() -> dict[str, str]:
-    return {"gru4rec": str(gru4rec.__version__), "torch": str(torch.__version__), "python": platform.python_version()}
+    return {
+        "gru4rec": str(gru4rec.__version__),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
@@ -61,7 +65,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable gru4rec checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"{path}: not a readable gru4rec checkpoint ({str(e).splitlines()[0][:160]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a gru4rec checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:

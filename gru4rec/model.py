@@ -66,7 +66,9 @@ class GRU4Rec(nn.Module):
             h = hs[0]
             self.Wx0 = nn.Parameter(torch.cat([_uniform_(torch.empty(n, h), n, h, gen) for _ in range(3)], 1))
             self.Bx0 = nn.Parameter(torch.zeros(3 * h))
-            self.Wrz0 = nn.Parameter(torch.cat([_uniform_(torch.empty(h, h), h, h, gen) for _ in range(2)], 1))
+            self.Wrz0 = nn.Parameter(
+                torch.cat([_uniform_(torch.empty(h, h), h, h, gen) for _ in range(2)], 1)
+            )
             self.Wh0 = nn.Parameter(_uniform_(torch.empty(h, h), h, h, gen))
         n_in = {"shared": hs[-1], "separate": cfg.embedding, "onehot": hs[0]}[mode]
         self.W_ih, self.W_hh = nn.ParameterList(), nn.ParameterList()
@@ -74,8 +76,12 @@ class GRU4Rec(nn.Module):
         first_torch_layer = 1 if mode == "onehot" else 0
         for h in hs[first_torch_layer:]:
             # nn.GRUCell layout: rows [r, z, n] of 3H, applied as x @ W.T
-            self.W_ih.append(nn.Parameter(torch.cat([_uniform_(torch.empty(h, n_in), n_in, h, gen) for _ in range(3)])))
-            self.W_hh.append(nn.Parameter(torch.cat([_uniform_(torch.empty(h, h), h, h, gen) for _ in range(3)])))
+            self.W_ih.append(
+                nn.Parameter(torch.cat([_uniform_(torch.empty(h, n_in), n_in, h, gen) for _ in range(3)]))
+            )
+            self.W_hh.append(
+                nn.Parameter(torch.cat([_uniform_(torch.empty(h, h), h, h, gen) for _ in range(3)]))
+            )
             self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
             self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
             n_in = h
@@ -84,13 +90,19 @@ class GRU4Rec(nn.Module):
     @property
     def input_table(self) -> Tensor:
         """The table whose rows are the step input: W_y (shared), E (separate) or W_x (one-hot)."""
-        return {"shared": self.Wy, "separate": getattr(self, "E", None), "onehot": getattr(self, "Wx0", None)}[
-            self.cfg.mode
-        ]
+        return {
+            "shared": self.Wy,
+            "separate": getattr(self, "E", None),
+            "onehot": getattr(self, "Wx0", None),
+        }[self.cfg.mode]
 
     def sparse_parameters(self) -> list[Tensor]:
         """Item tables: updated row-wise by the official optimiser."""
-        return [p for p in (self.Wy, self.By, getattr(self, "E", None), getattr(self, "Wx0", None)) if p is not None]
+        return [
+            p
+            for p in (self.Wy, self.By, getattr(self, "E", None), getattr(self, "Wx0", None))
+            if p is not None
+        ]
 
     def init_hidden(self, batch: int, device=None) -> list[Tensor]:
         dev = device if device is not None else self.Wy.device
@@ -139,7 +151,9 @@ class GRU4Rec(nn.Module):
         """Raw scores of `out` [B, H] against gathered output rows [C, H] and biases [C, 1]."""
         return torch.addmm(by_rows.T, out, wy_rows.T)
 
-    def forward(self, x: Tensor, hidden: list[Tensor], cols: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, hidden: list[Tensor], cols: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """One step: item indices [B] -> (scores [B, C] over `cols` or all items, new states)."""
         out, new_hidden = self.gru(self.input_table[x], hidden)
         if cols is None:

@@ -40,12 +40,12 @@ def run_bench(
     online_sessions: int = 200,
 ) -> dict:
     import torch
-    from gru4rec.score.ort_backend import OrtBackend, cuda_usable
-    from gru4rec.score.torch_backend import TorchBackend
     from rich.console import Console
 
     from gru4rec.bundle import load_bundle
     from gru4rec.checkpoint import load as load_checkpoint
+    from gru4rec.score.ort_backend import OrtBackend, cuda_usable
+    from gru4rec.score.torch_backend import TorchBackend
 
     console = Console(stderr=True)
     tmp = Path(tempfile.mkdtemp(prefix="gru4rec-bench-score-"))

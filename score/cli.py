@@ -68,9 +68,8 @@ def register(app: typer.Typer) -> None:
         time_key: str = typer.Option(TIME, "--time-key", help="Timestamp column in --sessions."),
     ) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
-        from gru4rec.score.scorer import ScoreConfig, score
-
         from gru4rec.data import Keys
+        from gru4rec.score.scorer import ScoreConfig, score
 
         cfg = ScoreConfig(
             k=k,
@@ -91,9 +90,10 @@ def register(app: typer.Typer) -> None:
 
 
 def print_report(report: dict) -> None:
-    from gru4rec.score.latency import latency_table_rows
     from rich.console import Console
     from rich.table import Table
+
+    from gru4rec.score.latency import latency_table_rows
 
     m = report["metrics"]
     table = Table(title="metrics")

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gru4rec.score.replay import StepOutput
 
 from gru4rec.errors import UserError
+from gru4rec.score.replay import StepOutput
 
 PROVIDERS = ("auto", "cuda", "cpu")
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -155,6 +155,7 @@ class OrtBackend:
         """`io_binding` defaults to on for CUDA, off for CPU (forcing it on CPU tests the same path)."""
         import onnx
         import onnxruntime as ort
+
         from gru4rec.score.latency import cpu_name
 
         self.kind = resolve_provider(provider)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from gru4rec.score.replay import ChunkResult
 
 from gru4rec.data import ITEM, SESSION
 from gru4rec.io import atomic_path, write_text_atomic
 from gru4rec.items import ItemMap
+from gru4rec.score.replay import ChunkResult
 
 # One row per scored event. `position` is the 0-based position of the input event in its session
 # (after unknown items are dropped); `rank` is the target's rank under the run's tie mode.

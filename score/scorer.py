@@ -12,15 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gru4rec.score.latency import LatencyRecorder
-from gru4rec.score.outputs import open_recs, recs_frame, write_metrics_json
-from gru4rec.score.replay import StepBackend, plan_chunk, replay
-from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SessionSource
-
 from gru4rec.data import Keys
 from gru4rec.errors import UserError
 from gru4rec.items import ItemMap
 from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES, RankAccumulator, ranks_from_counts
+from gru4rec.score.latency import LatencyRecorder
+from gru4rec.score.outputs import open_recs, recs_frame, write_metrics_json
+from gru4rec.score.replay import StepBackend, plan_chunk, replay
+from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SessionSource
 
 LATENCY_MODES = ("batch", "online")
 DEFAULT_K = 20
@@ -73,9 +72,8 @@ def score(
     progress: bool = False,
 ) -> dict:
     """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict."""
-    from gru4rec.score.ort_backend import OrtBackend
-
     from gru4rec.bundle import load_bundle
+    from gru4rec.score.ort_backend import OrtBackend
 
     cfg = config or ScoreConfig()
     rec = LatencyRecorder()

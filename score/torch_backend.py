@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gru4rec.score.replay import StepOutput
 
 from gru4rec.model import GRU4Rec
+from gru4rec.score.replay import StepOutput
 
 
 class TorchBackend:

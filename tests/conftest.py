@@ -42,7 +42,9 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "gru4rec.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"gru4rec-cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+        raise AssertionError(
+            f"gru4rec-cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
+        )
     return proc
 
 

@@ -32,7 +32,6 @@ SORTED = [
 ]
 
 
-
 def write(path, columns=("session_id", "item_id", "time"), rows=ROWS, sep=","):
     if path.suffix == ".parquet":
         pl.DataFrame(rows, schema=list(columns), orient="row").write_parquet(path)

@@ -14,12 +14,12 @@ import onnx
 import polars as pl
 import pytest
 import torch
-from gru4rec.export.onnx_export import export_bundle
-from gru4rec.export.verify import VerificationFailed, ort_session
 
 from gru4rec import checkpoint as ckpt_io
 from gru4rec.bundle import companion_paths, items_sha256, load_bundle, scan_metadata_props
 from gru4rec.errors import UserError
+from gru4rec.export.onnx_export import export_bundle
+from gru4rec.export.verify import VerificationFailed, ort_session
 from gru4rec.items import ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
 

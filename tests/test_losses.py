@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from gru4rec.train.losses import row_loss_sum
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from gru4rec.train.optim import IndexedAdagradM, RowAdam
 
 

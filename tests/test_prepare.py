@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -13,9 +13,8 @@ import pytest
 from gru4rec.data import read_events
 from gru4rec.prepare import SplitConfig, read_rsc15_clicks, rsc15_protocol, split_events
 
-BASE = datetime(2014, 3, 30, tzinfo=timezone.utc)
+BASE = datetime(2014, 3, 30, tzinfo=UTC)
 A, B, C, R, U, V = 101, 102, 103, 999, 555, 777
-
 
 
 def at(day: int, hh: int, mm: int, ss: float = 0.0) -> datetime:
@@ -140,13 +139,13 @@ def test_rsc15_on_raw_file_from_rsc15_100k(tmp_path, shared_data):
     clicks = []
     lines = []
     for s, i, m in zip(union["session_id"].to_list(), union["item_id"].to_list(), ms, strict=True):
-        t = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=m)
+        t = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=m)
         lines.append(f"{s},{iso(t)},{i},0")
         clicks.append((s, m / 1000.0, i))
     # Noise the protocol must remove: single-click sessions and a rare item.
     lines += ["90000001,2014-04-03T10:00:00.000Z,214536502,0", "90000002,2014-04-03T10:00:00.000Z,1,0"]
-    clicks += [(90000001, datetime(2014, 4, 3, 10, tzinfo=timezone.utc).timestamp(), 214536502)]
-    clicks += [(90000002, datetime(2014, 4, 3, 10, tzinfo=timezone.utc).timestamp(), 1)]
+    clicks += [(90000001, datetime(2014, 4, 3, 10, tzinfo=UTC).timestamp(), 214536502)]
+    clicks += [(90000002, datetime(2014, 4, 3, 10, tzinfo=UTC).timestamp(), 1)]
     for k in range(2):
         lines += [
             f"{90000010 + k},2014-04-03T10:00:0{j}.000Z,{7 if j == 0 else 214536502},S" for j in range(2)
@@ -154,7 +153,7 @@ def test_rsc15_on_raw_file_from_rsc15_100k(tmp_path, shared_data):
         clicks += [
             (
                 90000010 + k,
-                datetime(2014, 4, 3, 10, 0, j, tzinfo=timezone.utc).timestamp(),
+                datetime(2014, 4, 3, 10, 0, j, tzinfo=UTC).timestamp(),
                 7 if j == 0 else 214536502,
             )
             for j in range(2)

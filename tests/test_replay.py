@@ -10,14 +10,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from gru4rec.score.replay import StepOutput, longest_first, plan_chunk, replay
-from gru4rec.score.scorer import ScoreConfig, score_source
-from gru4rec.score.source import SessionSource
-from gru4rec.score.torch_backend import TorchBackend
 
 from gru4rec.batching import Sessions
 from gru4rec.items import ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
+from gru4rec.score.replay import StepOutput, longest_first, plan_chunk, replay
+from gru4rec.score.scorer import ScoreConfig, score_source
+from gru4rec.score.source import SessionSource
+from gru4rec.score.torch_backend import TorchBackend
 
 CUTOFFS = (1, 5, 10, 20)
 

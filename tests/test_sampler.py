@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gru4rec.train.sampler import SampleStore
 from scipy.stats import chisquare
+
+from gru4rec.train.sampler import SampleStore
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

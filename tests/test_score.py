@@ -12,15 +12,15 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
-from gru4rec.score.ort_backend import OrtBackend
-from gru4rec.score.scorer import ScoreConfig, score, score_source
-from gru4rec.score.source import SessionSource
 from test_replay import assert_metrics_equal, brute_force_counts, make_model, random_events, reference_metrics
 
 import gru4rec.checkpoint as ckpt_io
 from gru4rec.bundle import load_bundle
 from gru4rec.data import read_events
 from gru4rec.items import ItemMap
+from gru4rec.score.ort_backend import OrtBackend
+from gru4rec.score.scorer import ScoreConfig, score, score_source
+from gru4rec.score.source import SessionSource
 
 N_ITEMS, TOP_K = 60, 10
 IDS = np.arange(1000, 1000 + N_ITEMS, dtype=np.int64)

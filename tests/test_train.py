@@ -6,10 +6,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from gru4rec.train.dwell import boost
-from gru4rec.train.params import TrainConfig, parse_pairs, resolve
-from gru4rec.train.presets import PRESETS
-from gru4rec.train.trainer import train
 
 from gru4rec import checkpoint
 from gru4rec.errors import UserError
@@ -17,6 +13,10 @@ from gru4rec.evaluate import evaluate
 from gru4rec.items import ItemMap
 from gru4rec.metrics import metrics_from_ranks, target_ranks
 from gru4rec.synth import generate
+from gru4rec.train.dwell import boost
+from gru4rec.train.params import TrainConfig, parse_pairs, resolve
+from gru4rec.train.presets import PRESETS
+from gru4rec.train.trainer import train
 
 SMALL = dict(
     layers=[16],

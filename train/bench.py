@@ -27,13 +27,13 @@ def run_bench(
     data_dir: Path, out: Path, epochs: int, device: str, datasets: list[str], seed: int, pairs: list[str]
 ) -> dict:
     import torch
-    from gru4rec.train.params import resolve
-    from gru4rec.train.trainer import describe_device, resolve_device, train
     from rich.console import Console
 
     from gru4rec.data import read_events
     from gru4rec.evaluate import evaluate
     from gru4rec.io import write_text_atomic
+    from gru4rec.train.params import resolve
+    from gru4rec.train.trainer import describe_device, resolve_device, train
 
     console = Console(stderr=True)
     dev = resolve_device(device)

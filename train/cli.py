@@ -51,10 +51,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
         import torch
-        from gru4rec.train.params import resolve
-        from gru4rec.train.trainer import train
 
         from gru4rec.data import Keys, read_events
+        from gru4rec.train.params import resolve
+        from gru4rec.train.trainer import train
 
         overrides = {}
         if epochs is not None:

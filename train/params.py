@@ -7,16 +7,15 @@ wrong type, impossible value, contradictory combination) is a UserError naming t
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from gru4rec.errors import UserError
 from gru4rec.train.losses import LOSSES
 from gru4rec.train.presets import PRESETS
-
-from gru4rec.errors import UserError
 
 OPTIMIZERS = ("adagrad", "adam")
 

@@ -22,11 +22,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from gru4rec.train.dwell import boost
-from gru4rec.train.losses import row_loss_sum
-from gru4rec.train.optim import make_optimizer
-from gru4rec.train.params import TrainConfig, from_dict
-from gru4rec.train.sampler import SampleStore
 
 from gru4rec import checkpoint as ckpt_io
 from gru4rec.batching import Schedule, Sessions, make_schedule
@@ -34,6 +29,11 @@ from gru4rec.data import fingerprint, validate_events
 from gru4rec.errors import UserError
 from gru4rec.items import INDEX, ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
+from gru4rec.train.dwell import boost
+from gru4rec.train.losses import row_loss_sum
+from gru4rec.train.optim import make_optimizer
+from gru4rec.train.params import TrainConfig, from_dict
+from gru4rec.train.sampler import SampleStore
 
 SYNC_EVERY = 100  # steps between host syncs for the progress bar / NaN check
 WARMUP_STEPS = 3  # eager steps on a side stream before CUDA-graph capture (they are real steps)
