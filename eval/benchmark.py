@@ -174,27 +174,13 @@ def export_onnx(checkpoint: Path, out: Path, top_k: int = 20) -> Path:
 def score_onnx(
     onnx: Path, test: Path, cutoffs: tuple[int, ...], mode: str, batch_size: int
 ) -> tuple[dict, np.ndarray]:
-    """The score stage's report for `onnx` on `test`, plus the per-step latency samples (ms).
-
-    Same calls as `gru4rec.score.scorer.score`, but with our own LatencyRecorder so that the raw
-    step times (which the metrics JSON summarises as percentiles) can be plotted.
-    """
-    from gru4rec.bundle import load_bundle
+    """The score stage's report for `onnx` on `test`, plus the per-step latency samples (ms)."""
     from gru4rec.score.latency import LatencyRecorder
-    from gru4rec.score.ort_backend import OrtBackend
-    from gru4rec.score.scorer import ScoreConfig, score_source
-    from gru4rec.score.source import SessionSource
+    from gru4rec.score.scorer import ScoreConfig, score
 
-    cfg = ScoreConfig(cutoffs=cutoffs, tie_mode=mode, batch_size=batch_size)
     rec = LatencyRecorder()
-    with rec.phase("load"):
-        bundle = load_bundle(onnx)
-        cfg.check(bundle.n_items, bundle.top_k)
-        source = SessionSource(test, cfg.keys, cfg.chunk_events)
-        backend = OrtBackend(
-            bundle.eval_path, bundle.n_items, bundle.top_k, bundle.n_layers, bundle.hidden_size, "auto", False
-        )
-    report = score_source(backend, bundle.items, source, cfg, recorder=rec)
+    cfg = ScoreConfig(cutoffs=cutoffs, tie_mode=mode, batch_size=batch_size)
+    report = score(onnx, test, config=cfg, recorder=rec)
     steps = np.concatenate(rec.steps) * 1e3 if rec.steps else np.zeros(0)
     return report, steps
 

@@ -58,16 +58,7 @@ def run_bench(
     has_cuda = cuda_usable()
 
     def ort(provider: str, tf32: bool = False, cuda_graph: bool = False, bundle=bundle):
-        return lambda: OrtBackend(
-            bundle.eval_path,
-            bundle.n_items,
-            bundle.top_k,
-            bundle.n_layers,
-            bundle.hidden_size,
-            provider,
-            tf32,
-            cuda_graph=cuda_graph,
-        )
+        return lambda: OrtBackend.from_bundle(bundle, provider, tf32, cuda_graph=cuda_graph)
 
     def torch_eager(device: str):
         return lambda: TorchBackend(torch_model, bundle.top_k, device)

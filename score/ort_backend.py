@@ -194,6 +194,20 @@ class OrtBackend:
         self.batch: int | None = None
         self._graph_ids = 0  # ORT keeps every captured graph for the session's lifetime: never reuse an id
 
+    @classmethod
+    def from_bundle(cls, bundle, provider: str = "auto", tf32: bool = False, **options) -> OrtBackend:
+        """The evaluation graph of a loaded `gru4rec.bundle.ModelBundle`."""
+        return cls(
+            bundle.eval_path,
+            bundle.n_items,
+            bundle.top_k,
+            bundle.n_layers,
+            bundle.hidden_size,
+            provider,
+            tf32,
+            **options,
+        )
+
     # ----------------------------------------------------------------------------------------------
     def start(self, batch_size: int) -> None:
         """Capacity for `batch_size` rows; zero state. Buffers are reused when the capacity is unchanged."""

@@ -70,26 +70,21 @@ def score(
     provider: str = "auto",
     tf32: bool = False,
     progress: bool = False,
+    recorder: LatencyRecorder | None = None,
 ) -> dict:
-    """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict."""
+    """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict.
+
+    Pass a `recorder` to keep the raw per-step times (the JSON only holds percentiles)."""
     from gru4rec.bundle import load_bundle
     from gru4rec.score.ort_backend import OrtBackend
 
     cfg = config or ScoreConfig()
-    rec = LatencyRecorder()
+    rec = recorder if recorder is not None else LatencyRecorder()
     with rec.phase("load"):
         bundle = load_bundle(model)
         cfg.check(bundle.n_items, bundle.top_k)
         source = SessionSource(sessions, cfg.keys, cfg.chunk_events)
-        backend = OrtBackend(
-            bundle.eval_path,
-            bundle.n_items,
-            bundle.top_k,
-            bundle.n_layers,
-            bundle.hidden_size,
-            provider,
-            tf32,
-        )
+        backend = OrtBackend.from_bundle(bundle, provider, tf32)
     report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
     report["model"] = str(model)
     report["latency"]["tf32"] = backend.tf32
