@@ -6,7 +6,9 @@ checkpoint can never run code. Training state for `--resume` rides along under "
 
 from __future__ import annotations
 
+import pickle
 import platform
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +64,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise UserError(f"{path}: not a gru4rec checkpoint (not a PyTorch file, or truncated)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not a gru4rec checkpoint (holds objects other than plain data)") from None
     except Exception as e:
         raise UserError(
             f"{path}: not a readable gru4rec checkpoint ({str(e).splitlines()[0][:160]})"

@@ -129,7 +129,8 @@ def _renames(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
         if dst not in have and src in columns:
             renames[src] = dst
             have.add(dst)
-    missing = [src for src, dst in wanted.items() if dst not in have]
+    # a key the user named explicitly must exist, even if a canonical column of that role does
+    missing = [src for src, dst in wanted.items() if dst not in have or (src != dst and src not in columns)]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(columns)})")
     return renames

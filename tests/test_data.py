@@ -221,3 +221,11 @@ def test_real_process_exit_code_and_single_line(tmp_path, cli):
     proc = cli("data", "stats", path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"error: {path}: column 'item_id' has 1 null value(s)\n"
+
+
+def test_explicit_key_must_exist_even_when_canonical_column_does(tmp_path, run):
+    # --item-key names a column the file lacks; silently falling back to item_id would train on
+    # the wrong column, so it is an error
+    path = write(tmp_path / "e.parquet")
+    code, _, err = run("data", "stats", path, "--item-key", "product")
+    assert code == 2 and err.count("\n") == 1 and "missing column(s) product" in err
