@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from gru4rec.errors import UserError
+from gru4rec.provenance import git_commit
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DIGINETICA = SHARED_DATA / "diginetica"
@@ -121,7 +121,7 @@ def run_bench(
             "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],  # shared machines: context
         },
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "data": data_desc,
         "model": model_desc,
         "runs": runs,
@@ -368,16 +368,3 @@ def _versions() -> dict:
         "polars": pl.__version__,
         "numpy": np.__version__,
     }
-
-
-def _commit() -> str | None:
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except Exception:
-        return None

@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 PRESET_OF = {"rsc15_100k": "rsc15", "diginetica": "diginetica"}
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def run_bench(
@@ -32,6 +18,7 @@ def run_bench(
     from gru4rec.data import read_events
     from gru4rec.evaluate import evaluate
     from gru4rec.io import write_text_atomic
+    from gru4rec.provenance import git_commit
     from gru4rec.train.params import resolve
     from gru4rec.train.trainer import describe_device, resolve_device, train
 
@@ -92,7 +79,7 @@ def run_bench(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "seed": seed,
         "runs": runs,
     }
