@@ -57,8 +57,10 @@ def run_bench(
         online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
     has_cuda = cuda_usable()
 
-    def ort(provider: str, tf32: bool = False, cuda_graph: bool = False, bundle=bundle):
-        return lambda: OrtBackend.from_bundle(bundle, provider, tf32, cuda_graph=cuda_graph)
+    def ort(provider: str, tf32: bool = False, cuda_graph: bool = False, bundle=bundle, with_topk=True):
+        return lambda: OrtBackend.from_bundle(
+            bundle, provider, tf32, cuda_graph=cuda_graph, with_topk=with_topk
+        )
 
     def torch_eager(device: str):
         return lambda: TorchBackend(torch_model, bundle.top_k, device)
@@ -68,6 +70,7 @@ def run_bench(
     ]
     if torch_model is not None:
         plan.append(("torch eager CPU", torch_eager("cpu"), batch_size, "batch", sessions))
+    plan.append(("ORT CPU EP ranks-only", ort("cpu", with_topk=False), batch_size, "batch", sessions))
     plan.append(("ORT CPU EP online", ort("cpu"), 1, "online", online_path))
     if has_cuda:
         plan += [(f"ORT CUDA EP b{b}", ort("cuda"), b, "batch", sessions) for b in GPU_BATCHES]
@@ -82,6 +85,28 @@ def run_bench(
                     (
                         f"ORT CUDA EP b{b} tf32 cuda-graph {tag}",
                         ort("cuda", True, True, fast),
+                        b,
+                        "batch",
+                        sessions,
+                    )
+                )
+        # metrics only (what `score` runs without --out): no TopK node in the graph
+        plan.append(("ORT CUDA EP b1024 ranks-only", ort("cuda", with_topk=False), 1024, "batch", sessions))
+        plan.append(
+            (
+                "ORT CUDA EP b1024 tf32 cuda-graph ranks-only",
+                ort("cuda", True, True, with_topk=False),
+                1024,
+                "batch",
+                sessions,
+            )
+        )
+        if ckpt_path is not None:
+            for b in (1024, 4096):
+                plan.append(
+                    (
+                        f"ORT CUDA EP b{b} tf32 cuda-graph {tag} ranks-only",
+                        ort("cuda", True, True, fast, with_topk=False),
                         b,
                         "batch",
                         sessions,

@@ -73,8 +73,11 @@ def resolve_provider(provider: str) -> str:
     return "cpu"
 
 
-def scoring_graph(model):
+def scoring_graph(model, with_topk: bool = True):
     """The eval graph wrapped for replay: one packed int64 input `step_in` [4, b] and a `counts` output.
+
+    Without top-k (metrics only, no recommendations written) the TopK branch is cut out of the
+    graph: ranks need only the counts, and TopK over the [b, N] scores is the most expensive node.
 
     step_in rows: item_idx, target_idx, src_rows, keep (0/1). In front of the exported graph:
     hidden = Gather(hidden_prev [L, b_prev, H], src_rows, axis=1) * keep, so a step moves each
@@ -124,7 +127,25 @@ def scoring_graph(model):
     for i, node in enumerate(front):
         graph.node.insert(i, node)
     graph.node.extend(back)
+    if not with_topk:
+        _drop_outputs(graph, {"topk_idx", "topk_scores"})
     return model
+
+
+def _drop_outputs(graph, names: set[str]) -> None:
+    """Remove graph outputs, then every node nothing needs any more (walking back from the end)."""
+    for out in [o for o in graph.output if o.name in names]:
+        graph.output.remove(out)
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    for init in [i for i in graph.initializer if i.name not in needed]:
+        graph.initializer.remove(init)
 
 
 def gpu_name() -> str:
@@ -151,8 +172,11 @@ class OrtBackend:
         threads: int = 0,
         cuda_graph: bool = False,
         io_binding: bool | None = None,
+        with_topk: bool = True,
     ):
-        """`io_binding` defaults to on for CUDA, off for CPU (forcing it on CPU tests the same path)."""
+        """`io_binding` defaults to on for CUDA, off for CPU (forcing it on CPU tests the same path).
+
+        `with_topk=False` builds a ranks-only graph (metrics without recommendations)."""
         import onnx
         import onnxruntime as ort
 
@@ -162,7 +186,7 @@ class OrtBackend:
         self.n_items, self.top_k = int(n_items), int(top_k)
         self.n_layers, self.hidden_size = int(n_layers), int(hidden_size)
         try:
-            model = scoring_graph(onnx.load(str(eval_path)))
+            model = scoring_graph(onnx.load(str(eval_path)), with_topk)
         except UserError:
             raise
         except Exception as e:
@@ -193,6 +217,7 @@ class OrtBackend:
         self.ort_device = "cuda" if self.kind == "cuda" else "cpu"
         self.batch: int | None = None
         self._graph_ids = 0  # ORT keeps every captured graph for the session's lifetime: never reuse an id
+        self.with_topk = bool(with_topk)
 
     @classmethod
     def from_bundle(cls, bundle, provider: str = "auto", tf32: bool = False, **options) -> OrtBackend:
@@ -257,8 +282,9 @@ class OrtBackend:
             io.bind_input("hidden_prev", dev, 0, np.float32, [L, b_prev, H], src.data_ptr())
             io.bind_output("hidden_out", dev, 0, np.float32, [L, b, H], dst.data_ptr())
             io.bind_output("counts", dev, 0, np.int64, [2, b], self._counts.data_ptr())
-            io.bind_output("topk_idx", dev, 0, np.int64, [b, K], self._topk_idx.data_ptr())
-            io.bind_output("topk_scores", dev, 0, np.float32, [b, K], self._topk_scores.data_ptr())
+            if self.with_topk:
+                io.bind_output("topk_idx", dev, 0, np.int64, [b, K], self._topk_idx.data_ptr())
+                io.bind_output("topk_scores", dev, 0, np.float32, [b, K], self._topk_scores.data_ptr())
             ro = ort.RunOptions()
             if self.cuda_graph:  # one graph per (shape, buffer) combination: its addresses are fixed
                 self._graph_ids += 1
@@ -274,6 +300,8 @@ class OrtBackend:
         reset_mask: np.ndarray,
         fetch_topk: bool,
     ) -> StepOutput:
+        if fetch_topk and not self.with_topk:
+            raise ValueError("this backend was built without top-k (with_topk=False)")
         b = len(item_idx)
         flat = self._stage  # rows item, target, src, keep of this step, packed at the front
         for r, values in enumerate((item_idx, target_idx, src_rows, ~reset_mask)):

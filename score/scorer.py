@@ -84,7 +84,7 @@ def score(
         bundle = load_bundle(model)
         cfg.check(bundle.n_items, bundle.top_k)
         source = SessionSource(sessions, cfg.keys, cfg.chunk_events)
-        backend = OrtBackend.from_bundle(bundle, provider, tf32)
+        backend = OrtBackend.from_bundle(bundle, provider, tf32, with_topk=out is not None)
     report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
     report["model"] = str(model)
     report["latency"]["tf32"] = backend.tf32

@@ -131,6 +131,25 @@ def test_io_binding_path_on_cpu_matches_reference(tiny, tiny_reference, tmp_path
 
 
 @pytest.mark.parametrize("io_binding", [False, True])
+def test_ranks_only_graph_has_no_topk_and_matches_reference(tiny, tiny_reference, io_binding):
+    """Metrics without recommendations: the TopK branch is cut from the graph, the ranks stay exact."""
+    import onnx
+
+    from gru4rec.score.ort_backend import scoring_graph
+
+    b = load_bundle(tiny["onnx"])
+    pruned = scoring_graph(onnx.load(str(b.eval_path)), with_topk=False)
+    assert "TopK" not in {n.op_type for n in pruned.graph.node}
+    assert not {"topk_idx", "topk_scores"} & {o.name for o in pruned.graph.output}
+    onnx.checker.check_model(pruned)
+    backend = OrtBackend.from_bundle(b, "cpu", io_binding=io_binding, with_topk=False)
+    report = score_source(backend, b.items, SessionSource(tiny["sessions"]), ScoreConfig(batch_size=24))
+    assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, "standard"))
+    with pytest.raises(ValueError):
+        backend.step(*(np.zeros(1, np.int64),) * 3, np.ones(1, bool), True)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
 def test_ort_moves_state_rows_when_the_batch_shrinks(tiny, tmp_path, io_binding):
     # batch 2, lengths 4, 3, 3: the last step's only row continues the session that was in row 1
     events = pl.DataFrame(
