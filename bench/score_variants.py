@@ -214,20 +214,10 @@ def torch_split(
     """Milliseconds of each piece of a step in torch on the same GPU (CUDA events): where time goes."""
     import torch
 
-    def ms(fn, repeats: int = 20) -> float:
-        fn()
-        if dev != "cuda":
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            return (time.perf_counter() - t0) * 1e3 / repeats
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+    from gru4rec.score.bench import time_ms
+
+    def ms(fn) -> float:
+        return time_ms(fn, dev, repeats=20)
 
     x = torch.randn(batch, hidden, device=dev)
     w = torch.randn(n_items, hidden, device=dev) / hidden**0.5

@@ -196,7 +196,9 @@ def _timed_run(label: str, backend, items, sessions: Path, batch: int, mode: str
 
 
 def _warm_up(backend, batch: int, steps: int = 3) -> None:
-    """First runs allocate arenas and pick kernels: keep them out of the timings."""
+    """First runs allocate arenas and pick kernels: keep them out of the timings.
+
+    No top-k is fetched, as in the timed runs (metrics only), so ranks-only backends warm up too."""
     rng = np.random.default_rng(0)
     backend.start(batch)
     for _ in range(steps):
@@ -206,7 +208,7 @@ def _warm_up(backend, batch: int, steps: int = 3) -> None:
             x,
             np.zeros(batch, dtype=np.int64),
             np.ones(batch, dtype=bool),
-            getattr(backend, "with_topk", True),
+            False,
         )
 
 
@@ -249,17 +251,25 @@ def _roofline(n_items: int, hidden: int, n_layers: int, batch: int, runs: list[d
     }
 
 
-def _cuda_seconds(fn, repeats: int = 10) -> float:
+def time_ms(fn, device: str = "cuda", repeats: int = 10) -> float:
+    """Mean milliseconds per call after one warm-up call; CUDA events on the GPU, a host clock elsewhere."""
+    import time
+
     import torch
 
-    fn()  # warm-up
+    fn()
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / repeats
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
         fn()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
+    return start.elapsed_time(end) / repeats
 
 
 def _matmul_rate(tf32: bool, n: int = 8192) -> float:
@@ -270,7 +280,7 @@ def _matmul_rate(tf32: bool, n: int = 8192) -> float:
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        return 2 * n**3 / _cuda_seconds(lambda: a @ a)
+        return 2 * n**3 / (time_ms(lambda: a @ a) / 1e3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -281,7 +291,7 @@ def _copy_bandwidth(n_bytes: int = 2**30) -> float:
 
     src = torch.empty(n_bytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * n_bytes / _cuda_seconds(lambda: dst.copy_(src))
+    return 2 * n_bytes / (time_ms(lambda: dst.copy_(src)) / 1e3)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
