@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import platform
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from gru4rec.data import read_events
 from gru4rec.errors import UserError
 from gru4rec.eval import baselines
 from gru4rec.eval.baselines.base import evaluate, prepare_test, prepare_train
+from gru4rec.io import read_toml as io_read_toml
 from gru4rec.io import write_text_atomic
 from gru4rec.metrics import TIE_MODES
 
@@ -112,13 +112,7 @@ def load_config(path: str | Path) -> BenchmarkConfig:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    return io_read_toml(path, "config file")
 
 
 def _dataset(d: dict, path) -> DatasetSpec:

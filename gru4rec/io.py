@@ -35,3 +35,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_parquet_atomic(df, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.write_parquet(tmp)
+
+
+def read_toml(path: str | os.PathLike, what: str = "file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is a UserError naming `what` it is."""
+    import tomllib
+
+    from gru4rec.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None

@@ -7,13 +7,13 @@ wrong type, impossible value, contradictory combination) is a UserError naming t
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gru4rec.errors import UserError
+from gru4rec.io import read_toml as io_read_toml
 from gru4rec.train.losses import LOSSES
 from gru4rec.train.presets import PRESETS
 
@@ -165,12 +165,7 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: params file not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    raw = io_read_toml(path, "params file")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         _check_key(key, str(path))
