@@ -203,10 +203,12 @@ def export_bundle(
     )
     report = None
     with contextlib.ExitStack() as stack:
-        # Entered sidecar first so that, on exit (reverse order), the serving graph is renamed last.
-        tmp_side = stack.enter_context(atomic_path(sidecar_out))
-        tmp_eval = stack.enter_context(atomic_path(eval_out))
+        # ExitStack renames in reverse order of entry: sidecar, then eval graph, then the serving graph
+        # last, so a crash in between leaves an old serving graph that load_bundle refuses to pair
+        # with the new companions (export ids differ) instead of a silently mixed set.
         tmp_onnx = stack.enter_context(atomic_path(out))
+        tmp_eval = stack.enter_context(atomic_path(eval_out))
+        tmp_side = stack.enter_context(atomic_path(sidecar_out))
         sidecar_frame(ckpt.items).write_parquet(
             tmp_side, metadata={SIDECAR_KEY: meta["items_sha256"], SIDECAR_EXPORT_KEY: export_id}
         )

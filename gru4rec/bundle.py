@@ -180,6 +180,10 @@ def load_bundle(onnx_path: str | Path) -> ModelBundle:
             f"{sidecar}: item map does not match {onnx_path} (items_sha256 {digest[:12]} vs "
             f"{meta['items_sha256'][:12]}, {len(items)} vs {meta['n_items']} items); re-export the model"
         )
+    if kv.get(SIDECAR_EXPORT_KEY) != meta["export_id"]:
+        raise UserError(
+            f"{sidecar}: item-map sidecar does not belong to {onnx_path} (different export); re-export"
+        )
     return ModelBundle(
         onnx_path=onnx_path,
         eval_path=eval_path,

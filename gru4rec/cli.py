@@ -1,7 +1,7 @@
 """`gru4rec-cli`: one typer app; each stage registers its own commands from its own module.
 
-User errors (`UserError`) become one line on stderr and exit code 2; typer's own usage errors
-also exit 2. Exit 1 is reserved for checks that ran and failed (a regression, a failed parity
+User errors (`UserError`), usage errors (unknown option, bad value) and OS errors (unwritable path,
+disk full) become one `error:` line on stderr and exit code 2. Exit 1 is reserved for checks that ran and failed (a regression, a failed parity
 verification); anything else is a bug and shows its traceback.
 """
 
@@ -47,10 +47,21 @@ _register_all()
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
+        status = app(args=argv, standalone_mode=False)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        _fail(str(e))
+    except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # typer/click usage errors
+            _fail(f"{e.format_message()} (see --help)", e.exit_code)
+        raise
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def scan_events(path: str | Path, keys: Keys = Keys()) -> pl.LazyFrame:
         raise
     except Exception as e:  # polars raises many types for unreadable files
         raise UserError(f"{path}: cannot read file ({_first_line(e)})") from None
-    return lf.rename(_renames(columns, keys, path))
+    sources = _key_columns(columns, keys, path)
+    return lf.select(pl.col(src).alias(dst) for dst, src in sources.items())
 
 
 def read_events(path: str | Path, keys: Keys = Keys()) -> pl.DataFrame:
@@ -121,19 +122,27 @@ def fingerprint(df: pl.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def _renames(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
-    wanted = {keys.session: SESSION, keys.item: ITEM, keys.time: TIME}
-    renames = {src: dst for src, dst in wanted.items() if src in columns and src != dst}
-    have = {renames.get(c, c) for c in columns}
-    for src, dst in OFFICIAL_KEYS.items():  # official TSV headers work without options
-        if dst not in have and src in columns:
-            renames[src] = dst
-            have.add(dst)
-    # a key the user named explicitly must exist, even if a canonical column of that role does
-    missing = [src for src, dst in wanted.items() if dst not in have or (src != dst and src not in columns)]
+def _key_columns(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
+    """Canonical name -> the file's column that holds it. An explicitly named key must exist; the
+    defaults fall back to the official SessionId/ItemId/Time headers."""
+    named = {SESSION: keys.session, ITEM: keys.item, TIME: keys.time}
+    if len(set(named.values())) < 3:
+        raise UserError(
+            f"--session-key, --item-key and --time-key must name three different columns "
+            f"(got {keys.session!r}, {keys.item!r}, {keys.time!r})"
+        )
+    official = {dst: src for src, dst in OFFICIAL_KEYS.items()}
+    sources, missing = {}, []
+    for dst, src in named.items():
+        if src in columns:
+            sources[dst] = src
+        elif src == dst and official[dst] in columns:
+            sources[dst] = official[dst]
+        else:
+            missing.append(src)
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(columns)})")
-    return renames
+    return sources
 
 
 def _first_line(e: Exception) -> str:

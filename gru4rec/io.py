@@ -8,13 +8,51 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from gru4rec.errors import UserError
+
+
+def _cannot(path: Path, e: OSError) -> UserError:
+    return UserError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def check_output_file(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
+    """Refuse, before any work is done, an output path that cannot become a regular file: an
+    existing directory or device, a parent that is a file, an unwritable folder, or one of `inputs`."""
+    path = Path(path)
+    if path.is_symlink():  # write through a link to a file rather than replace the link itself
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise UserError(f"{path}: output path is {kind}")
+    for other in inputs:
+        if other is not None and path.resolve() == Path(other).resolve():
+            raise UserError(f"{path}: output would overwrite an input file")
+    check_output_dir(path.parent)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create the folder `path` (and parents) now; refuse one that cannot be written into."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path}: output folder path is an existing file") from None
+    except OSError as e:
+        raise _cannot(path, e) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: output folder is not writable")
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = check_output_file(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot(path, e) from None
     os.close(fd)
     umask = os.umask(0)  # mkstemp makes 0600 files; give the final file the usual permissions
     os.umask(umask)
@@ -22,7 +60,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as e:
+            raise _cannot(path, e) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -40,8 +81,6 @@ def write_parquet_atomic(df, path: str | os.PathLike) -> None:
 def read_toml(path: str | os.PathLike, what: str = "file") -> dict:
     """A TOML file as a dict; a missing or malformed file is a UserError naming `what` it is."""
     import tomllib
-
-    from gru4rec.errors import UserError
 
     path = Path(path)
     if not path.is_file():

@@ -38,13 +38,15 @@ def register(app: typer.Typer) -> None:
         k: int | None = typer.Option(
             None,
             "--k",
-            help="Recommendations per event in --out: at most the model's exported top-k [default: 20, or that top-k if smaller].",
+            help="Recommendations per event in --out: at most the model's exported top-k \\[default: 20, or that top-k if smaller].",
         ),
         cutoffs: str = typer.Option(
             "1,5,10,20", "--cutoffs", help="Comma-separated cut-offs for Recall@k and MRR@k."
         ),
         tie_mode: str = typer.Option(
-            "standard", "--tie-mode", help="Rank ties: standard | conservative | median (spec §7)."
+            "standard",
+            "--tie-mode",
+            help="Rank of a target tied with other items: standard (1 + items scored higher) | conservative (ties rank above the target) | median (half the ties above).",
         ),
         batch_size: int = typer.Option(
             1024, "--batch-size", help="Sessions replayed in parallel (batch mode)."
@@ -110,9 +112,16 @@ def print_report(report: dict) -> None:
         f"{m['n']:,} predictions in {report['n_scored_sessions']:,} sessions, tie mode {report['tie_mode']}"
     )
     console.print(table)
-    if report["n_unknown_dropped"]:
-        console.print(
-            f"dropped {report['n_unknown_dropped']:,} event(s) of items unknown to the model (spec §7)"
+    if report["n_skipped_sessions"]:
+        console.print(f"skipped {report['n_skipped_sessions']:,} session(s) with fewer than 2 known events")
+    dropped = report["n_unknown_dropped"]
+    if dropped:
+        console.print(f"dropped {dropped:,} event(s) of items unknown to the model")
+    if dropped > report["n_events"] / 2:
+        typer.echo(
+            f"warning: {dropped / report['n_events']:.0%} of the events are of items the model does not know: "
+            "is this the model trained for this data?",
+            err=True,
         )
     console.print(lat)
 

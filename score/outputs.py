@@ -20,7 +20,7 @@ from gru4rec.io import atomic_path, write_text_atomic
 from gru4rec.items import ItemMap
 from gru4rec.score.replay import ChunkResult
 
-# One row per scored event. `position` is the 0-based position of the input event in its session
+# One row per scored event, sorted by (session_id, position). `position` is the 0-based position of the input event in its session
 # (after unknown items are dropped); `rank` is the target's rank under the run's tie mode.
 RECS_SCHEMA = {
     SESSION: pl.Int64,
@@ -48,7 +48,7 @@ def recs_frame(result: ChunkResult, items: ItemMap, ranks: np.ndarray, k: int) -
             "rec_scores": pl.Series(top_scores, dtype=pl.Array(pl.Float32, k)).cast(pl.List(pl.Float32)),
         },
         schema=RECS_SCHEMA,
-    )
+    ).sort(SESSION, "position")  # replay order interleaves sessions; chunks come in session-id order
 
 
 class RecsWriter:

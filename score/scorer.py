@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gru4rec.bundle import companion_paths
 from gru4rec.data import Keys
 from gru4rec.errors import UserError
 from gru4rec.items import ItemMap
@@ -79,6 +80,7 @@ def score(
     from gru4rec.score.ort_backend import OrtBackend
 
     cfg = config or ScoreConfig()
+    check_outputs(model, sessions, out, metrics, cfg)
     rec = recorder if recorder is not None else LatencyRecorder()
     with rec.phase("load"):
         bundle = load_bundle(model)
@@ -91,6 +93,22 @@ def score(
     if metrics is not None:
         write_metrics_json(metrics, report)
     return report
+
+
+def check_outputs(model, sessions, out, metrics, cfg: ScoreConfig) -> None:
+    """Refuse unusable output paths before the (possibly long) scoring run, not after it."""
+    from gru4rec.io import check_output_file
+
+    if out is None and cfg.k is not None:
+        raise UserError("--k sets the recommendations per event written to --out; add --out")
+    if out is not None and Path(out).suffix.lower() not in (".parquet", ".pq"):
+        raise UserError(f"--out {out}: recommendations are written as Parquet; name a .parquet file")
+    if out is not None and metrics is not None and Path(out).resolve() == Path(metrics).resolve():
+        raise UserError("--out and --metrics name the same file")
+    model_files = (model, *companion_paths(model))
+    for path in (out, metrics):
+        if path is not None:
+            check_output_file(path, inputs=(sessions, *model_files))
 
 
 def score_source(
@@ -145,6 +163,9 @@ def score_source(
         "n_events": source.stats.n_events,
         "n_sessions": source.stats.n_sessions,
         "n_scored_sessions": n_scored_sessions,
+        # sessions left with fewer than 2 events (from the start, or once unknown items are dropped)
+        "n_skipped_sessions": source.stats.n_sessions - n_scored_sessions,
+        "n_predictions": acc.n,
         "n_unknown_dropped": n_dropped,
         "latency": rec.report(
             acc.n,

@@ -34,7 +34,7 @@ class SessionSource:
 
     def __init__(self, path: str | Path, keys: Keys = Keys(), chunk_events: int = DEFAULT_CHUNK_EVENTS):
         if chunk_events < 1:
-            raise UserError(f"chunk size must be positive, got {chunk_events}")
+            raise UserError(f"--chunk-events must be at least 1, got {chunk_events}")
         self.path = Path(path)
         self.lf = scan_events(self.path, keys).select(SESSION, ITEM, TIME)
         self._check_sample_and_nulls()

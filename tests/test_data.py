@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from gru4rec.data import Keys, fingerprint, read_events, session_lengths
+from gru4rec.errors import UserError
 
 ROWS = [  # (session, item, time) in file order: unsorted, with a time tie inside session 2
     (2, 20, 5.0),
@@ -79,6 +80,16 @@ def test_official_tsv_headers_and_key_renames(tmp_path):
     p = tmp_path / "extra.parquet"
     pl.DataFrame({"SessionId": [1, 1], "x": ["a", "b"], "item": [3, 4], "Time": [2, 1]}).write_parquet(p)
     assert tuples(read_events(p, Keys(item="item"))) == [(1, 4, 1.0), (1, 3, 2.0)]
+
+
+def test_keys_may_swap_canonical_names_but_not_share_a_column(tmp_path):
+    p = tmp_path / "swapped.parquet"  # a file whose "item_id" column holds sessions, and vice versa
+    pl.DataFrame({"item_id": [7, 7, 8, 8], "session_id": [1, 2, 3, 4], "time": [2, 1, 1, 2]}).write_parquet(p)
+    df = read_events(p, Keys(session="item_id", item="session_id"))
+    assert tuples(df) == [(7, 2, 1.0), (7, 1, 2.0), (8, 3, 1.0), (8, 4, 2.0)]
+    for keys in (Keys(session="item_id"), Keys(item="time"), Keys(session="x", item="x")):
+        with pytest.raises(UserError, match="three different columns"):
+            read_events(p, keys)
 
 
 def test_cli_key_options_reach_the_reader(tmp_path, run):

@@ -260,6 +260,14 @@ def test_load_bundle_refuses_mismatched_or_broken_files(exported, tmp_path):
     )
     with pytest.raises(UserError, match="checksum"):
         load_bundle(m)
+    m = copy_a("same_items_other_export")  # e.g. an overwrite that crashed between the renames
+    kv = pl.read_parquet_metadata(side_a)
+    assert kv["gru4rec.export_id"] == scan_metadata_props(a.onnx_path.read_bytes())["export_id"]
+    pl.read_parquet(side_a).write_parquet(
+        companion_paths(m)[1], metadata={**kv, "gru4rec.export_id": "0" * 32}
+    )
+    with pytest.raises(UserError, match="different export"):
+        load_bundle(m)
     m = copy_a("foreign_eval")
     shutil.copy(b.eval_path, companion_paths(m)[0])
     with pytest.raises(UserError, match="does not belong"):

@@ -93,7 +93,9 @@ def test_recs_parquet_matches_reference(tiny, tiny_reference, tmp_path):
         "rec_item_ids",
         "rec_scores",
     ]
-    assert recs.height == len(tiny_reference) == report["metrics"]["n"]
+    assert recs.height == len(tiny_reference) == report["metrics"]["n"] == report["n_predictions"]
+    keys = list(zip(recs["session_id"].to_list(), recs["position"].to_list(), strict=True))
+    assert keys == sorted(keys)  # rows come sorted by session, then position
     assert set(zip(recs["session_id"].to_list(), recs["position"].to_list(), strict=True)) == set(
         tiny_reference
     )
@@ -188,6 +190,12 @@ def test_unknown_items_dropped_through_ort(tiny, tmp_path):
     events.write_parquet(path)
     report = score(tiny["onnx"], path, config=ScoreConfig(batch_size=8), provider="cpu")
     assert report["n_unknown_dropped"] == int((events["item_id"] >= 1000 + N_ITEMS).sum()) > 0
+    known_lengths = {}
+    for sid, item in zip(events["session_id"].to_list(), events["item_id"].to_list(), strict=True):
+        known_lengths[sid] = known_lengths.get(sid, 0) + (item < 1000 + N_ITEMS)
+    skipped = sum(n < 2 for n in known_lengths.values())
+    assert report["n_skipped_sessions"] == skipped > 0
+    assert report["n_scored_sessions"] + skipped == report["n_sessions"] == len(known_lengths)
     assert_metrics_equal(
         report["metrics"], reference_metrics(brute_force_counts(tiny["model"], IDS, events), "standard")
     )
@@ -232,6 +240,8 @@ def _bad_inputs(tiny, tmp_path):
         bad / "m.items.parquet"
     )
     s = tiny["sessions"]
+    folder = tmp_path / "folder.parquet"
+    folder.mkdir()
     return {
         "zero-byte file": (["--sessions", tmp_path / "zero.parquet"], "empty"),
         "header only": (["--sessions", tmp_path / "header_only.parquet"], "no events"),
@@ -239,7 +249,16 @@ def _bad_inputs(tiny, tmp_path):
         "one-event sessions": (["--sessions", tmp_path / "singles.parquet"], "single event"),
         "all items unknown": (["--sessions", tmp_path / "unknown.parquet"], "unknown"),
         "sidecar mismatch": (["--sessions", s, "--model", bad / "m.onnx"], "sidecar"),
-        "k above top-k": (["--sessions", s, "--k", str(TOP_K + 1)], "top-k"),
+        "k above top-k": (
+            ["--sessions", s, "--k", str(TOP_K + 1), "--out", tmp_path / "never.parquet"],
+            "top-k",
+        ),
+        "k without --out": (["--sessions", s, "--k", "5"], "add --out"),
+        "out is a folder": (["--sessions", s, "--out", folder], "directory"),
+        "out parent is a file": (["--sessions", s, "--out", tmp_path / "zero.parquet" / "r.parquet"], "file"),
+        "out overwrites the input": (["--sessions", s, "--out", s], "overwrite an input"),
+        "out is the metrics file": (["--sessions", s, "--out", tmp_path / "never.json"], "Parquet"),
+        "keys name one column": (["--sessions", s, "--session-key", "item_id"], "three different"),
         "cutoff above catalog": (["--sessions", s, "--cutoffs", f"5,{N_ITEMS + 1}"], "catalog"),
         "bad tie mode": (["--sessions", s, "--tie-mode", "random"], "tie-mode"),
     }
@@ -265,12 +284,20 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(capsys, tiny, tmp_path):
         assert code == 2, (case, err)
         assert len(lines) == 1 and lines[0].startswith("error: "), (case, err)
         assert needle in lines[0], (case, lines[0])
-        assert not (tmp_path / "never.json").exists()
+        assert not (tmp_path / "never.json").exists() and not (tmp_path / "never.parquet").exists()
+        assert pl.read_parquet(tiny["sessions"]).height > 0, case  # the input is never overwritten
 
 
 def test_cli_user_error_in_a_real_process(cli, tiny):
-    proc = cli("score", "--model", tiny["onnx"], "--sessions", tiny["sessions"], "--k", "0")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --k 0") and proc.stderr.count("\n") == 1
+    base = ("score", "--model", tiny["onnx"], "--sessions", tiny["sessions"])
+    for extra, start in (
+        (("--tie-mode", "x"), "error: --tie-mode"),
+        (("--batch-size", "x"), "error: Invalid"),
+    ):
+        proc = cli(*base, *extra)
+        assert proc.returncode == 2 and proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, (
+            proc.stderr
+        )
 
 
 def test_provider_cuda_without_cuda_is_an_error(capsys, tiny):
