@@ -1,7 +1,7 @@
 """`gru4rec-cli`: one typer app; each stage registers its own commands from its own module.
 
-User errors (`UserError`), usage errors (unknown option, bad value) and OS errors (unwritable path,
-disk full) become one `error:` line on stderr and exit code 2. Exit 1 is reserved for checks that ran and failed (a regression, a failed parity
+User errors (`UserError`), usage errors (unknown option, bad value), OS errors (unwritable path,
+disk full) and running out of memory become one `error:` line on stderr and exit code 2. Exit 1 is reserved for checks that ran and failed (a regression, a failed parity
 verification); anything else is a bug and shows its traceback.
 """
 
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
         _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except MemoryError:
+        _fail("out of memory: use smaller data, batch or layer sizes")
+    except RuntimeError as e:  # torch reports allocation failures (CPU and CUDA) as RuntimeError
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        _fail(f"out of memory: use smaller data, batch or layer sizes ({str(e).splitlines()[0][:160]})")
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # typer/click usage errors
             _fail(f"{e.format_message()} (see --help)", e.exit_code)

@@ -141,7 +141,9 @@ def _key_columns(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
         else:
             missing.append(src)
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(columns)})")
+        have = ", ".join(columns)
+        have = have if len(have) <= 200 else have[:200] + "..."  # a binary file has one huge "column"
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (have: {have})")
     return sources
 
 

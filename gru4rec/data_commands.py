@@ -27,20 +27,26 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
 
+SPLIT_FILES = ("train_full", "test", "train_tr", "train_valid")  # what split and prepare-rsc15 write
+
+
 @data_app.command()
 def synth(
     outdir: Annotated[
         Path, typer.Argument(metavar="OUTDIR", help="Folder to write train.parquet and test.parquet into.")
     ],
     sessions: Annotated[
-        int, typer.Option(help="Number of sessions to generate (before the test filter).")
+        int,
+        typer.Option(help="Number of sessions to generate (before the test filter); 10 to 10,000,000."),
     ] = 20000,
-    items: Annotated[int, typer.Option(help="Number of distinct items.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 7,
+    items: Annotated[int, typer.Option(help="Number of distinct items; 10 to 1,000,000.")] = 2000,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: same seed, same files.")] = 7,
 ) -> None:
     """Generate seeded synthetic sessions (Zipf items, persistent session intents, transitions)."""
+    from gru4rec.io import check_output_dir
     from gru4rec.synth import generate
 
+    check_output_dir(outdir)
     train, test = generate(sessions, items, seed)
     _write(outdir, {"train": train, "test": test})
 
@@ -61,15 +67,17 @@ def prepare_rsc15(
     ],
 ) -> None:
     """The RSC15 protocol of the GRU4Rec papers: filters, last-day test split, train_tr/train_valid."""
+    from gru4rec.io import check_output_dir
     from gru4rec.prepare import read_rsc15_clicks, rsc15_protocol
 
+    check_output_dir(outdir)
     with _Steps(3) as step:
         step("reading raw clicks")
         events = read_rsc15_clicks(raw_clicks)
         step(f"filtering and splitting {events.height:,} clicks")
         frames = rsc15_protocol(events)
         step("writing")
-        _write(outdir, frames, title="RSC15 protocol")
+        _write(outdir, frames, title="RSC15 protocol", owned=SPLIT_FILES)
 
 
 @data_app.command()
@@ -113,18 +121,20 @@ def split(
 ) -> None:
     """Time split of your own click log: filters, whole-session test split, unseen test items removed."""
     from gru4rec.data import read_events
+    from gru4rec.io import check_output_dir
     from gru4rec.prepare import SplitConfig, split_events
 
     if test_days is None and test_fraction is None:
         test_days = 1.0
     cfg = SplitConfig(test_days, test_fraction, min_item_support, min_session_length, dedup, valid)
+    check_output_dir(outdir)
     with _Steps(3) as step:
         step("reading events")
         events = read_events(events_file, Keys(session_key, item_key, time_key))
         step(f"filtering and splitting {events.height:,} events")
         frames = split_events(events, cfg)
         step("writing")
-        _write(outdir, frames, title="split")
+        _write(outdir, frames, title="split", owned=SPLIT_FILES)
 
 
 @data_app.command()
@@ -141,9 +151,11 @@ def stats(
     from rich.console import Console
 
     from gru4rec.data import read_events
-    from gru4rec.io import write_text_atomic
+    from gru4rec.io import check_output_file, write_text_atomic
     from gru4rec.stats import dataset_stats, histogram_table, stats_table
 
+    if json_out is not None:
+        check_output_file(json_out, inputs=(file,))
     s = dataset_stats(read_events(file, Keys(session_key, item_key, time_key)))
     console = Console()
     console.print(stats_table({file.name: s}, title=str(file)))
@@ -152,23 +164,24 @@ def stats(
         write_text_atomic(json_out, json.dumps({"file": str(file), **s}, indent=2) + "\n")
 
 
-def _write(outdir: Path, frames: dict, title: str = "dataset statistics") -> None:
-    """Each frame as OUTDIR/<name>.parquet, their statistics as stats.json and stats.md; print the table."""
+def _write(outdir: Path, frames: dict, title: str = "dataset statistics", owned: tuple = ()) -> None:
+    """Each frame as OUTDIR/<name>.parquet, their statistics as stats.json and stats.md; print the table.
+
+    Files of an earlier run named in `owned` but not written now are removed, so the folder never
+    mixes two runs (stats.json lists exactly the Parquet files beside it)."""
     from rich.console import Console
 
     from gru4rec.io import write_parquet_atomic, write_text_atomic
     from gru4rec.stats import dataset_stats, stats_table
 
-    if outdir.exists() and not outdir.is_dir():
-        from gru4rec.errors import UserError
-
-        raise UserError(f"{outdir}: exists and is not a folder")
     stats = {}
     for name, df in frames.items():
         write_parquet_atomic(df, outdir / f"{name}.parquet")
         stats[name] = dataset_stats(df)
     write_text_atomic(outdir / "stats.json", json.dumps(stats, indent=2) + "\n")
     write_text_atomic(outdir / "stats.md", _markdown(stats))
+    for name in set(owned) - set(frames):
+        (outdir / f"{name}.parquet").unlink(missing_ok=True)
     Console().print(stats_table(stats, title=f"{title}: {outdir}"))
 
 

@@ -83,6 +83,8 @@ def read_toml(path: str | os.PathLike, what: str = "file") -> dict:
     import tomllib
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a TOML {what}")
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:

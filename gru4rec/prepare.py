@@ -62,6 +62,11 @@ def read_rsc15_clicks(path: str | Path) -> pl.DataFrame:
         if bad.any():
             row = int(bad.arg_max())
             value = raw.select(src).slice(row, 1).collect().item()
+            if value is None:
+                raise UserError(
+                    f"{path}: line {row + 1}: no {src} field (expected 4 comma-separated fields "
+                    "session,timestamp,item,category)"
+                )
             raise UserError(
                 f"{path}: line {row + 1}: {src} {value!r} is not {what} ({int(bad.sum())} bad line(s))"
             )

@@ -49,14 +49,16 @@ class SynthConfig:
     gap_sigma: float = 1.0
 
 
+MAX_SESSIONS, MAX_ITEMS = 10_000_000, 1_000_000
+
+
 def generate(
     n_sessions: int, n_items: int, seed: int, cfg: SynthConfig = SynthConfig()
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(train, test) canonical frames; test items all occur in train, every session has >= 2 events."""
-    if n_sessions < 10:
-        raise UserError(f"--sessions must be at least 10, got {n_sessions}")
-    if n_items < 10:
-        raise UserError(f"--items must be at least 10, got {n_items}")
+    for flag, value, most in (("--sessions", n_sessions, MAX_SESSIONS), ("--items", n_items, MAX_ITEMS)):
+        if not 10 <= value <= most:  # the upper bounds keep a typo from filling memory
+            raise UserError(f"{flag} must be between 10 and {most:,}, got {value}")
     rng = np.random.default_rng(seed)
     world = _World.draw(n_items, cfg, rng)
     lengths = _session_lengths(n_sessions, cfg, rng)

@@ -312,6 +312,27 @@ def test_split_cli_fraction_keys_and_dedup(tmp_path, run):
     assert not (out / "train_tr.parquet").exists()
 
 
+def test_split_into_an_earlier_split_leaves_no_stale_files(tmp_path, run):
+    path, out = tmp_path / "log.parquet", tmp_path / "out"
+    random_log(seed=1).write_parquet(path)
+    assert run("data", "split", path, out)[0] == 0
+    assert (out / "train_valid.parquet").exists()
+    assert run("data", "split", path, out, "--no-valid")[0] == 0
+    listed = set(json.loads((out / "stats.json").read_text()))
+    assert {p.stem for p in out.glob("*.parquet")} == listed == {"train_full", "test"}
+
+
+@pytest.mark.parametrize("where", ["file", "folder-as-json"])
+def test_outputs_that_cannot_be_written_fail_first(tmp_path, run, where):
+    path = tmp_path / "log.parquet"
+    random_log(seed=1).write_parquet(path)
+    if where == "file":
+        code, _, err = run("data", "split", path, path / "out")
+    else:
+        code, _, err = run("data", "stats", path, "--json", tmp_path)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

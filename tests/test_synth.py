@@ -114,4 +114,9 @@ def test_cli_synth_writes_generate_output(tmp_path, cli):
     assert read_events(out / "train.parquet").equals(train) and read_events(out / "test.parquet").equals(test)
     assert (out / "stats.json").exists()
     proc = cli("data", "synth", out, "--sessions", "0")
-    assert proc.returncode == 2 and proc.stderr == "error: --sessions must be at least 10, got 0\n"
+    assert (
+        proc.returncode == 2 and proc.stderr == "error: --sessions must be between 10 and 10,000,000, got 0\n"
+    )
+    for args in (["--items", str(10**10)], ["--seed", "-1"]):  # refused up front: no memory blow-up
+        proc = cli("data", "synth", out, *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and args[0] in proc.stderr, proc.stderr

@@ -227,6 +227,8 @@ def test_precedence_preset_toml_pairs(tmp_path):
         (["optimizer=adam", "momentum=0.5"], "Adagrad option"),
         (["n_sample=0", "batch_size=1"], "must be >= 2"),
         (["novalue"], "expected key=value"),
+        (["learning_rate=nan"], "learning_rate: must be a finite number"),
+        (["sample_alpha=inf"], "sample_alpha: must be a finite number"),
     ],
 )
 def test_bad_parameters_are_user_errors(pairs, match):
@@ -237,7 +239,7 @@ def test_bad_parameters_are_user_errors(pairs, match):
 def test_toml_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("batch_size = '64'\n")
-    with pytest.raises(UserError, match="batch_size: expected an integer"):
+    with pytest.raises(UserError, match="bad.toml: parameter batch_size: expected an integer"):
         resolve(None, bad)
     bad.write_text("batch_size = \n")
     with pytest.raises(UserError, match="not valid TOML"):
@@ -306,6 +308,49 @@ def test_cli_user_errors_are_one_line(tiny, tmp_path, cli, args, match):
         and match in proc.stderr
         and len(proc.stderr.strip().splitlines()) == 1
     )
+
+
+def test_cli_refusals_come_before_training_and_touch_nothing(tiny, tmp_path, run):
+    tr, te = tiny
+    train_file = tmp_path / "tr.parquet"
+    tr.write_parquet(train_file)
+    te.with_columns(pl.col("item_id") + 10**6).write_parquet(tmp_path / "unseen.parquet")
+    before = train_file.read_bytes()
+    cases = {
+        "out is a folder": (["--out", tmp_path], "is a directory"),
+        "out is the training file": (["--out", train_file], "overwrite an input"),
+        "unknown device": (["--out", tmp_path / "m.pt", "--device", "tpu"], "unsupported device"),
+        "seed out of range": (["--out", tmp_path / "m.pt", "--seed", str(2**64)], "--seed"),
+        "no threads": (["--out", tmp_path / "m.pt", "--threads", "0"], "--threads"),
+        "nothing to validate": (
+            ["--out", tmp_path / "m.pt", "--valid", tmp_path / "unseen.parquet"],
+            "no event to predict",
+        ),
+    }
+    for case, (args, needle) in cases.items():
+        code, _, err = run("train", train_file, "--device", "cpu", "-p", "layers=8", *args)
+        assert code == 2 and err.startswith("error:") and needle in err, (case, err)
+        assert len(err.strip().splitlines()) == 1, (case, err)
+    assert train_file.read_bytes() == before and not (tmp_path / "m.pt").exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_keeps_the_file(tiny, tmp_path, run):
+    tiny[0].write_parquet(tmp_path / "tr.parquet")
+    args = ("train", tmp_path / "tr.parquet", "--out", tmp_path / "m.pt", "--device", "cpu", "--epochs", "1")
+    assert run(*args, "-p", "layers=8", "-p", "n_sample=16")[0] == 0
+    saved = (tmp_path / "m.pt").read_bytes()
+    code, _, err = run(*args, "-p", "layers=8", "-p", "n_sample=16", "--resume")
+    assert code == 0 and "nothing to do" in err and "model saved" not in err
+    assert (tmp_path / "m.pt").read_bytes() == saved
+
+
+def test_bench_train_refuses_unknown_datasets(tmp_path, run):
+    (tmp_path / "a").mkdir()
+    code, _, err = run(
+        "bench", "train", "--data-dir", tmp_path, "--datasets", "a,typo", "--out", tmp_path / "b.json"
+    )
+    assert code == 2 and "no a/train.parquet, typo/train.parquet" in err
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_cli_missing_file(tmp_path, cli):

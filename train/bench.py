@@ -7,45 +7,62 @@ import platform
 from pathlib import Path
 
 PRESET_OF = {"rsc15_100k": "rsc15", "diginetica": "diginetica"}
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+def _dataset_jobs(data_dir: Path, datasets: list[str]) -> list[tuple]:
+    """(name, preset, loader) per dataset; every named one must exist (a typo is an error, not a skip)."""
+    from gru4rec.data import read_events
+    from gru4rec.errors import UserError
+
+    if not datasets:
+        raise UserError("--datasets is empty")
+    missing = [n for n in datasets if not (data_dir / n / "train.parquet").is_file()]
+    if missing:
+        raise UserError(f"--data-dir {data_dir}: no {', '.join(n + '/train.parquet' for n in missing)}")
+    return [
+        (
+            n,
+            PRESET_OF.get(n, "rsc15"),
+            lambda n=n: (
+                read_events(data_dir / n / "train.parquet"),
+                read_events(data_dir / n / "test.parquet"),
+            ),
+        )
+        for n in datasets
+    ]
 
 
 def run_bench(
-    data_dir: Path, out: Path, epochs: int, device: str, datasets: list[str], seed: int, pairs: list[str]
+    data_dir: Path | None,
+    out: Path,
+    epochs: int,
+    device: str,
+    datasets: list[str],
+    seed: int,
+    pairs: list[str],
 ) -> dict:
     import torch
     from rich.console import Console
 
-    from gru4rec.data import read_events
     from gru4rec.evaluate import evaluate
-    from gru4rec.io import write_text_atomic
+    from gru4rec.io import check_output_file, write_text_atomic
     from gru4rec.provenance import git_commit
     from gru4rec.train.params import resolve
     from gru4rec.train.trainer import describe_device, resolve_device, train
 
     console = Console(stderr=True)
     dev = resolve_device(device)
+    check_output_file(out)
+    resolve(None, None, pairs, {"n_epochs": epochs})  # bad -p values fail now, not after a dataset
     runs = []
-    jobs = []
-    if (data_dir / "rsc15_100k" / "train.parquet").exists():
-        for name in datasets:
-            if not (data_dir / name / "train.parquet").exists():
-                console.print(f"skipping {name}: not found under {data_dir}")
-                continue
-            jobs.append(
-                (
-                    name,
-                    PRESET_OF.get(name, "rsc15"),
-                    lambda n=name: (
-                        read_events(data_dir / n / "train.parquet"),
-                        read_events(data_dir / n / "test.parquet"),
-                    ),
-                )
-            )
-    else:
+    if data_dir is None and not (DEFAULT_DATA_DIR / "rsc15_100k" / "train.parquet").exists():
         from gru4rec.synth import generate
 
-        console.print(f"{data_dir} not found: benchmarking on synthetic data (demo preset)")
-        jobs.append(("synthetic-20000x2000", "demo", lambda: generate(20000, 2000, 7)))
+        console.print(f"{DEFAULT_DATA_DIR} not found: benchmarking on synthetic data (demo preset)")
+        jobs = [("synthetic-20000x2000", "demo", lambda: generate(20000, 2000, 7))]
+    else:
+        jobs = _dataset_jobs(data_dir or DEFAULT_DATA_DIR, datasets)
     for name, preset, load in jobs:
         tr, te = load()
         cfg = resolve(preset, None, pairs, {"n_epochs": epochs})

@@ -7,8 +7,17 @@ from pathlib import Path
 import typer
 
 
+def _params_epilog() -> str:
+    from rich.markup import escape
+
+    from gru4rec.train.params import params_help
+
+    lines = ["Parameters (set with -p key=value or a --params TOML; --preset sets several):"]
+    return "\n\n".join(escape(line) for line in lines + [f"  {p}" for p in params_help()])
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("train")
+    @app.command("train", epilog=_params_epilog())
     def train_cmd(
         train_path: Path = typer.Argument(
             ..., metavar="TRAIN", help="Training events (Parquet, TSV or CSV)."
@@ -30,14 +39,18 @@ def register(app: typer.Typer) -> None:
         params_file: Path = typer.Option(
             None, "--params", help="TOML file of parameters (applied after --preset, before -p)."
         ),
-        epochs: int = typer.Option(None, "--epochs", help="Shortcut for -p n_epochs=N."),
+        epochs: int = typer.Option(
+            None, "--epochs", help="Shortcut for -p n_epochs=N (default: the preset's, else 10)."
+        ),
         device: str = typer.Option("auto", "--device", help="auto (GPU when present), cuda or cpu."),
-        seed: int = typer.Option(42, "--seed", help="Random seed (initialisation, dropout, sampling)."),
+        seed: int = typer.Option(
+            42, "--seed", min=0, max=2**32 - 1, help="Random seed (initialisation, dropout, sampling)."
+        ),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved in --out."),
         dwell_boost: float = typer.Option(
             None,
             "--dwell-boost",
-            help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap).",
+            help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap); default: off.",
         ),
         session_key: str = typer.Option(
             "session_id", "--session-key", help="Session id column in the input files."
@@ -45,7 +58,7 @@ def register(app: typer.Typer) -> None:
         item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
         time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
         threads: int = typer.Option(
-            None, "--threads", help="CPU threads for torch (default: torch's choice)."
+            None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
         ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     ) -> None:
@@ -53,6 +66,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from gru4rec.data import Keys, read_events
+        from gru4rec.io import check_output_file
         from gru4rec.train.params import resolve
         from gru4rec.train.trainer import train
 
@@ -62,8 +76,9 @@ def register(app: typer.Typer) -> None:
         if dwell_boost is not None:
             overrides["dwell_boost"] = dwell_boost
         cfg = resolve(preset, params_file, param, overrides)
+        check_output_file(out, inputs=(train_path, valid, params_file))
         if threads is not None:
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(threads)
         keys = Keys(session_key, item_key, time_key)
         events = read_events(train_path, keys)
         valid_events = read_events(valid, keys) if valid is not None else None
@@ -74,9 +89,9 @@ def register_bench(bench_app: typer.Typer) -> None:
     @bench_app.command("train")
     def bench_train_cmd(
         data_dir: Path = typer.Option(
-            Path("../shared/data"),
+            None,
             "--data-dir",
-            help="Folder with rsc15_100k/ and diginetica/ (synthetic data when absent).",
+            help="Folder holding one sub-folder per dataset (train.parquet, test.parquet); default: ../shared/data from the current folder, or synthetic data when that is absent.",
         ),
         out: Path = typer.Option(Path("bench/results/train-latest.json"), "--out", help="JSON result file."),
         epochs: int = typer.Option(10, "--epochs", help="Epochs per dataset."),
@@ -84,7 +99,7 @@ def register_bench(bench_app: typer.Typer) -> None:
         datasets: str = typer.Option(
             "rsc15_100k,diginetica", "--datasets", help="Comma-separated datasets under --data-dir."
         ),
-        seed: int = typer.Option(42, "--seed", help="Random seed."),
+        seed: int = typer.Option(42, "--seed", min=0, max=2**32 - 1, help="Random seed."),
         params: list[str] = typer.Option(
             [], "-p", "--param", help="Extra parameter override for every run, e.g. -p tf32=true."
         ),

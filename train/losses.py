@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSSES = ("cross-entropy", "bpr-max", "top1-max", "bpr", "top1")
+from gru4rec.train.params import LOSSES
+
 _FLOOR = 1e-24  # keeps log() finite when a probability underflows (official)
 
 

@@ -7,6 +7,8 @@ wrong type, impossible value, contradictory combination) is a UserError naming t
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,36 +16,46 @@ from typing import Any
 
 from gru4rec.errors import UserError
 from gru4rec.io import read_toml as io_read_toml
-from gru4rec.train.losses import LOSSES
 from gru4rec.train.presets import PRESETS
 
+LOSSES = ("cross-entropy", "bpr-max", "top1-max", "bpr", "top1")  # implemented in losses.py
 OPTIMIZERS = ("adagrad", "adam")
+
+
+def _p(default: Any, help: str) -> Any:
+    """A parameter with its `train --help` text (one source for the code and the help)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    loss: str = "cross-entropy"
-    layers: list[int] = field(default_factory=lambda: [100])
-    embedding: int = 0  # separate embedding size D (0: none); needs constrained_embedding=false
-    constrained_embedding: bool = True  # shared input/output item matrix
-    dropout_p_embed: float = 0.0
-    dropout_p_hidden: float = 0.0
-    batch_size: int = 64
-    learning_rate: float = 0.05
-    momentum: float = 0.0
-    n_sample: int = 2048
-    sample_alpha: float = 0.5
-    sample_store_size: int = 10_000_000
-    bpreg: float = 1.0
-    elu_param: float = 0.5
-    logq: float = 0.0
-    n_epochs: int = 10
-    optimizer: str = "adagrad"  # adagrad: official IndexedAdagradM; adam: Adam (lazy on item rows)
-    dwell_boost: float = 0.0  # seconds T: repeat an event 1 + floor(dwell / T) times (0: off)
-    dwell_cap: int = 5  # most repeats of one event under dwell boosting
-    eval_batch_size: int = 512
-    cuda_graph: bool = True  # capture the full-batch step in a CUDA graph (ignored on CPU)
-    tf32: bool = False  # TF32 matmuls on CUDA (off: fp32 parity)
+    loss: str = _p("cross-entropy", f"ranking loss: {', '.join(LOSSES)}")
+    layers: list[int] = _p([100], "GRU layer sizes, e.g. 100 or 100,100")
+    embedding: int = _p(
+        0,
+        "separate input embedding size (0: none; 'layersize': layers[0]); needs constrained_embedding=false",
+    )
+    constrained_embedding: bool = _p(True, "share the input and output item matrix")
+    dropout_p_embed: float = _p(0.0, "dropout on the item input")
+    dropout_p_hidden: float = _p(0.0, "dropout on the GRU output")
+    batch_size: int = _p(64, "sessions trained in parallel")
+    learning_rate: float = _p(0.05, "step size")
+    momentum: float = _p(0.0, "Adagrad momentum (official IndexedAdagradM)")
+    n_sample: int = _p(2048, "extra negatives per step, drawn by popularity^sample_alpha (0: in-batch only)")
+    sample_alpha: float = _p(0.5, "popularity exponent of the negative sampler")
+    sample_store_size: int = _p(10_000_000, "negatives pre-drawn at once")
+    bpreg: float = _p(1.0, "score regularisation of bpr-max")
+    elu_param: float = _p(0.5, "ELU alpha of the final activation (0: linear)")
+    logq: float = _p(0.0, "logQ correction weight of cross-entropy for the sampled negatives")
+    n_epochs: int = _p(10, "passes over the training data")
+    optimizer: str = _p("adagrad", f"{' or '.join(OPTIMIZERS)} (adam is lazy on item rows)")
+    dwell_boost: float = _p(0.0, "seconds T: repeat an event 1 + floor(dwell / T) times (0: off)")
+    dwell_cap: int = _p(5, "most repeats of one event under dwell boosting")
+    eval_batch_size: int = _p(512, "sessions per step in the validation replay")
+    cuda_graph: bool = _p(True, "capture the full-batch step in a CUDA graph (ignored on CPU)")
+    tf32: bool = _p(False, "TF32 matmuls on CUDA (off: fp32 parity)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +85,9 @@ class TrainConfig:
             raise bad("learning_rate", "must be > 0")
         if not 0.0 <= self.momentum < 1.0:
             raise bad("momentum", "must be in [0, 1)")
+        for key, kind in _HINTS.items():  # nan/inf would only surface as a diverged loss, much later
+            if kind is float and not math.isfinite(getattr(self, key)):
+                raise bad(key, f"must be a finite number, got {getattr(self, key)}")
         for key in ("sample_alpha", "bpreg", "elu_param", "logq", "dwell_boost"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
@@ -146,6 +161,15 @@ def _convert(key: str, value: Any, from_text: bool) -> Any:
     raise UserError(f"{what}: expected a list of integers such as 100 or 100,100, got {value!r}")
 
 
+def params_help() -> list[str]:
+    """The parameter list shown under `train --help`, one 'key = default: meaning' line each."""
+    return [
+        f"{f.name} = {json.dumps(f.default_factory() if callable(f.default_factory) else f.default)}: "
+        f"{f.metadata['help']}"
+        for f in dataclasses.fields(TrainConfig)
+    ]
+
+
 def _check_key(key: str, source: str) -> None:
     if key not in _FIELDS:
         raise UserError(f"{source}: unknown parameter {key!r}; known: {', '.join(_FIELDS)}")
@@ -169,7 +193,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         _check_key(key, str(path))
-        out[key] = _convert(key, value, from_text=False)
+        try:
+            out[key] = _convert(key, value, from_text=False)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     return out
 
 
@@ -182,6 +209,7 @@ def resolve(
     """Merge the layers in precedence order and validate."""
     merged: dict[str, Any] = {}
     if preset is not None:
+        preset = preset.strip().lower()  # like every other string parameter
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
         merged.update(PRESETS[preset])

@@ -25,7 +25,7 @@ import torch
 
 from gru4rec import checkpoint as ckpt_io
 from gru4rec.batching import Schedule, Sessions, make_schedule
-from gru4rec.data import fingerprint, validate_events
+from gru4rec.data import SESSION, fingerprint, validate_events
 from gru4rec.errors import UserError
 from gru4rec.items import INDEX, ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
@@ -43,7 +43,10 @@ RUNTIME_KEYS = ("n_epochs", "eval_batch_size", "cuda_graph", "tf32")  # may chan
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unsupported device {device!r} (use auto, cuda or cpu)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type not in ("cpu", "cuda"):
@@ -339,11 +342,13 @@ def train(
     if console is None:
         from rich.console import Console
 
-        console = Console(stderr=True, quiet=not progress)
+        console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     events = validate_events(train_events, "training data")
     data_fp = fingerprint(events)
     items = ItemMap.from_events(events)
     sched, supp = prepare(events, items, cfg)
+    if valid_events is not None:
+        _check_validation(valid_events, items, console)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -360,7 +365,10 @@ def train(
         trainer.load_state_dict(prev.train_state)
         history = list(prev.info.get("history", []))
         start = int(prev.train_state["epoch"])
-        console.print(f"resuming {out} after epoch {start}")
+        if start >= cfg.n_epochs:
+            console.print(f"nothing to do: {out} already has {start} of {cfg.n_epochs} epochs")
+        else:
+            console.print(f"resuming {out} after epoch {start}")
     elif resume:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
 
@@ -398,11 +406,24 @@ def train(
     summary = f"done: {len(history)} epochs, {total:.1f}s this run"
     if "recall@20" in last:
         summary += f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
-    if out is not None:
+    if out is not None and len(history) > start:
         summary += f", model saved to {out}"
     console.print(summary)
     ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
     return ck
+
+
+def _check_validation(valid_events: pl.DataFrame, items: ItemMap, console) -> None:
+    """Refuse, before training, a validation set with nothing to predict (its metrics would be NaN)."""
+    known, n_dropped = items.translate(validate_events(valid_events, "validation data"))
+    n_pred = int((known.group_by(SESSION).len()["len"] - 1).sum()) if known.height else 0
+    if n_pred == 0:
+        raise UserError(
+            f"validation data has no event to predict: after dropping {n_dropped} event(s) of items not in "
+            "the training data, no session has 2 or more events"
+        )
+    if n_dropped:
+        console.print(f"validation: dropped {n_dropped:,} event(s) of items not in the training data")
 
 
 def _run_with_bar(trainer: Trainer, epoch: int, n_epochs: int, console, progress: bool) -> EpochStats:
