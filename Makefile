@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/gru4rec-cli
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from: empty = pip's default (here, the CPU build on disk); elsewhere pass
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid PyPI's multi-GB CUDA build.
+TORCH_INDEX_URL ?=
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
