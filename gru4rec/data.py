@@ -17,6 +17,9 @@ import polars as pl
 from gru4rec.errors import UserError
 
 SESSION, ITEM, TIME = "session_id", "item_id", "time"
+# Where the benchmarks look for the real datasets (one folder each) by default: beside the checkout,
+# relative to the current folder (make runs from the repository root).
+BENCH_DATA_DIR = Path("../shared/data")
 # Column names of the official GRU4Rec TSV files, recognised without any option.
 OFFICIAL_KEYS = {"SessionId": SESSION, "ItemId": ITEM, "Time": TIME}
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from gru4rec.data import BENCH_DATA_DIR
 from gru4rec.errors import UserError
 from gru4rec.provenance import git_commit
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DIGINETICA = SHARED_DATA / "diginetica"
+DIGINETICA = BENCH_DATA_DIR / "diginetica"
 DIGINETICA_SHAPE = {"n_items": 43_097, "layers": [512]}
 GPU_BATCHES = (256, 1024, 4096)
 # Exact speed options of the eval graph (export --count-block / --topk-chunks), also timed on CUDA;
@@ -44,9 +44,12 @@ def run_bench(
 
     from gru4rec.bundle import load_bundle
     from gru4rec.checkpoint import load as load_checkpoint
+    from gru4rec.io import check_output_file
     from gru4rec.score.ort_backend import OrtBackend, cuda_usable
     from gru4rec.score.torch_backend import TorchBackend
 
+    if out is not None:
+        check_output_file(out, inputs=(model, sessions))
     console = Console(stderr=True)
     tmp = Path(tempfile.mkdtemp(prefix="gru4rec-bench-score-"))
     with console.status("preparing model and data"):

@@ -137,9 +137,11 @@ def register_bench(bench_app: typer.Typer) -> None:
         sessions: Path | None = typer.Option(
             None,
             "--sessions",
-            help="Test sessions; default: ../shared/data/diginetica/test.parquet, else synthetic data.",
+            help="Test sessions; default: ../shared/data/diginetica/test.parquet from the current folder, else synthetic data.",
         ),
-        out: Path | None = typer.Option(None, "--out", help="Write the results JSON here."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Write the results JSON here (default: print the summary only)."
+        ),
         batch_size: int = typer.Option(
             1024, "--batch-size", help="Batch size of the CPU comparison (ORT CPU EP vs torch CPU)."
         ),

@@ -6,8 +6,9 @@ import json
 import platform
 from pathlib import Path
 
+from gru4rec.data import BENCH_DATA_DIR
+
 PRESET_OF = {"rsc15_100k": "rsc15", "diginetica": "diginetica"}
-DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 def _dataset_jobs(data_dir: Path, datasets: list[str]) -> list[tuple]:
@@ -56,13 +57,13 @@ def run_bench(
     check_output_file(out)
     resolve(None, None, pairs, {"n_epochs": epochs})  # bad -p values fail now, not after a dataset
     runs = []
-    if data_dir is None and not (DEFAULT_DATA_DIR / "rsc15_100k" / "train.parquet").exists():
+    if data_dir is None and not (BENCH_DATA_DIR / "rsc15_100k" / "train.parquet").exists():
         from gru4rec.synth import generate
 
-        console.print(f"{DEFAULT_DATA_DIR} not found: benchmarking on synthetic data (demo preset)")
+        console.print(f"{BENCH_DATA_DIR} not found: benchmarking on synthetic data (demo preset)")
         jobs = [("synthetic-20000x2000", "demo", lambda: generate(20000, 2000, 7))]
     else:
-        jobs = _dataset_jobs(data_dir or DEFAULT_DATA_DIR, datasets)
+        jobs = _dataset_jobs(data_dir or BENCH_DATA_DIR, datasets)
     for name, preset, load in jobs:
         tr, te = load()
         cfg = resolve(preset, None, pairs, {"n_epochs": epochs})
