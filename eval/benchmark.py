@@ -20,12 +20,18 @@ Config (TOML), paths relative to the working directory:
 
     [[model]]
     kind = "sknn"             # pop, spop, itemknn, bprmf, sknn, vsknn
-    options = { k = 100, sample_size = 500 }
+    options = { k = 100, sample_size = 500 }   # the baseline's constructor arguments
+
+Every key is checked when the config is loaded (types, ranges, unknown keys, training preset and
+params, baseline options, distinct dataset and model names); `run` checks the input files and the
+output folder before the first dataset is read. Plots of an earlier run into the same folder that
+this run did not write again are removed, so the folder always matches its report.md.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import platform
 import time
@@ -40,8 +46,19 @@ from gru4rec.data import read_events
 from gru4rec.errors import UserError
 from gru4rec.eval import baselines
 from gru4rec.eval.baselines.base import evaluate, prepare_test, prepare_train
+from gru4rec.eval.config import (
+    MAX_CUTOFF,
+    REQUIRED,
+    Table,
+    array_of_tables,
+    check_cuda,
+    check_top_level,
+    device,
+    presets,
+    training,
+)
+from gru4rec.io import check_output_dir, write_text_atomic
 from gru4rec.io import read_toml as io_read_toml
-from gru4rec.io import write_text_atomic
 from gru4rec.metrics import TIE_MODES
 
 DESCRIPTIONS = {
@@ -77,6 +94,10 @@ class ModelSpec:
     def is_baseline(self) -> bool:
         return self.kind != "gru4rec"
 
+    @property
+    def trains(self) -> bool:
+        return not self.is_baseline and self.onnx is None and self.checkpoint is None
+
 
 @dataclass
 class BenchmarkConfig:
@@ -87,62 +108,136 @@ class BenchmarkConfig:
     device: str = "auto"
     score_batch_size: int = 512
     seed: int = 42
+    source: str = "benchmark config"  # the config file, for messages
+
+
+# ---------------------------------------------------------------- the config
+
+BENCHMARK_KEYS = ("tie_modes", "max_k", "device", "score_batch_size", "seed")
+DATASET_KEYS = ("name", "train", "test")
+MODEL_KEYS = ("kind", "name", "datasets", "options", "onnx", "checkpoint", "preset", "params")
+GRU4REC_ONLY = ("onnx", "checkpoint", "preset", "params")
+HEADLINE_K = 20  # the report's Recall@20 / MRR@20
 
 
 def load_config(path: str | Path) -> BenchmarkConfig:
+    """Read and check every table and key; input files are checked by `run` (only those it needs)."""
     raw = read_toml(path)
-    top = raw.get("benchmark", {})
-    datasets = [_dataset(d, path) for d in raw.get("dataset", [])]
-    models = [_model(m, path) for m in raw.get("model", [])]
-    if not datasets or not models:
-        raise UserError(f"{path}: needs at least one [[dataset]] and one [[model]]")
-    modes = tuple(top.get("tie_modes", ("standard", "conservative")))
-    bad = [m for m in modes if m not in TIE_MODES]
-    if bad or not modes:
-        raise UserError(f"{path}: tie_modes must be some of {', '.join(TIE_MODES)}, got {list(modes)}")
-    names = [d.name for d in datasets]
-    for m in models:
-        unknown = set(m.datasets or []) - set(names)
-        if unknown:
-            raise UserError(f"{path}: model {m.name} names unknown dataset(s) {sorted(unknown)}")
-    return BenchmarkConfig(
-        datasets, models, modes, int(top.get("max_k", 20)), str(top.get("device", "auto")),
-        int(top.get("score_batch_size", 512)), int(top.get("seed", 42)),
+    check_top_level(path, raw, ("[benchmark]", "[[dataset]]", "[[model]]"), {})
+    top = Table.of(path, "[benchmark]", raw.get("benchmark", {}), BENCHMARK_KEYS)
+    cfg = BenchmarkConfig(
+        datasets=[_dataset(Table.of(path, f"[[dataset]] #{i}", d, DATASET_KEYS))
+                  for i, d in enumerate(array_of_tables(path, raw, "dataset"), 1)],
+        models=[_model(Table.of(path, f"[[model]] #{i}", m, MODEL_KEYS))
+                for i, m in enumerate(array_of_tables(path, raw, "model"), 1)],
+        tie_modes=tuple(top.strings("tie_modes", ("standard", "conservative"), choices=TIE_MODES)),
+        max_k=top.integer("max_k", 20, HEADLINE_K, MAX_CUTOFF),
+        device=device(top),
+        score_batch_size=top.integer("score_batch_size", 512, 1),
+        seed=top.integer("seed", 42, 0, 2**32 - 1),
+        source=str(path),
     )  # fmt: skip
+    if not cfg.datasets or not cfg.models:
+        raise UserError(f"{path}: needs at least one [[dataset]] and one [[model]]")
+    _check_unique(path, "[[dataset]]", [d.name for d in cfg.datasets])
+    _check_unique(path, "[[model]]", [m.name for m in cfg.models])
+    names = [d.name for d in cfg.datasets]
+    for m in cfg.models:
+        unknown = [n for n in m.datasets or [] if n not in names]
+        if unknown:
+            raise UserError(
+                f"{path}: [[model]] {m.name!r} datasets names unknown dataset(s) {unknown} "
+                f"(the [[dataset]] names: {', '.join(names)})"
+            )
+    return cfg
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     return io_read_toml(path, "config file")
 
 
-def _dataset(d: dict, path) -> DatasetSpec:
-    try:
-        return DatasetSpec(str(d["name"]), Path(d["train"]), Path(d["test"]))
-    except KeyError as e:
-        raise UserError(f"{path}: every [[dataset]] needs name, train and test (missing {e})") from None
+def _dataset(t: Table) -> DatasetSpec:
+    return DatasetSpec(t.string("name"), t.path("train", REQUIRED), t.path("test", REQUIRED))
 
 
-def _model(m: dict, path) -> ModelSpec:
-    kind = str(m.get("kind", "")).lower().replace("-", "")
-    if kind != "gru4rec" and kind not in baselines.NAMES:
-        raise UserError(
-            f"{path}: [[model]] kind must be gru4rec or one of {', '.join(baselines.NAMES)}, got {kind!r}"
-        )
+def _check_unique(path: str | Path, table: str, names: list[str]) -> None:
+    """Names label report rows and name plot files: two that are equal (or share a file name) would
+    merge or overwrite each other's results."""
+    seen: dict[str, str] = {}
+    for name in names:
+        slug = _slug(name)
+        if not slug:
+            raise UserError(f"{path}: {table} name {name!r} needs a letter or digit (it names plot files)")
+        if slug in seen:
+            same = "is used twice" if seen[slug] == name else f"and {seen[slug]!r} would share plot files"
+            raise UserError(f"{path}: {table} name {name!r} {same}; give each a distinct name")
+        seen[slug] = name
+
+
+def _model(t: Table) -> ModelSpec:
+    kinds = ("gru4rec", *baselines.NAMES)
+    raw_kind = t.string("kind", REQUIRED)
+    kind = raw_kind.lower().replace("-", "").replace("_", "")
+    if kind not in kinds:
+        raise t.bad("kind", f"one of {', '.join(kinds)}", raw_kind)
+    datasets = t.strings("datasets", None)
+    if kind == "gru4rec":
+        return _gru4rec_model(t, datasets)
+    misplaced = [k for k in GRU4REC_ONLY if t.has(k)]
+    if misplaced:
+        raise t.error(f"{misplaced[0]} is a GRU4Rec key; a {kind} baseline takes options = {{ ... }}")
+    options = _baseline_options(t, kind)
+    return ModelSpec(kind, t.string("name", baselines.make(kind).name), options, datasets)
+
+
+def _gru4rec_model(t: Table, datasets: list[str] | None) -> ModelSpec:
+    if t.has("options"):
+        raise t.error("options is for baselines; GRU4Rec takes preset and params (or onnx / checkpoint)")
     spec = ModelSpec(
-        kind=kind,
-        name=str(m.get("name") or (kind.upper() if kind != "gru4rec" else "GRU4Rec")),
-        options=dict(m.get("options", {})),
-        datasets=list(m["datasets"]) if "datasets" in m else None,
-        onnx=Path(m["onnx"]) if "onnx" in m else None,
-        checkpoint=Path(m["checkpoint"]) if "checkpoint" in m else None,
-        preset=m.get("preset"),
-        params=dict(m.get("params", {})),
-    )
-    if kind == "gru4rec" and not (spec.onnx or spec.checkpoint or spec.preset or spec.params):
-        raise UserError(f"{path}: GRU4Rec model {spec.name} needs onnx, checkpoint or preset/params")
-    if kind != "gru4rec":
-        spec.name = str(m.get("name") or baselines.make(kind).name)
+        "gru4rec", t.string("name", "GRU4Rec"), datasets=datasets, onnx=t.path("onnx"),
+        checkpoint=t.path("checkpoint"), preset=t.string("preset", None, presets()), params=t.mapping("params"),
+    )  # fmt: skip
+    given = spec.onnx is not None or spec.checkpoint is not None
+    if given and (t.has("preset") or t.has("params")):
+        raise t.error(
+            "takes either onnx / checkpoint (a trained model) or preset / params (train one here), not both"
+        )
+    if not given and not (t.has("preset") or t.has("params")):
+        raise t.error(f"GRU4Rec model {spec.name!r} needs onnx, checkpoint or preset / params")
+    for key, suffix in (("onnx", ".onnx"), ("checkpoint", ".pt")):
+        path = getattr(spec, key)
+        if path is not None and path.suffix != suffix:
+            raise t.bad(key, f"a {suffix} file", str(path))
+    if not given:
+        training(t, spec.preset, spec.params)
     return spec
+
+
+def _baseline_options(t: Table, kind: str) -> dict[str, Any]:
+    """Options checked against the baseline's constructor: known names, the defaults' types, ranges."""
+    options = t.mapping("options")
+    defaults = baselines.option_defaults(kind)
+    table = Table.of(t.file, f"{t.name} options", options, list(defaults))
+    for key, default in defaults.items():
+        if isinstance(default, bool):
+            table.boolean(key, default)
+        elif isinstance(default, int):
+            table.integer(key, default, 1 if key in POSITIVE_OPTIONS else 0)
+        elif isinstance(default, float):
+            table.number(key, default)
+        elif isinstance(default, str):
+            table.string(key, default, STRING_OPTIONS.get(key))
+    try:
+        baselines.make(kind, **options)  # the constructor's own checks (similarity names, ...)
+    except UserError as e:
+        raise t.error(f"options: {e}") from None
+    return options
+
+
+# Counts and sizes that must be at least 1; other numeric options may be 0 (seed, sample_size = all).
+POSITIVE_OPTIONS = ("top_n", "k", "factors", "epochs", "batch_size")
+# String options the constructors do not check themselves.
+STRING_OPTIONS = {"score_dtype": ("float32", "float64")}
 
 
 # ---------------------------------------------------------------- GRU4Rec: train, export, score
@@ -166,7 +261,7 @@ def export_onnx(checkpoint: Path, out: Path, top_k: int = 20) -> Path:
 
 
 def score_onnx(
-    onnx: Path, test: Path, cutoffs: tuple[int, ...], mode: str, batch_size: int
+    onnx: Path, test: Path, cutoffs: tuple[int, ...], mode: str, batch_size: int, provider: str = "auto"
 ) -> tuple[dict, np.ndarray]:
     """The score stage's report for `onnx` on `test`, plus the per-step latency samples (ms)."""
     from gru4rec.score.latency import LatencyRecorder
@@ -174,9 +269,17 @@ def score_onnx(
 
     rec = LatencyRecorder()
     cfg = ScoreConfig(cutoffs=cutoffs, tie_mode=mode, batch_size=batch_size)
-    report = score(onnx, test, config=cfg, recorder=rec)
+    report = score(onnx, test, config=cfg, recorder=rec, provider=provider)
     steps = np.concatenate(rec.steps) * 1e3 if rec.steps else np.zeros(0)
     return report, steps
+
+
+@functools.cache
+def ort_provider() -> str:
+    """The ONNX Runtime provider "auto" resolves to, decided (and its notice printed) once per process."""
+    from gru4rec.score.ort_backend import resolve_provider
+
+    return resolve_provider("auto")
 
 
 def _gru4rec_row(spec: ModelSpec, ds: DatasetSpec, train_events, test_events, cfg: BenchmarkConfig,
@@ -205,14 +308,16 @@ def _gru4rec_row(spec: ModelSpec, ds: DatasetSpec, train_events, test_events, cf
     t0 = time.perf_counter()
     metrics: dict[str, dict] = {}
     if onnx is not None:
+        provider = ort_provider()  # once: "auto" would repeat its CPU-fallback notice for every tie mode
         for i, mode in enumerate(cfg.tie_modes):
-            report, steps = score_onnx(onnx, ds.test, cutoffs, mode, cfg.score_batch_size)
+            report, steps = score_onnx(onnx, ds.test, cutoffs, mode, cfg.score_batch_size, provider)
             metrics[mode] = report["metrics"]
             if i == 0:
                 row["latency"], row["step_ms"] = report["latency"], steps
                 row["n_unknown_dropped"] = report["n_unknown_dropped"]
     else:
-        device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        device = "cuda" if cfg.device == "auto" else cfg.device
+        device = device if torch.cuda.is_available() else "cpu"  # a CUDA device was checked up front
         model = ck.model.to(device)
         for mode in cfg.tie_modes:
             m = torch_evaluate(model, ck.items, test_events, cutoffs=cutoffs, mode=mode, device=device)
@@ -227,14 +332,18 @@ def _gru4rec_row(spec: ModelSpec, ds: DatasetSpec, train_events, test_events, cf
 
 
 def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, progress: bool = True) -> dict:
-    """Run every (dataset, model) pair; write results.json, report.md and plots into `out`."""
+    """Run every (dataset, model) pair; write results.json, report.md and plots into `out`.
+
+    `only`: model kinds or names (see `model_key`) to run, None for all. Every input file and the
+    output folder are checked before the first dataset is read."""
     from rich.console import Console
 
     from gru4rec.eval import plots, report
 
     console = Console(stderr=True, quiet=not progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(cfg, only)
+    _check_inputs(cfg, plan)
+    out = check_output_dir(out)
     cutoffs = tuple(range(1, cfg.max_k + 1))
     results: dict[str, Any] = {
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -247,14 +356,11 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
         "results": [],
         "plots": {},
     }
-    for ds in cfg.datasets:
-        models = [m for m in cfg.models if (m.datasets is None or ds.name in m.datasets)]
-        models = [m for m in models if only is None or m.kind in only or m.name.lower() in only]
-        if not models:
-            continue
+    for ds, models in plan:
         train_events, test_events = read_events(ds.train), read_events(ds.test)
         td, items = prepare_train(train_events)
         ed = prepare_test(test_events, items)
+        _check_catalog(cfg, ds, models, td.n_items)
         results["datasets"][ds.name] = {
             "train": str(ds.train), "test": str(ds.test),
             "n_train_events": train_events.height, "n_train_sessions": td.n_sessions, "n_items": td.n_items,
@@ -270,8 +376,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
                        description=DESCRIPTIONS[spec.kind], options=spec.options)  # fmt: skip
             m = row["metrics"][cfg.tie_modes[0]]
             console.print(
-                f"{ds.name} · {spec.name:>10}: Recall@20 {m.get('recall@20', float('nan')):.4f}  "
-                f"MRR@20 {m.get('mrr@20', float('nan')):.4f}  ({cfg.tie_modes[0]}; eval {row['eval_s']:.1f}s)",
+                f"{ds.name} · {spec.name:>10}: Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}  "
+                f"({cfg.tie_modes[0]}; eval {row['eval_s']:.1f}s)",
                 markup=False,
             )
             _row_plots(row, out, ds.name)
@@ -282,13 +388,90 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
         name = f"curves_{_slug(ds.name)}.png"
         plots.metric_curves(out / name, f"{ds.name} ({cfg.tie_modes[0]} ties)", curves, cfg.max_k)
         results["plots"][ds.name] = {"curves": name}
-    if not results["results"]:
-        raise UserError("no (dataset, model) pair to run: check the config and --models")
     for r in results["results"]:
         r.pop("step_ms", None)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
     write_text_atomic(out / "report.md", report.benchmark_markdown(results))
+    _remove_stale_plots(out, plot_files(results))
     return results
+
+
+def model_key(text: str) -> str:
+    """How a model is selected: kind or name, case-insensitive, '-' and '_' ignored (S-POP = spop)."""
+    return text.strip().lower().replace("-", "").replace("_", "")
+
+
+def unknown_selection(cfg: BenchmarkConfig, only: set[str]) -> list[str]:
+    """The entries of a model selection that match no model's kind or name in `cfg`."""
+    keys = {model_key(m.kind) for m in cfg.models} | {model_key(m.name) for m in cfg.models}
+    return sorted(n for n in only if model_key(n) not in keys)
+
+
+def _plan(cfg: BenchmarkConfig, only: set[str] | None) -> list[tuple[DatasetSpec, list[ModelSpec]]]:
+    """(dataset, its selected models) in config order; datasets without a selected model are left out."""
+    wanted = None if only is None else {model_key(n) for n in only}
+    plan = []
+    for ds in cfg.datasets:
+        models = [m for m in cfg.models if m.datasets is None or ds.name in m.datasets]
+        if wanted is not None:
+            models = [m for m in models if model_key(m.kind) in wanted or model_key(m.name) in wanted]
+        if models:
+            plan.append((ds, models))
+    if not plan:
+        raise UserError(
+            f"no (dataset, model) pair to run: the selection {sorted(only or [])} matches no model"
+        )
+    return plan
+
+
+def _check_inputs(cfg: BenchmarkConfig, plan: list[tuple[DatasetSpec, list[ModelSpec]]]) -> None:
+    """Every file the plan reads exists, and the models load, before hours go into the first dataset."""
+    from gru4rec.bundle import load_bundle
+
+    for ds, models in plan:
+        for what, path in (("train", ds.train), ("test", ds.test)):
+            if not path.is_file():
+                raise UserError(f"{path}: {what} file of dataset {ds.name!r} not found")
+        for m in models:
+            if m.checkpoint is not None and not m.checkpoint.is_file():
+                raise UserError(f"{m.checkpoint}: checkpoint of model {m.name!r} not found")
+            if m.onnx is not None:
+                n_items = load_bundle(m.onnx).n_items
+                if n_items < cfg.max_k:
+                    raise UserError(
+                        f"{m.onnx}: model {m.name!r} knows {n_items} items, fewer than max_k = {cfg.max_k}"
+                    )
+    uses_torch = any(m.trains or (m.onnx is None and not m.is_baseline) for _, ms in plan for m in ms)
+    if uses_torch:
+        check_cuda("[benchmark]", cfg.source, cfg.device)
+
+
+def _check_catalog(cfg: BenchmarkConfig, ds: DatasetSpec, models: list[ModelSpec], n_items: int) -> None:
+    """A GRU4Rec model trained here is scored at every k up to max_k, which the catalog must allow."""
+    if n_items < cfg.max_k and any(m.trains for m in models):
+        raise UserError(
+            f"dataset {ds.name!r} has {n_items} items, fewer than max_k = {cfg.max_k}: lower max_k to score "
+            "GRU4Rec trained on it"
+        )
+
+
+# The plot files a benchmark folder holds: written by this module, so it may replace and remove them.
+PLOT_PATTERNS = ("curves_*.png", "latency_*.png", "training_*.png")
+
+
+def plot_files(results: dict) -> list[str]:
+    """The names of the plots one run wrote (and its report links to)."""
+    names = [p for plots in results["plots"].values() for p in plots.values()]
+    return names + [p for r in results["results"] for p in r.get("plots", {}).values()]
+
+
+def _remove_stale_plots(out: Path, written: list[str]) -> None:
+    """Drop plots of an earlier run into the same folder, so the folder matches this run's report."""
+    keep = set(written)
+    for pattern in PLOT_PATTERNS:
+        for path in out.glob(pattern):
+            if path.name not in keep and path.is_file() and not path.is_symlink():
+                path.unlink()
 
 
 def _baseline_row(spec: ModelSpec, td, ed, cutoffs, cfg: BenchmarkConfig, console, ds_name: str) -> dict:

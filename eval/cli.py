@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from gru4rec.errors import UserError
+
 eval_app = typer.Typer(help="Evaluate: baselines, benchmark reports with plots, nightly regression checks.",
                        no_args_is_help=True)  # fmt: skip
 
@@ -15,31 +17,52 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
-def _model_filter(models: str | None) -> set[str] | None:
-    if not models:
+def _model_filter(models: str | None) -> list[str] | None:
+    """The --models selection in order; None when the option is left out, a UserError when it names nothing."""
+    if models is None:
         return None
-    return {m.strip().lower().replace("-", "") for m in models.split(",") if m.strip()}
+    names = list(dict.fromkeys(m.strip() for m in models.split(",") if m.strip()))
+    if not names:
+        raise UserError(f"--models {models!r} names no model; give comma-separated kinds or names")
+    return names
 
 
 @eval_app.command("benchmark")
 def benchmark_cmd(
     config: Annotated[
-        Path, typer.Option("--config", help="Benchmark TOML: [[dataset]] and [[model]] tables.")
+        Path, typer.Option("--config", help="Benchmark TOML: \\[\\[dataset]] and \\[\\[model]] tables.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, results.json and the PNG plots.")],
     models: Annotated[
         str | None,
         typer.Option(
-            "--models", help="Run only these models of the config (comma-separated kinds or names)."
+            "--models",
+            help="Run only these models of the config: comma-separated kinds (pop, gru4rec, ...) or names. "
+            "Default: all models of the config.",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     """Run datasets x models; write report.md (Recall@20, MRR@20, change vs the best baseline), results.json, plots."""
-    from gru4rec.eval.benchmark import load_config, run
+    from gru4rec.eval.benchmark import load_config, plot_files, run, unknown_selection
 
-    results = run(load_config(config), out, only=_model_filter(models))
-    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(list(out.glob('*.png')))} plots "
+    cfg = load_config(config)
+    only = _model_filter(models)
+    unknown = unknown_selection(cfg, only) if only is not None else []
+    if unknown:
+        raise UserError(f"--models: no model {', '.join(map(repr, unknown))} in {config} ({_choices(cfg)})")
+    results = run(cfg, out, only=set(only) if only is not None else None)
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files(results))} plots "
                f"({len(results['results'])} results)")  # fmt: skip
+
+
+def _choices(cfg) -> str:
+    """What --models may name in `cfg`: the kinds, and the names that are more than a kind's spelling."""
+    from gru4rec.eval.benchmark import model_key
+
+    kinds = list(dict.fromkeys(m.kind for m in cfg.models))
+    names = [m.name for m in cfg.models if model_key(m.name) not in kinds]
+    return f"kinds: {', '.join(kinds)}" + (f"; names: {', '.join(names)}" if names else "")
 
 
 @eval_app.command("baselines")
@@ -61,11 +84,13 @@ def baselines_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from gru4rec.eval.benchmark import BenchmarkConfig, DatasetSpec, ModelSpec, run
-
-    names = sorted(_model_filter(models) or set(), key=lambda n: models.lower().replace("-", "").find(n))
     from gru4rec.eval import baselines
+    from gru4rec.eval.benchmark import BenchmarkConfig, DatasetSpec, ModelSpec, model_key, run
 
+    names = list(dict.fromkeys(model_key(n) for n in _model_filter(models) or ()))
+    for n in names:
+        if n not in baselines.NAMES:
+            raise UserError(f"--models: unknown baseline {n!r}; use some of {', '.join(baselines.NAMES)}")
     specs = [ModelSpec(kind=n, name=baselines.make(n).name) for n in names]
     cfg = BenchmarkConfig(
         [DatasetSpec(train.stem if train.stem != "train" else train.parent.name, train, test)], specs
@@ -85,10 +110,20 @@ def baselines_cmd(
 @eval_app.command("nightly")
 def nightly_cmd(
     config: Annotated[
-        Path, typer.Option("--config", help="Nightly TOML (see eval/configs/nightly.example.toml).")
+        Path,
+        typer.Option(
+            "--config", help="Nightly TOML; every key is documented in eval/configs/nightly.example.toml."
+        ),
     ],
 ) -> None:
-    """Train/export/score as configured, append to the history, compare; exit 1 on a regression."""
+    """Train/export/score as configured, append to the history, compare with earlier runs.
+
+    Metrics are compared with the previous and the best run; latency with the median of the last runs (latency_window, default 5), so one lucky fast run does not raise the bar.
+
+    Exit codes: 0 no regression; 1 regression (a metric dropped or a latency rose past the tolerances); 2 bad input or config, missing files or an unreadable history (all checked before any work).
+
+    Config keys: see eval/configs/nightly.example.toml.
+    """
     from gru4rec.eval.nightly import EXIT_REGRESSION, load_config, run
 
     summary = run(load_config(config))

@@ -28,6 +28,13 @@ def relative_change(value: float, reference: float) -> float | None:
     return None if not reference else 100.0 * (value - reference) / reference
 
 
+def _method_label(row: dict) -> str:
+    """GRU4Rec rows stand out in bold; the kind is added only when the name does not already say it."""
+    if row["baseline"]:
+        return row["model"]
+    return f"**{row['model']}**" + ("" if "gru4rec" in row["model"].lower() else " (GRU4Rec)")
+
+
 def benchmark_markdown(results: dict) -> str:
     mode, other = results["headline_mode"], [m for m in results["tie_modes"] if m != results["headline_mode"]]
     lines = [
@@ -71,7 +78,7 @@ def benchmark_markdown(results: dict) -> str:
         for r in rows:
             m = r["metrics"][mode]
             cells = [
-                r["model"] + ("" if r["baseline"] else " **(GRU4Rec)**"),
+                _method_label(r),
                 _f(m["recall@20"]),
                 _f(m["mrr@20"]),
             ]
@@ -120,12 +127,15 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     ]
     if summary["regressions"]:
         lines += ["## Regressions", ""] + [f"- {r}" for r in summary["regressions"]] + [""]
-    lines += ["## This run against the previous and the best run", ""]
-    lines += ["| figure | this run | previous | change | best | change |", "|---|---|---|---|---|---|"]
+    lines += ["## This run against earlier runs", ""]
+    lines += [
+        "| figure | this run | previous | change | reference | change | reference is |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in summary["table"]:
         lines.append(
             f"| {c['name']} | {_f(c['current'])} | {_f(c.get('previous'))} | {_pct(c.get('previous_change'))} "
-            f"| {_f(c.get('best'))} | {_pct(c.get('best_change'))} |"
+            f"| {_f(c.get('reference'))} | {_pct(c.get('reference_change'))} | {c.get('reference_kind', '–')} |"
         )
     lines += ["", "Tolerances: " + summary["tolerances"], ""]
     for title, path in plots.items():
