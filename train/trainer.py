@@ -427,7 +427,7 @@ def _check_validation(valid_events: pl.DataFrame, items: ItemMap, console) -> No
 
 
 def _run_with_bar(trainer: Trainer, epoch: int, n_epochs: int, console, progress: bool) -> EpochStats:
-    if not progress:
+    if not progress or not console.is_terminal:  # in logs the per-epoch line says it all
         return trainer.run_epoch()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
