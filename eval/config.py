@@ -202,15 +202,14 @@ def device(table: Table, key: str = "device") -> str:
 
 
 def check_cuda(table_name: str, file: str | Path, value: str) -> None:
-    """Refuse a CUDA device on a machine without one now, not after the work before training."""
-    if not value.startswith("cuda"):
-        return
-    import torch
+    """Refuse a device the train stage cannot use (CUDA on a machine without one) now, not after the
+    work before training; the train stage's own check decides."""
+    from gru4rec.train.trainer import resolve_device
 
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"{file}: {table_name} device = {show(value)} but no CUDA GPU is available (use auto or cpu)"
-        )
+    try:
+        resolve_device(value)
+    except UserError as e:
+        raise UserError(f"{file}: {table_name} device = {show(value)}: {e}") from None
 
 
 def training(table: Table, preset: str | None, params: dict[str, Any]) -> None:

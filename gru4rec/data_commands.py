@@ -28,6 +28,12 @@ def register(app: typer.Typer) -> None:
 
 
 SPLIT_FILES = ("train_full", "test", "train_tr", "train_valid")  # what split and prepare-rsc15 write
+SplitOutDir = Annotated[
+    Path,
+    typer.Argument(
+        metavar="OUTDIR", help="Folder for train_full/test/train_tr/train_valid Parquet and stats."
+    ),
+]
 
 
 @data_app.command()
@@ -59,36 +65,18 @@ def prepare_rsc15(
             metavar="RAW_CLICKS", help="yoochoose-clicks.dat: session,ISO timestamp,item,category lines."
         ),
     ],
-    outdir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="OUTDIR", help="Folder for train_full/test/train_tr/train_valid Parquet and stats."
-        ),
-    ],
+    outdir: SplitOutDir,
 ) -> None:
     """The RSC15 protocol of the GRU4Rec papers: filters, last-day test split, train_tr/train_valid."""
-    from gru4rec.io import check_output_dir
     from gru4rec.prepare import read_rsc15_clicks, rsc15_protocol
 
-    check_output_dir(outdir)
-    with _Steps(3) as step:
-        step("reading raw clicks")
-        events = read_rsc15_clicks(raw_clicks)
-        step(f"filtering and splitting {events.height:,} clicks")
-        frames = rsc15_protocol(events)
-        step("writing")
-        _write(outdir, frames, title="RSC15 protocol", owned=SPLIT_FILES)
+    _split_to(outdir, "RSC15 protocol", "clicks", lambda: read_rsc15_clicks(raw_clicks), rsc15_protocol)
 
 
 @data_app.command()
 def split(
     events_file: Annotated[Path, typer.Argument(metavar="EVENTS", help="Click log: Parquet, TSV or CSV.")],
-    outdir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="OUTDIR", help="Folder for train_full/test/train_tr/train_valid Parquet and stats."
-        ),
-    ],
+    outdir: SplitOutDir,
     test_days: Annotated[
         float | None, typer.Option(help="Test = sessions whose last event is in the last N days (default 1).")
     ] = None,
@@ -121,20 +109,29 @@ def split(
 ) -> None:
     """Time split of your own click log: filters, whole-session test split, unseen test items removed."""
     from gru4rec.data import read_events
-    from gru4rec.io import check_output_dir
     from gru4rec.prepare import SplitConfig, split_events
 
     if test_days is None and test_fraction is None:
         test_days = 1.0
     cfg = SplitConfig(test_days, test_fraction, min_item_support, min_session_length, dedup, valid)
+    keys = Keys(session_key, item_key, time_key)
+    _split_to(
+        outdir, "split", "events", lambda: read_events(events_file, keys), lambda ev: split_events(ev, cfg)
+    )
+
+
+def _split_to(outdir: Path, title: str, noun: str, read, cut) -> None:
+    """read -> cut into the SPLIT_FILES frames -> write them; the folder is checked before reading."""
+    from gru4rec.io import check_output_dir
+
     check_output_dir(outdir)
     with _Steps(3) as step:
-        step("reading events")
-        events = read_events(events_file, Keys(session_key, item_key, time_key))
-        step(f"filtering and splitting {events.height:,} events")
-        frames = split_events(events, cfg)
+        step(f"reading {noun}")
+        events = read()
+        step(f"filtering and splitting {events.height:,} {noun}")
+        frames = cut(events)
         step("writing")
-        _write(outdir, frames, title="split", owned=SPLIT_FILES)
+        _write(outdir, frames, title=title, owned=SPLIT_FILES)
 
 
 @data_app.command()

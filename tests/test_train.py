@@ -77,20 +77,23 @@ def _baselines(train_df: pl.DataFrame, test_df: pl.DataFrame) -> dict[str, float
     }
 
 
+# Parameters of the learning tests (CPU here, CUDA graph with dropout further down).
+LEARN = dict(
+    layers=[64],
+    batch_size=32,
+    n_sample=128,
+    learning_rate=0.1,
+    momentum=0.2,
+    logq=1.0,
+    dropout_p_hidden=0.2,
+    n_epochs=3,
+)
+
+
 def test_learns_beats_pop_and_cooccurrence(synth):
     tr, te = synth
     base = _baselines(tr, te)
-    params = dict(
-        layers=[64],
-        batch_size=32,
-        n_sample=128,
-        learning_rate=0.1,
-        momentum=0.2,
-        logq=1.0,
-        dropout_p_hidden=0.2,
-        n_epochs=3,
-    )
-    ck = train(tr, params, device="cpu", seed=1, progress=False)
+    ck = train(tr, LEARN, device="cpu", seed=1, progress=False)
     m = evaluate(ck.model, ck.items, te, cutoffs=(20,))
     assert m["n"] == base["n"] > 500
     assert m["recall@20"] > base["co"] + 0.03, (m, base)
@@ -389,17 +392,6 @@ def test_cuda_graph_path_equals_eager_path(synth, loss):
 def test_cuda_graph_with_dropout_learns(synth):
     tr, te = synth
     base = _baselines(tr, te)
-    p = dict(
-        layers=[64],
-        batch_size=32,
-        n_sample=128,
-        learning_rate=0.1,
-        momentum=0.2,
-        logq=1.0,
-        dropout_p_hidden=0.2,
-        dropout_p_embed=0.1,
-        n_epochs=3,
-    )
-    ck = train(tr, p, device="cuda", seed=1, progress=False)
+    ck = train(tr, {**LEARN, "dropout_p_embed": 0.1}, device="cuda", seed=1, progress=False)
     m = evaluate(ck.model, ck.items, te, cutoffs=(20,))
     assert m["recall@20"] > base["co"] + 0.03, (m, base)

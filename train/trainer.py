@@ -415,7 +415,7 @@ def train(
 
 def _check_validation(valid_events: pl.DataFrame, items: ItemMap, console) -> None:
     """Refuse, before training, a validation set with nothing to predict (its metrics would be NaN)."""
-    known, n_dropped = items.translate(validate_events(valid_events, "validation data"))
+    known, n_dropped = items.translate(valid_events)
     n_pred = int((known.group_by(SESSION).len()["len"] - 1).sum()) if known.height else 0
     if n_pred == 0:
         raise UserError(
