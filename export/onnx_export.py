@@ -126,7 +126,7 @@ def finish_graph(model, meta: dict[str, str], graph: str, shapes: dict) -> bytes
 
 
 def sidecar_frame(items: ItemMap) -> pl.DataFrame:
-    return pl.DataFrame({INDEX: np.arange(len(items), dtype=np.int64), "item_id": items.ids.astype(np.int64)})
+    return pl.DataFrame([pl.Series(INDEX, np.arange(len(items), dtype=np.int64)), items.series("item_id")])
 
 
 def build_graphs(

@@ -2,7 +2,7 @@
 
 B slots each hold one session; every step each active slot emits (input, target) = (current item,
 next item) and advances. A slot whose session is finished takes the next unused session (sessions
-ordered by first-event time, ties by session id; finished slots served in slot order) and its
+ordered by first-event time, ties by order of appearance in the frame; finished slots served in slot order) and its
 hidden state is zeroed. When no session is left, finished slots drop out and the batch shrinks,
 keeping slot order, until every pair has been used exactly once.
 
@@ -28,7 +28,7 @@ class Sessions:
 
     items: np.ndarray  # int64 [E]
     offsets: np.ndarray  # int64 [S + 1]
-    session_ids: np.ndarray  # int64 [S]
+    session_ids: np.ndarray  # [S] the user's ids: int64, or object holding str
 
     @property
     def n_sessions(self) -> int:
@@ -40,11 +40,13 @@ class Sessions:
 
     @classmethod
     def from_events(cls, events: pl.DataFrame) -> Sessions:
-        """Order sessions by first-event time (ties by id). `events` needs session_id, time, item_idx."""
+        """Order sessions by first-event time, ties by first appearance in `events` (never by id value,
+        so integer and string ids give one order). `events` needs session_id, time, item_idx."""
         order = (
-            events.group_by(SESSION)
-            .agg(pl.col(TIME).min().alias("_start"))
-            .sort(["_start", SESSION])
+            events.with_row_index("_first")
+            .group_by(SESSION)
+            .agg(pl.col(TIME).min().alias("_start"), pl.col("_first").min())
+            .sort(["_start", "_first"])
             .with_row_index("_rank")
         )
         ev = (
@@ -59,7 +61,7 @@ class Sessions:
         return cls(
             items=ev[INDEX].to_numpy().astype(np.int64),
             offsets=offsets,
-            session_ids=order[SESSION].to_numpy().astype(np.int64),
+            session_ids=_ids_array(order[SESSION]),
         )
 
 
@@ -133,3 +135,7 @@ def make_schedule(sessions: Sessions, batch_size: int) -> Schedule:
         step_offsets=step_offsets,
         n_slots=n_slots,
     )
+
+
+def _ids_array(s: pl.Series) -> np.ndarray:
+    return np.array(s.to_list(), dtype=object) if s.dtype == pl.String else s.to_numpy().astype(np.int64)

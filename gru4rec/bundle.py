@@ -40,8 +40,15 @@ MODEL_KEYS = (
 
 
 def items_sha256(ids: np.ndarray) -> str:
-    """Fingerprint of an item map: sha256 of the ids in index order as little-endian int64."""
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+    """Fingerprint of an item map: sha256 of the ids in index order as little-endian int64; string ids
+    as a type tag, then each id's utf-8 byte length (int64) and the concatenated bytes."""
+    if ids.dtype != object:
+        return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+    encoded = [str(x).encode() for x in ids]
+    h = hashlib.sha256(b"gru4rec-str-ids\0")
+    h.update(np.array([len(b) for b in encoded], dtype="<i8").tobytes())
+    h.update(b"".join(encoded))
+    return h.hexdigest()
 
 
 def companion_paths(onnx_path: str | Path) -> tuple[Path, Path]:
@@ -152,7 +159,9 @@ def read_sidecar(path: Path) -> tuple[ItemMap, dict[str, str]]:
     df = df.sort(INDEX)
     if not np.array_equal(df[INDEX].to_numpy(), np.arange(df.height)):
         raise UserError(f"{path}: sidecar {INDEX} is not 0..N-1")
-    return ItemMap(df[ITEM].cast(pl.Int64).to_numpy()), kv
+    if df[ITEM].dtype != pl.String and not df[ITEM].dtype.is_integer():
+        raise UserError(f"{path}: sidecar {ITEM} must hold integer or string ids, found {df[ITEM].dtype}")
+    return ItemMap.from_series(df[ITEM]), kv
 
 
 def load_bundle(onnx_path: str | Path) -> ModelBundle:

@@ -50,7 +50,7 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
         "format_version": FORMAT_VERSION,
         "model_config": ckpt.model.cfg.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
-        "item_ids": torch.from_numpy(np.ascontiguousarray(ckpt.items.ids, dtype=np.int64)),
+        "item_ids": _pack_ids(ckpt.items),
         "params": ckpt.params,
         "data_fingerprint": ckpt.data_fingerprint,
         "train_state": ckpt.train_state,
@@ -82,7 +82,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         cfg = ModelConfig(**payload["model_config"])
         model = GRU4Rec(cfg, seed=None)
         model.load_state_dict(payload["state_dict"])
-        items = ItemMap(payload["item_ids"].numpy().astype(np.int64))
+        items = _unpack_ids(payload["item_ids"])
         if len(items) != cfg.n_items:
             raise ValueError(f"item map has {len(items)} items, model {cfg.n_items}")
     except UserError:
@@ -98,3 +98,18 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         train_state=payload.get("train_state"),
         info=payload.get("info") or {},
     )
+
+
+def _pack_ids(items: ItemMap):
+    """int ids as an int64 tensor (as before); string ids as a plain list of str (weights_only-safe)."""
+    if items.kind == "str":
+        return [str(x) for x in items.ids]
+    return torch.from_numpy(np.ascontiguousarray(items.ids, dtype=np.int64))
+
+
+def _unpack_ids(packed) -> ItemMap:
+    if isinstance(packed, list):
+        if not all(isinstance(x, str) for x in packed):
+            raise ValueError("item ids are neither an int64 tensor nor a list of strings")
+        return ItemMap(np.array(packed, dtype=object))
+    return ItemMap(packed.numpy().astype(np.int64))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from gru4rec.data import ITEM, SESSION, TIME, sort_events
+from gru4rec.data import ITEM, SESSION, TIME
 from gru4rec.errors import UserError
 from gru4rec.items import drop_short_sessions
 
@@ -69,7 +69,7 @@ def generate(
         {SESSION: np.repeat(session_ids, lengths), ITEM: world.item_ids[items], TIME: times},
         schema={SESSION: pl.Int64, ITEM: pl.Int64, TIME: pl.Int64},
     )
-    return _split(sort_events(events), T0 + int(cfg.days * DAY) - int(cfg.test_days * DAY))
+    return _split(events.sort([SESSION, TIME], maintain_order=True), T0 + int(cfg.days * DAY) - int(cfg.test_days * DAY))
 
 
 @dataclass

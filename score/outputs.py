@@ -22,40 +22,46 @@ from gru4rec.score.replay import ChunkResult
 
 # One row per scored event, sorted by (session_id, position). `position` is the 0-based position of the input event in its session
 # (after unknown items are dropped); `rank` is the target's rank under the run's tie mode.
-RECS_SCHEMA = {
-    SESSION: pl.Int64,
-    "position": pl.Int64,
-    ITEM: pl.Int64,
-    "next_item_id": pl.Int64,
-    "rank": pl.Float64,
-    "rec_item_ids": pl.List(pl.Int64),
-    "rec_scores": pl.List(pl.Float32),
-}
+# Ids are written in the user's dtype (Int64 or String), as they came in.
+def recs_schema(session_dtype: pl.DataType = pl.Int64, item_dtype: pl.DataType = pl.Int64) -> dict:
+    return {
+        SESSION: session_dtype,
+        "position": pl.Int64,
+        ITEM: item_dtype,
+        "next_item_id": item_dtype,
+        "rank": pl.Float64,
+        "rec_item_ids": pl.List(item_dtype),
+        "rec_scores": pl.List(pl.Float32),
+    }
+
+
+RECS_SCHEMA = recs_schema()
 
 
 def recs_frame(result: ChunkResult, items: ItemMap, ranks: np.ndarray, k: int) -> pl.DataFrame:
     sched, sessions = result.plan.schedule, result.plan.sessions
-    top_ids = items.to_ids(result.topk_idx[:, :k])
+    top_idx = np.ascontiguousarray(result.topk_idx[:, :k])
+    top_ids = items.to_series(top_idx, "rec_item_ids").reshape((len(top_idx), k)).arr.to_list()
     top_scores = np.ascontiguousarray(result.topk_scores[:, :k], dtype=np.float32)
+    session_ids = pl.Series(SESSION, sessions.session_ids[sched.session])
     return pl.DataFrame(
-        {
-            SESSION: sessions.session_ids[sched.session],
-            "position": sched.position,
-            ITEM: items.to_ids(sched.inputs),
-            "next_item_id": items.to_ids(sched.targets),
-            "rank": ranks,
-            "rec_item_ids": pl.Series(top_ids, dtype=pl.Array(pl.Int64, k)).cast(pl.List(pl.Int64)),
-            "rec_scores": pl.Series(top_scores, dtype=pl.Array(pl.Float32, k)).cast(pl.List(pl.Float32)),
-        },
-        schema=RECS_SCHEMA,
+        [
+            session_ids,
+            pl.Series("position", sched.position, dtype=pl.Int64),
+            items.to_series(sched.inputs, ITEM),
+            items.to_series(sched.targets, "next_item_id"),
+            pl.Series("rank", ranks, dtype=pl.Float64),
+            top_ids,
+            pl.Series("rec_scores", top_scores, dtype=pl.Array(pl.Float32, k)).cast(pl.List(pl.Float32)),
+        ]
     ).sort(SESSION, "position")  # replay order interleaves sessions; chunks come in session-id order
 
 
 class RecsWriter:
     """Appends recommendation frames to one Parquet file as row groups."""
 
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
+    def __init__(self, tmp_path: Path, schema: dict):
+        self.tmp_path, self.schema = tmp_path, schema
         self._writer = None
         self.n_rows = 0
 
@@ -70,19 +76,19 @@ class RecsWriter:
 
     def close(self) -> None:
         if self._writer is None:  # nothing scored: still a valid, empty file
-            pl.DataFrame(schema=RECS_SCHEMA).write_parquet(self.tmp_path)
+            pl.DataFrame(schema=self.schema).write_parquet(self.tmp_path)
         else:
             self._writer.close()
 
 
 @contextlib.contextmanager
-def open_recs(path: str | Path | None) -> Iterator[RecsWriter | None]:
+def open_recs(path: str | Path | None, schema: dict = RECS_SCHEMA) -> Iterator[RecsWriter | None]:
     """A RecsWriter whose file appears at `path` only if the block succeeds; None when no path."""
     if path is None:
         yield None
         return
     with atomic_path(path) as tmp:
-        writer = RecsWriter(tmp)
+        writer = RecsWriter(tmp, schema)
         try:
             yield writer
         finally:

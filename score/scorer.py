@@ -18,7 +18,7 @@ from gru4rec.errors import UserError
 from gru4rec.items import ItemMap
 from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES, RankAccumulator, ranks_from_counts
 from gru4rec.score.latency import LatencyRecorder
-from gru4rec.score.outputs import open_recs, recs_frame, write_metrics_json
+from gru4rec.score.outputs import open_recs, recs_frame, recs_schema, write_metrics_json
 from gru4rec.score.replay import StepBackend, plan_chunk, replay
 from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SessionSource
 
@@ -124,13 +124,14 @@ def score_source(
     cfg.check(backend.n_items, backend.top_k)
     if len(items) != backend.n_items:
         raise UserError(f"item map has {len(items)} items but the model scores {backend.n_items}")
+    items.check_kind(source.item_kind, source.path)
     rec = recorder or LatencyRecorder()
     batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
     backend.start(batch)
     acc = RankAccumulator(tuple(cfg.cutoffs))
     n_dropped = n_scored_sessions = 0
     bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
-    with bar, open_recs(out) as writer:
+    with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
         chunks = source.chunks()
         while True:
             with rec.phase("load"):  # reading, item mapping and planning count as loading

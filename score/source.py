@@ -1,9 +1,10 @@
-"""Read a sessions file lazily, in chunks of whole sessions, so a file larger than memory scores.
+"""Read sessions lazily, in chunks of whole sessions, so an input larger than memory scores.
 
-One streaming pass counts events per session (one row per session is all that is held); sessions
-are then cut, in session-id order, into id ranges of about `chunk_events` events, and each range
-is collected on its own. A range filter on the session id is exact whatever the file's order, and
-on a file sorted by session (the canonical layout) Parquet row-group statistics skip the rest.
+Any layout `gru4rec.data` reads (file, folder, glob, hive dataset). One streaming pass counts events
+per session (one row per session is all that is held); sessions are then cut, in session-id order,
+into id ranges of about `chunk_events` events, and each range is collected on its own. A range filter
+on the session id (integer or string) is exact whatever the files' order, and on files sorted by
+session (the canonical layout) Parquet row-group statistics skip the rest.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gru4rec.data import ITEM, SESSION, TIME, Keys, scan_events, validate_events
+from gru4rec.data import ITEM, SESSION, TIME, Keys, id_dtype, open_events
 from gru4rec.errors import UserError
 
 DEFAULT_CHUNK_EVENTS = 1_000_000
@@ -35,9 +36,11 @@ class SessionSource:
     def __init__(self, path: str | Path, keys: Keys = Keys(), chunk_events: int = DEFAULT_CHUNK_EVENTS):
         if chunk_events < 1:
             raise UserError(f"--chunk-events must be at least 1, got {chunk_events}")
-        self.path = Path(path)
-        self.lf = scan_events(self.path, keys).select(SESSION, ITEM, TIME)
+        self.path = str(path)
+        self.events = open_events(path, keys)
+        self.lf = self.events.scan()
         self._check_sample_and_nulls()
+        self.events.resolve_time_unit()  # one unit for every chunk
         lengths = self._collect(self.lf.group_by(SESSION).agg(pl.len().alias("n")).sort(SESSION))
         n = lengths["n"].to_numpy()
         self.stats = SourceStats(
@@ -50,36 +53,40 @@ class SessionSource:
             raise UserError(
                 f"{self.path}: every session has a single event; nothing to score (need >= 2 per session)"
             )
-        self.ranges = _id_ranges(lengths[SESSION].to_numpy(), n, chunk_events)
+        self.ranges = _id_ranges(lengths[SESSION], n, chunk_events)
 
     def chunks(self) -> Iterator[pl.DataFrame]:
         for lo, hi in self.ranges:
             df = self._collect(self.lf.filter(pl.col(SESSION).is_between(lo, hi)))
-            yield validate_events(df, str(self.path))
+            yield self.events.validate(df)
+
+    @property
+    def item_kind(self) -> str:
+        """'int' or 'str': the type of the item ids (checked against the model before any work)."""
+        return id_dtype(self.lf.collect_schema()[ITEM])
+
+    @property
+    def session_dtype(self) -> pl.DataType:
+        return pl.String if id_dtype(self.lf.collect_schema()[SESSION]) == "str" else pl.Int64
 
     # ----------------------------------------------------------------------------------------------
     def _check_sample_and_nulls(self) -> None:
         # Dtype and emptiness errors come from the shared validator, on the first rows only.
-        validate_events(self._collect(self.lf.head(1000)), str(self.path))
-        # A null session id would escape every id range: count nulls over the whole file up front.
+        self.events.validate(self._collect(self.lf.head(1000)))
+        # A null session id would escape every id range: count nulls over the whole input up front.
         nulls = self._collect(self.lf.select(pl.all().null_count())).row(0, named=True)
         for col, n_null in nulls.items():
             if n_null:
-                raise UserError(f"{self.path}: column '{col}' has {n_null} null value(s)")
+                raise UserError(f"{self.path}: column {self.events.names[col]!r} has {n_null} null value(s)")
 
     def _collect(self, lf: pl.LazyFrame) -> pl.DataFrame:
-        try:
-            return lf.collect(engine="streaming")
-        except UserError:
-            raise
-        except Exception as e:  # polars raises many types for unreadable or mistyped files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"{self.path}: cannot read file ({first})") from None
+        return self.events.collect(lf, streaming=True)
 
 
-def _id_ranges(ids: np.ndarray, lengths: np.ndarray, chunk_events: int) -> list[tuple[int, int]]:
-    """Consecutive (first id, last id) ranges of sorted session ids, each about chunk_events events."""
+def _id_ranges(ids: pl.Series, lengths: np.ndarray, chunk_events: int) -> list[tuple]:
+    """Consecutive (first id, last id) ranges of sorted session ids (int or str), each about
+    chunk_events events."""
     chunk = (np.cumsum(lengths) - 1) // chunk_events
     starts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])
     ends = np.r_[starts[1:], len(ids)] - 1
-    return [(int(ids[s]), int(ids[e])) for s, e in zip(starts, ends, strict=True)]
+    return [(ids[int(s)], ids[int(e)]) for s, e in zip(starts, ends, strict=True)]

@@ -123,14 +123,17 @@ def test_more_slots_than_sessions_and_empty():
     assert empty.n_slots == 0 and empty.n_steps == 0
 
 
-def test_sessions_ordered_by_first_event_time_ties_by_id():
+@pytest.mark.parametrize("as_string", [False, True])
+def test_sessions_ordered_by_first_event_time_ties_by_first_appearance(as_string):
+    ids = [5, 5, 3, 3, 9, 9, 1, 1]  # 5 and 3 start at the same time; 5 comes first in the frame
     ev = pl.DataFrame(
         {
-            "session_id": [5, 5, 3, 3, 9, 9, 1, 1],
+            "session_id": [f"s-{i}" for i in ids] if as_string else ids,
             "time": [10, 11, 10, 12, 2, 3, 40, 41],
             "item_idx": [0, 1, 2, 3, 4, 5, 6, 7],
         }
     )
     s = Sessions.from_events(ev)
-    assert s.session_ids.tolist() == [9, 3, 5, 1]
-    assert s.items.tolist() == [4, 5, 2, 3, 0, 1, 6, 7]
+    want = [9, 5, 3, 1]  # never by id value: "s-3" < "s-5" as text but 5 still comes first
+    assert s.session_ids.tolist() == ([f"s-{i}" for i in want] if as_string else want)
+    assert s.items.tolist() == [4, 5, 0, 1, 2, 3, 6, 7]
