@@ -34,7 +34,14 @@ SESSION, ITEM, TIME = "session_id", "item_id", "time"
 BENCH_DATA_DIR = Path("../shared/data")
 # Column names of the official GRU4Rec TSV files, recognised without any option.
 OFFICIAL_KEYS = {"SessionId": SESSION, "ItemId": ITEM, "Time": TIME}
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".txt": "tsv", ".dat": "tsv", ".csv": "csv"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".tsv": "tsv",
+    ".txt": "tsv",
+    ".dat": "tsv",
+    ".csv": "csv",
+}
 # Seconds per unit of an integer/float time column.
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 # Epoch times in seconds stay below this (year 5138); ms / us / ns epochs are 1e3 / 1e6 / 1e9 larger.
@@ -137,7 +144,9 @@ def open_events(source: str | Path, keys: Keys = Keys()) -> EventSource:
         for dst, src in names.items():
             a, b = schemas[0][1].get(src), schema.get(src)
             if b is None:
-                raise UserError(f"{f}: missing column {src!r} that {files[0]} has (files of one dataset differ)")
+                raise UserError(
+                    f"{f}: missing column {src!r} that {files[0]} has (files of one dataset differ)"
+                )
             if (_time_kind(a), _id_kind(a)) != (_time_kind(b), _id_kind(b)):
                 raise UserError(
                     f"column {src!r} is {a} in {files[0]} but {b} in {f}: the files of one dataset must agree"
@@ -270,7 +279,9 @@ def guess_time_unit(s: pl.Series, what: str | None = None) -> str:
             unit, top = candidate, top / 1000.0
     if unit != "s":
         where = what or "the time column"
-        notice(f"{where} looks like epoch {_UNIT_NAMES[unit]}: converted to seconds (set --time-unit to override)")
+        notice(
+            f"{where} looks like epoch {_UNIT_NAMES[unit]}: converted to seconds (set --time-unit to override)"
+        )
     return unit
 
 
@@ -320,7 +331,11 @@ def _id_kind(dtype) -> str:
         return "none"
     if dtype.is_integer():
         return "int"
-    if dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum) or dtype in (pl.Categorical, pl.Enum):
+    if (
+        dtype == pl.String
+        or isinstance(dtype, pl.Categorical | pl.Enum)
+        or dtype in (pl.Categorical, pl.Enum)
+    ):
         return "str"
     return "other"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,8 +20,23 @@ SessionKey = Annotated[
 ]
 ItemKey = Annotated[str, typer.Option("--item-key", help="Name of the item id column in the input file.")]
 TimeKey = Annotated[
-    str, typer.Option("--time-key", help="Name of the time column (seconds) in the input file.")
+    str,
+    typer.Option(
+        "--time-key",
+        help="Name of the time column: numbers (see --time-unit), a datetime/date, or ISO-8601 text.",
+    ),
 ]
+TimeUnit = Annotated[
+    str,
+    typer.Option(
+        "--time-unit",
+        help="Unit of a numeric time column: s, ms, us, ns, or auto (epoch ms/us/ns are recognised by "
+        "magnitude, converted and said on stderr).",
+    ),
+]
+EVENTS_HELP = (
+    "Events: a Parquet, TSV or CSV file, a folder of them (hive key=value folders welcome) or a quoted glob."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -70,12 +86,14 @@ def prepare_rsc15(
     """The RSC15 protocol of the GRU4Rec papers: filters, last-day test split, train_tr/train_valid."""
     from gru4rec.prepare import read_rsc15_clicks, rsc15_protocol
 
-    _split_to(outdir, "RSC15 protocol", "clicks", lambda: read_rsc15_clicks(raw_clicks), rsc15_protocol)
+    _split_to(
+        outdir, raw_clicks, "RSC15 protocol", "clicks", lambda: read_rsc15_clicks(raw_clicks), rsc15_protocol
+    )
 
 
 @data_app.command()
 def split(
-    events_file: Annotated[Path, typer.Argument(metavar="EVENTS", help="Click log: Parquet, TSV or CSV.")],
+    events_file: Annotated[Path, typer.Argument(metavar="EVENTS", help=EVENTS_HELP)],
     outdir: SplitOutDir,
     test_days: Annotated[
         float | None, typer.Option(help="Test = sessions whose last event is in the last N days (default 1).")
@@ -106,62 +124,88 @@ def split(
     session_key: SessionKey = "session_id",
     item_key: ItemKey = "item_id",
     time_key: TimeKey = "time",
+    time_unit: TimeUnit = "auto",
 ) -> None:
     """Time split of your own click log: filters, whole-session test split, unseen test items removed."""
-    from gru4rec.data import read_events
-    from gru4rec.prepare import SplitConfig, split_events
+    from gru4rec.data import open_events
+    from gru4rec.prepare import SplitConfig, split_with_report
 
     if test_days is None and test_fraction is None:
         test_days = 1.0
     cfg = SplitConfig(test_days, test_fraction, min_item_support, min_session_length, dedup, valid)
-    keys = Keys(session_key, item_key, time_key)
-    _split_to(
-        outdir, "split", "events", lambda: read_events(events_file, keys), lambda ev: split_events(ev, cfg)
-    )
+    source = open_events(events_file, Keys(session_key, item_key, time_key, time_unit))
+    _say_ignored(source)
+    _split_to(outdir, events_file, "split", "events", source.read, lambda ev: split_with_report(ev, cfg))
 
 
-def _split_to(outdir: Path, title: str, noun: str, read, cut) -> None:
-    """read -> cut into the SPLIT_FILES frames -> write them; the folder is checked before reading."""
-    from gru4rec.io import check_output_dir
+def _say_ignored(source) -> None:
+    if source.ignored:
+        print(f"note: columns not used: {', '.join(source.ignored)}", file=sys.stderr)
+
+
+def _split_to(outdir: Path, source: Path, title: str, noun: str, read, cut) -> None:
+    """read -> cut into the SPLIT_FILES frames -> write them; the outputs are checked before reading
+    (never over, inside or among the inputs)."""
+    from gru4rec.io import check_output_dir, check_output_file
 
     check_output_dir(outdir)
+    for name in (*(f"{n}.parquet" for n in SPLIT_FILES), "stats.json", "stats.md", "dropped.json"):
+        check_output_file(outdir / name, inputs=(source,))
     with _Steps(3) as step:
         step(f"reading {noun}")
         events = read()
         step(f"filtering and splitting {events.height:,} {noun}")
         frames = cut(events)
+        frames, drops = frames if isinstance(frames, tuple) else (frames, None)
         step("writing")
-        _write(outdir, frames, title=title, owned=SPLIT_FILES)
+        _write(outdir, frames, title=title, owned=SPLIT_FILES, drops=drops)
 
 
 @data_app.command()
 def stats(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Events file: Parquet, TSV or CSV.")],
+    file: Annotated[Path, typer.Argument(metavar="EVENTS", help=EVENTS_HELP)],
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")
     ] = None,
     session_key: SessionKey = "session_id",
     item_key: ItemKey = "item_id",
     time_key: TimeKey = "time",
+    time_unit: TimeUnit = "auto",
 ) -> None:
     """Sessions, events, items, predictions and the session-length distribution of an events file."""
     from rich.console import Console
 
-    from gru4rec.data import read_events
+    from gru4rec.data import open_events
     from gru4rec.io import check_output_file, write_text_atomic
     from gru4rec.stats import dataset_stats, histogram_table, stats_table
 
     if json_out is not None:
         check_output_file(json_out, inputs=(file,))
-    s = dataset_stats(read_events(file, Keys(session_key, item_key, time_key)))
+    source = open_events(file, Keys(session_key, item_key, time_key, time_unit))
+    s = dataset_stats(source.read())
+    s["id_types"] = {"session": _kind(source, "session_id"), "item": _kind(source, "item_id")}
+    s["ignored_columns"] = source.ignored
     console = Console()
     console.print(stats_table({file.name: s}, title=str(file)))
     console.print(histogram_table(s))
+    console.print(
+        f"one-event sessions (no prediction, skipped by train and score): {s['length']['histogram'].get('1', 0):,}; "
+        f"ids: session {s['id_types']['session']}, item {s['id_types']['item']}; "
+        f"columns not used: {', '.join(source.ignored) or 'none'}"
+    )
     if json_out is not None:
         write_text_atomic(json_out, json.dumps({"file": str(file), **s}, indent=2) + "\n")
 
 
-def _write(outdir: Path, frames: dict, title: str = "dataset statistics", owned: tuple = ()) -> None:
+def _kind(source, col: str) -> str:
+    from gru4rec.data import id_dtype
+
+    return {"int": "integer", "str": "string"}[id_dtype(source.schema[source.names[col]])]
+
+
+def _write(
+    outdir: Path, frames: dict, title: str = "dataset statistics", owned: tuple = (), drops=None
+) -> None:
     """Each frame as OUTDIR/<name>.parquet, their statistics as stats.json and stats.md; print the table.
 
     Files of an earlier run named in `owned` but not written now are removed, so the folder never
@@ -176,10 +220,22 @@ def _write(outdir: Path, frames: dict, title: str = "dataset statistics", owned:
         write_parquet_atomic(df, outdir / f"{name}.parquet")
         stats[name] = dataset_stats(df)
     write_text_atomic(outdir / "stats.json", json.dumps(stats, indent=2) + "\n")
-    write_text_atomic(outdir / "stats.md", _markdown(stats))
+    write_text_atomic(outdir / "stats.md", _markdown(stats) + "".join(f"\n- {x}" for x in _lines(drops)))
+    if drops is not None:  # what the filters removed and why, per reason
+        report = {"one_event_sessions_in_input": drops.one_event_sessions, "events": drops.events}
+        write_text_atomic(
+            outdir / "dropped.json", json.dumps({**report, "sessions": drops.sessions}, indent=2)
+        )
     for name in set(owned) - set(frames):
         (outdir / f"{name}.parquet").unlink(missing_ok=True)
-    Console().print(stats_table(stats, title=f"{title}: {outdir}"))
+    console = Console()
+    console.print(stats_table(stats, title=f"{title}: {outdir}"))
+    for line in _lines(drops):
+        console.print(line)
+
+
+def _lines(drops) -> list[str]:
+    return drops.lines() if drops is not None else []
 
 
 def _markdown(stats: dict[str, dict]) -> str:

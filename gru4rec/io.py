@@ -25,10 +25,30 @@ def check_output_file(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
         kind = "a directory" if path.is_dir() else "not a regular file"
         raise UserError(f"{path}: output path is {kind}")
     for other in inputs:
-        if other is not None and path.resolve() == Path(other).resolve():
-            raise UserError(f"{path}: output would overwrite an input file")
+        if other is not None:
+            _refuse_input_clash(path, str(other))
     check_output_dir(path.parent)
     return path
+
+
+DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".txt", ".dat")
+
+
+def _refuse_input_clash(path: Path, source: str) -> None:
+    """An output must not be an input file, nor a data file inside an input folder or glob root
+    (the next run would read it as events)."""
+    target = path.resolve()
+    wild = [i for i, part in enumerate(Path(source).parts) if any(ch in part for ch in "*?[")]
+    if wild:
+        root = Path(*Path(source).parts[: wild[0]]) if wild[0] else Path(".")
+        if target.suffix.lower() in DATA_SUFFIXES and target.is_relative_to(root.resolve()):
+            raise UserError(f"{path}: output would land among the input files matched by {source}")
+        return
+    src = Path(source).resolve()
+    if target == src:
+        raise UserError(f"{path}: output would overwrite an input file")
+    if src.is_dir() and target.is_relative_to(src) and target.suffix.lower() in DATA_SUFFIXES:
+        raise UserError(f"{path}: output would land inside the input folder {source}")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

@@ -7,7 +7,7 @@ became too short, and split train the same way again into train_tr / train_valid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -82,10 +82,19 @@ def split_whole_sessions(events: pl.DataFrame, boundary: float) -> tuple[pl.Data
     return events.filter(~is_test), events.filter(is_test)
 
 
-def keep_seen_items(test: pl.DataFrame, train: pl.DataFrame, min_length: int = 2) -> pl.DataFrame:
+def keep_seen_items(
+    test: pl.DataFrame,
+    train: pl.DataFrame,
+    min_length: int = 2,
+    drops: Drops | None = None,
+    name: str = "test",
+) -> pl.DataFrame:
     """Drop test events of items absent from train, then test sessions left shorter than `min_length`."""
+    drops = drops or Drops()
     seen = test.filter(pl.col(ITEM).is_in(train[ITEM].unique().implode()))
-    return drop_short_sessions(seen, min_length)
+    seen = drops.apply(f"{name}: events of items unseen in training", test, seen)
+    reason = f"{name}: sessions shorter than {min_length} after unseen items"
+    return drops.apply(reason, seen, drop_short_sessions(seen, min_length))
 
 
 def drop_rare_items(events: pl.DataFrame, min_support: int) -> pl.DataFrame:
@@ -160,36 +169,78 @@ class SplitConfig:
 
 def split_events(events: pl.DataFrame, cfg: SplitConfig) -> dict[str, pl.DataFrame]:
     """Filter (repeated until stable, so every kept item and session meets the minimums), then split."""
+    return split_with_report(events, cfg)[0]
+
+
+def split_with_report(events: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pl.DataFrame], Drops]:
+    """split_events, plus what was dropped and why."""
+    drops = Drops()
+    drops.note_one_event_sessions(events)
     if cfg.dedup:
-        events = drop_consecutive_duplicates(events)
-    events = filter_until_stable(events, cfg.min_item_support, cfg.min_session_length)
+        events = drops.apply("consecutive duplicates", events, drop_consecutive_duplicates(events))
+    events = filter_until_stable(events, cfg.min_item_support, cfg.min_session_length, drops)
     if events.height == 0:
         raise UserError(
             f"no events left after filtering (items >= {cfg.min_item_support} events, "
             f"sessions >= {cfg.min_session_length} events)"
         )
-    hint = "change --test-days/--test-fraction, or check the time column"
+    hint = "change --test-days/--test-fraction, or check the time column (and --time-unit)"
     names = ("train_full", "test")
-    frames = dict(zip(names, _nonempty(_time_split(events, cfg), names, hint), strict=True))
+    frames = dict(zip(names, _nonempty(_time_split(events, cfg, drops, "test"), names, hint), strict=True))
     if cfg.valid:
         names = ("train_tr", "train_valid")
-        frames.update(zip(names, _nonempty(_time_split(frames["train_full"], cfg), names, hint), strict=True))
-    return frames
+        cut = _time_split(frames["train_full"], cfg, drops, "train_valid")
+        frames.update(zip(names, _nonempty(cut, names, hint), strict=True))
+    return frames, drops
 
 
-def filter_until_stable(events: pl.DataFrame, min_support: int, min_length: int) -> pl.DataFrame:
+@dataclass
+class Drops:
+    """Events (and sessions) removed per reason, in the order the filters ran."""
+
+    events: dict[str, int] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+    one_event_sessions: int = 0  # in the input, before any filter
+
+    def note_one_event_sessions(self, events: pl.DataFrame) -> None:
+        self.one_event_sessions = int((events.group_by(SESSION).len()["len"] == 1).sum())
+
+    def apply(self, reason: str, before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:
+        self.events[reason] = self.events.get(reason, 0) + before.height - after.height
+        n_sessions = before[SESSION].n_unique() - after[SESSION].n_unique()
+        self.sessions[reason] = self.sessions.get(reason, 0) + n_sessions
+        return after
+
+    def lines(self) -> list[str]:
+        out = [f"one-event sessions in the input: {self.one_event_sessions:,}"]
+        for reason, n in self.events.items():
+            out.append(f"dropped {n:,} events ({self.sessions[reason]:,} whole sessions) - {reason}")
+        return out
+
+
+def filter_until_stable(
+    events: pl.DataFrame, min_support: int, min_length: int, drops: Drops | None = None
+) -> pl.DataFrame:
+    drops = drops or Drops()
     while True:
-        kept = drop_short_sessions(drop_rare_items(events, min_support), min_length)
+        rare = drops.apply(
+            f"items with fewer than {min_support} events", events, drop_rare_items(events, min_support)
+        )
+        kept = drops.apply(
+            f"sessions shorter than {min_length} events", rare, drop_short_sessions(rare, min_length)
+        )
         if kept.height == events.height:
             return kept
         events = kept
 
 
-def _time_split(events: pl.DataFrame, cfg: SplitConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _time_split(
+    events: pl.DataFrame, cfg: SplitConfig, drops: Drops | None = None, name: str = "test"
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     t_min, t_max = events[TIME].min(), events[TIME].max()
     if cfg.test_days is not None:
         boundary = t_max - cfg.test_days * DAY
     else:
         boundary = t_max - cfg.test_fraction * (t_max - t_min)
     train, test = split_whole_sessions(events, boundary)
-    return train, keep_seen_items(test, train, cfg.min_session_length)
+    return train, keep_seen_items(test, train, cfg.min_session_length, drops, name)
