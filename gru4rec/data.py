@@ -141,7 +141,7 @@ def open_events(source: str | Path, keys: Keys = Keys()) -> EventSource:
     columns = list(schemas[0][1])
     names = _key_columns(columns, keys, files[0])
     for f, schema in schemas[1:]:
-        for dst, src in names.items():
+        for src in names.values():
             a, b = schemas[0][1].get(src), schema.get(src)
             if b is None:
                 raise UserError(
@@ -191,6 +191,18 @@ def scan_events(source: str | Path, keys: Keys = Keys()) -> pl.LazyFrame:
 def read_events(source: str | Path, keys: Keys = Keys(), where: pl.Expr | None = None) -> pl.DataFrame:
     """Read, validate and order all events of a file, folder, glob or hive dataset."""
     return open_events(source, keys).read(where)
+
+
+def read_training_events(source: str | Path, keys: Keys, role: str) -> pl.DataFrame:
+    """read_events, saying on stderr what training will not use: other columns, one-event sessions."""
+    src = open_events(source, keys)
+    events = src.read()
+    n_single = int((events.group_by(SESSION).len()["len"] == 1).sum())
+    if src.ignored:
+        notice(f"{role} data: columns not used: {', '.join(src.ignored)}")
+    if n_single:
+        notice(f"{role} data: {n_single:,} one-event session(s) skipped (nothing to predict)")
+    return events
 
 
 def validate_events(

@@ -69,7 +69,9 @@ def generate(
         {SESSION: np.repeat(session_ids, lengths), ITEM: world.item_ids[items], TIME: times},
         schema={SESSION: pl.Int64, ITEM: pl.Int64, TIME: pl.Int64},
     )
-    return _split(events.sort([SESSION, TIME], maintain_order=True), T0 + int(cfg.days * DAY) - int(cfg.test_days * DAY))
+    return _split(
+        events.sort([SESSION, TIME], maintain_order=True), T0 + int(cfg.days * DAY) - int(cfg.test_days * DAY)
+    )
 
 
 @dataclass

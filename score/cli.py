@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
             ..., "--model", help="Exported serving graph m.onnx (m.eval.onnx and m.items.parquet beside it)."
         ),
         sessions: Path = typer.Option(
-            ..., "--sessions", help="Test sessions: Parquet, TSV or CSV with session, item and time columns."
+            ...,
+            "--sessions",
+            help="Test sessions: a Parquet, TSV or CSV file, a folder of them (hive key=value folders "
+            "welcome) or a quoted glob such as 'events/**/*.parquet'; integer or string ids.",
         ),
         out: Path | None = typer.Option(
             None, "--out", help="Write recommendations (one row per scored event) to this Parquet file."
@@ -68,6 +71,9 @@ def register(app: typer.Typer) -> None:
         session_key: str = typer.Option(SESSION, "--session-key", help="Session id column in --sessions."),
         item_key: str = typer.Option(ITEM, "--item-key", help="Item id column in --sessions."),
         time_key: str = typer.Option(TIME, "--time-key", help="Timestamp column in --sessions."),
+        time_unit: str = typer.Option(
+            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
+        ),
     ) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
         from gru4rec.data import Keys
@@ -79,7 +85,7 @@ def register(app: typer.Typer) -> None:
             tie_mode=tie_mode,
             batch_size=batch_size,
             latency_mode=latency_mode,
-            keys=Keys(session_key, item_key, time_key),
+            keys=Keys(session_key, item_key, time_key, time_unit),
             chunk_events=chunk_events,
         )
         report = score(

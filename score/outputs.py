@@ -20,6 +20,7 @@ from gru4rec.io import atomic_path, write_text_atomic
 from gru4rec.items import ItemMap
 from gru4rec.score.replay import ChunkResult
 
+
 # One row per scored event, sorted by (session_id, position). `position` is the 0-based position of the input event in its session
 # (after unknown items are dropped); `rank` is the target's rank under the run's tie mode.
 # Ids are written in the user's dtype (Int64 or String), as they came in.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gru4rec.data import ITEM, SESSION, TIME, Keys, id_dtype, open_events
+from gru4rec.data import ITEM, SESSION, Keys, id_dtype, open_events
 from gru4rec.errors import UserError
 
 DEFAULT_CHUNK_EVENTS = 1_000_000
@@ -57,7 +57,7 @@ class SessionSource:
 
     def chunks(self) -> Iterator[pl.DataFrame]:
         for lo, hi in self.ranges:
-            df = self._collect(self.lf.filter(pl.col(SESSION).is_between(lo, hi)))
+            df = self._collect(self.lf.filter(pl.col(SESSION).is_between(pl.lit(lo), pl.lit(hi))))
             yield self.events.validate(df)
 
     @property

@@ -20,7 +20,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train", epilog=_params_epilog())
     def train_cmd(
         train_path: Path = typer.Argument(
-            ..., metavar="TRAIN", help="Training events (Parquet, TSV or CSV)."
+            ...,
+            metavar="TRAIN",
+            help="Training events: a Parquet, TSV or CSV file, a folder (hive welcome) or a quoted glob.",
         ),
         out: Path = typer.Option(
             ..., "--out", help="Model checkpoint to write (rewritten atomically after every epoch)."
@@ -57,6 +59,9 @@ def register(app: typer.Typer) -> None:
         ),
         item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
         time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
+        time_unit: str = typer.Option(
+            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
+        ),
         threads: int = typer.Option(
             None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
         ),
@@ -65,7 +70,7 @@ def register(app: typer.Typer) -> None:
         """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
         import torch
 
-        from gru4rec.data import Keys, read_events
+        from gru4rec.data import Keys, read_training_events
         from gru4rec.io import check_output_file
         from gru4rec.train.params import resolve
         from gru4rec.train.trainer import train
@@ -79,9 +84,9 @@ def register(app: typer.Typer) -> None:
         check_output_file(out, inputs=(train_path, valid, params_file))
         if threads is not None:
             torch.set_num_threads(threads)
-        keys = Keys(session_key, item_key, time_key)
-        events = read_events(train_path, keys)
-        valid_events = read_events(valid, keys) if valid is not None else None
+        keys = Keys(session_key, item_key, time_key, time_unit)
+        events = read_training_events(train_path, keys, "training")
+        valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
         train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out, resume=resume)
 
 
