@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from gru4rec.data import read_events
+from gru4rec.data import event_files, read_events
 from gru4rec.errors import UserError
 from gru4rec.eval import baselines
 from gru4rec.eval.baselines.base import evaluate, prepare_test, prepare_train
@@ -430,8 +430,10 @@ def _check_inputs(cfg: BenchmarkConfig, plan: list[tuple[DatasetSpec, list[Model
 
     for ds, models in plan:
         for what, path in (("train", ds.train), ("test", ds.test)):
-            if not path.is_file():
-                raise UserError(f"{path}: {what} file of dataset {ds.name!r} not found")
+            try:
+                event_files(str(path))  # a file, a folder or a glob of them
+            except UserError as e:
+                raise UserError(f"{e} ({what} data of dataset {ds.name!r})") from None
         for m in models:
             if m.checkpoint is not None and not m.checkpoint.is_file():
                 raise UserError(f"{m.checkpoint}: checkpoint of model {m.name!r} not found")
