@@ -40,6 +40,7 @@ def _register_all() -> None:
         module.register(app)
     for module in (train_cli, score_cli):
         module.register_bench(bench_app)
+    score_cli.register_bench_memory(bench_app)
 
 
 _register_all()

@@ -266,7 +266,7 @@ def time_seconds(s: pl.Series, what: str, unit: str = "auto") -> pl.Series:
         unit = guess_time_unit(s, what)
     top = float(s.abs().max()) * TIME_UNITS[unit]
     if top >= MAX_EPOCH_SECONDS:
-        guess = guess_time_unit(s)
+        guess = guess_time_unit(s, announce=False)
         hint = f"pass --time-unit {guess}" if guess != unit else "check the column"
         raise UserError(
             f"{what} read as {unit} gives times up to {top:.3g} s (year {1970 + top / YEAR:,.0f}): "
@@ -280,7 +280,7 @@ def time_seconds(s: pl.Series, what: str, unit: str = "auto") -> pl.Series:
 _UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 
 
-def guess_time_unit(s: pl.Series, what: str | None = None) -> str:
+def guess_time_unit(s: pl.Series, what: str | None = None, announce: bool = True) -> str:
     """s, ms, us or ns by the magnitude of the largest value (epoch seconds stay below 1e11); a
     unit other than seconds is announced, so it is never silent."""
     top = s.abs().max()
@@ -289,7 +289,7 @@ def guess_time_unit(s: pl.Series, what: str | None = None) -> str:
     for candidate in ("ms", "us", "ns"):
         if top >= MAX_EPOCH_SECONDS:
             unit, top = candidate, top / 1000.0
-    if unit != "s":
+    if unit != "s" and announce:
         where = what or "the time column"
         notice(
             f"{where} looks like epoch {_UNIT_NAMES[unit]}: converted to seconds (set --time-unit to override)"

@@ -146,9 +146,8 @@ def _say_ignored(source) -> None:
 def _split_to(outdir: Path, source: Path, title: str, noun: str, read, cut) -> None:
     """read -> cut into the SPLIT_FILES frames -> write them; the outputs are checked before reading
     (never over, inside or among the inputs)."""
-    from gru4rec.io import check_output_dir, check_output_file
+    from gru4rec.io import check_output_file
 
-    check_output_dir(outdir)
     for name in (*(f"{n}.parquet" for n in SPLIT_FILES), "stats.json", "stats.md", "dropped.json"):
         check_output_file(outdir / name, inputs=(source,))
     with _Steps(3) as step:

@@ -161,3 +161,22 @@ def register_bench(bench_app: typer.Typer) -> None:
         run_bench(
             model=model, sessions=sessions, out=out, batch_size=batch_size, online_sessions=online_sessions
         )
+
+
+def register_bench_memory(bench_app: typer.Typer) -> None:
+    @bench_app.command("score-memory")
+    def bench_score_memory_cmd(
+        out: Path | None = typer.Option(
+            Path("bench/results/score-memory.json"), "--out", help="Write the results JSON here."
+        ),
+        sizes: str = typer.Option(
+            "1000000,10000000", "--sizes", help="Comma-separated test-set sizes in events (smallest first)."
+        ),
+        workdir: Path | None = typer.Option(
+            None, "--workdir", help="Folder for the model and test sets (default: a new temporary folder)."
+        ),
+    ) -> None:
+        """Peak RSS and events/s of `score` (ORT CPU EP) on 1M and 10M synthetic events, one file vs 16 files."""
+        from gru4rec.score.bench_memory import run_bench
+
+        run_bench(out, tuple(int(x) for x in sizes.split(",") if x), workdir)

@@ -282,7 +282,7 @@ def test_benchmark_checks_every_input_before_the_first_dataset(tmp_path, data):
         + f'[[dataset]]\nname = "second"\ntrain = "{data}/train.parquet"\ntest = "{tmp_path}/gone.parquet"\n'
     )
     cfg = benchmark.load_config(bench_toml(tmp_path / "b.toml", data, two))
-    with pytest.raises(UserError, match=r"gone\.parquet: test file of dataset 'second' not found"):
+    with pytest.raises(UserError, match=r"gone\.parquet: file not found \(test data of dataset 'second'\)"):
         benchmark.run(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     # a model restricted to the first dataset does not need the second one's files

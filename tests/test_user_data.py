@@ -34,9 +34,11 @@ def as_text(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def one_line_error(code: int, err: str, needle: str) -> None:
+    """Exit 2 and one `error:` line (notes may precede it), never a traceback."""
     assert code == 2, err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert sum(line.startswith("error:") for line in lines) == 1 and needle in lines[-1], err
 
 
 # --- ids of the user's own type ------------------------------------------------------------------------
