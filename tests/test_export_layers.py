@@ -23,7 +23,9 @@ from gru4rec.export.onnx_export import export_bundle
 from gru4rec.export.verify import ort_session
 from gru4rec.items import ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
-from gru4rec.score.scorer import ScoreConfig, score
+from gru4rec.score.scorer import ScoreConfig, score, score_source
+from gru4rec.score.source import SessionSource
+from gru4rec.score.torch_backend import TorchBackend
 
 N, D, TOP_K = 200, 12, 10
 MODES = {
@@ -197,3 +199,6 @@ def test_cli_trains_exports_and_scores_unequal_layers(tmp_path, run):
         tmp_path / "m.onnx", tmp_path / "te.parquet", config=ScoreConfig(batch_size=7), provider="cpu"
     )
     assert_metrics_equal(report["metrics"], want)
+    source = SessionSource(tmp_path / "te.parquet")
+    torch_score = score_source(TorchBackend(ck.model, 5), ck.items, source, ScoreConfig(k=5, batch_size=7))
+    assert_metrics_equal(torch_score["metrics"], want)

@@ -93,7 +93,7 @@ def test_existing_out_needs_resume_or_overwrite(data, tmp_path, run):
         assert "epoch 1/" not in err and out.read_bytes() == saved, case
 
     code, _, err = run("train", data / "half.parquet", "--out", out, *P, "--epochs", "2")
-    assert "other data (fingerprint" in one_line_error(code, err) and out.read_bytes() == saved
+    assert "different data (fingerprint" in one_line_error(code, err) and out.read_bytes() == saved
     code, _, err = run(*base, "--epochs", "2", "--resume", "--overwrite")
     assert "pass one" in one_line_error(code, err) and out.read_bytes() == saved
     code, _, err = run(*base, "--epochs", "2", "-p", "learning_rate=0.3", "--resume")

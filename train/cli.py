@@ -90,14 +90,17 @@ def register(app: typer.Typer) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         keys = Keys(session_key, item_key, time_key)
-        events = read_events(train_path, keys)
-        valid_events = read_events(valid, keys) if valid is not None else None
         try:
+            events = read_events(train_path, keys)
+            valid_events = read_events(valid, keys) if valid is not None else None
             train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out,
                   resume=resume, overwrite=overwrite)  # fmt: skip
         except TrainingInterrupted as e:
             print(_interrupted_line(e, invocation(ctx)), file=sys.stderr, flush=True)
             raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
+        except KeyboardInterrupt:  # while reading or preparing the data: nothing was written
+            print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
 
 
 def _interrupted_line(e, argv: list[str]) -> str:

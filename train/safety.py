@@ -49,7 +49,7 @@ def check_train_output(out: str | Path, resume: bool, overwrite: bool, inputs: t
 def incompatibility(ck: ckpt_io.Checkpoint, params: dict, data_fp: str, seed: int) -> str | None:
     """Why `ck` cannot be continued by a run of `params` on data `data_fp` with `seed`, or None."""
     if ck.data_fingerprint != data_fp:
-        return f"trained on other data (fingerprint {ck.data_fingerprint} != {data_fp})"
+        return f"trained on different data (fingerprint {ck.data_fingerprint} != {data_fp})"
     saved = dict(ck.params)
     diff = [k for k in params if k not in RUNTIME_KEYS and saved.get(k) != params[k]]
     if diff:
