@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(CLI) data synth $(DEMO)/data --sessions 20000 --items 2000 --seed 7
-	$(CLI) train $(DEMO)/data/train.parquet --valid $(DEMO)/data/test.parquet --out $(DEMO)/model.pt --preset demo
+	$(CLI) train $(DEMO)/data/train.parquet --valid $(DEMO)/data/test.parquet --out $(DEMO)/model.pt --preset demo --overwrite
 	$(CLI) export $(DEMO)/model.pt --out $(DEMO)/model.onnx --top-k 20
 	$(CLI) score --model $(DEMO)/model.onnx --sessions $(DEMO)/data/test.parquet --out $(DEMO)/recs.parquet --metrics $(DEMO)/metrics.json
 	$(CLI) eval benchmark --config eval/configs/demo.toml --out $(DEMO)/report

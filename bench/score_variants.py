@@ -98,7 +98,7 @@ def build_eval_graph(ckpt, v: Variant, top_k: int, path: Path) -> None:
     cfg = model.cfg
     dtype = torch.float16 if v.fp16 else torch.float32
     step = EvalStep(model, top_k, dtype, v.topk_chunks, v.count_block, v.score_half, v.rerank).eval()
-    L, H, B = len(cfg.layers), cfg.layers[0], 3
+    L, H, B = len(cfg.layers), max(cfg.layers), 3  # H: padded state width
     example = (torch.arange(B) % cfg.n_items, torch.zeros(L, B, H), (torch.arange(B) + 1) % cfg.n_items)
     meta = model_metadata(
         ckpt, top_k, v.topk_chunks, DEFAULT_OPSET, "float16" if v.fp16 else "float32",
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = random_checkpoint(shape["n_items"], shape["hidden"], seed=0, scale=args.scale)
         model_desc = {"random_weights": True, "scale": args.scale}
     cfg = ckpt.model.cfg
-    N, L, H = cfg.n_items, len(cfg.layers), cfg.layers[0]
+    N, L, H = cfg.n_items, len(cfg.layers), max(cfg.layers)
     model_desc.update(n_items=N, layers=cfg.layers, mode=cfg.mode)
     todo = variants(block, chunk_counts, args.rerank or 2 * args.top_k)
     if args.only:

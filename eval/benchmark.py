@@ -249,7 +249,9 @@ def train_gru4rec(train_events: pl.DataFrame, preset: str | None, params: dict, 
     from gru4rec.train.trainer import train
 
     cfg = resolve(preset=preset, overrides=params)
-    train(train_events, cfg, valid_events=valid_events, device=device, seed=seed, progress=True, out=out)
+    # `out` is this command's own file (under its --out folder): a rerun replaces it
+    train(train_events, cfg, valid_events=valid_events, device=device, seed=seed, progress=True, out=out,
+          overwrite=True)  # fmt: skip
     return out
 
 

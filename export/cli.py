@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -83,10 +84,17 @@ def export(
     m = result.meta
     out_console.print(
         f"wrote {result.onnx_path} ({_mb(result.onnx_path)}), {result.eval_path.name}, {result.sidecar_path.name}: "
-        f"{m['input_mode']} input, {m['n_layers']} x {m['hidden_size']} GRU, {int(m['n_items']):,} items, "
+        f"{m['input_mode']} input, {_gru(m)} GRU, {int(m['n_items']):,} items, "
         f"top-{m['top_k']}{_chunks(m)}, {m['precision']}, opset {m['opset']}",
         markup=False,
     )
+
+
+def _gru(meta: dict) -> str:
+    layers = json.loads(meta["model_config"])["layers"]
+    if len(set(layers)) == 1:
+        return f"{len(layers)} x {layers[0]}"
+    return f"{','.join(map(str, layers))} (state padded to {meta['hidden_size']})"
 
 
 def _chunks(meta: dict) -> str:

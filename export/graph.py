@@ -1,7 +1,10 @@
 """The one-step graphs that are exported (spec §2.7): plain ops only, every shape constant but batch.
 
 `ServingStep(item_idx [B], hidden [L,B,H]) -> scores [B,N], hidden_out [L,B,H], topk_scores,
-topk_idx [B,K]`; `EvalStep` adds `target_idx [B]` and returns the counts the tie modes need
+topk_idx [B,K]`, H = max(layer sizes): with unequal layers (e.g. 64,32) the state is padded, layer l
+reads columns [0, H_l) of hidden[l] (the rest is ignored) and writes zeros beyond H_l in hidden_out,
+so the state stays one tensor (one input, one output, one Gather in the scorer) whatever the layers;
+equal layers need no Split/Pad at all; `EvalStep` adds `target_idx [B]` and returns the counts the tie modes need
 (n_greater = #scores > target score, n_equal = #scores == target score, target included) instead
 of the [B,N] matrix, so evaluation never moves scores off the device.
 
@@ -39,11 +42,6 @@ class ServingStep(nn.Module):
     def __init__(self, model: GRU4Rec, top_k: int, dtype: torch.dtype = torch.float32, topk_chunks: int = 0):
         super().__init__()
         cfg = model.cfg
-        if len(set(cfg.layers)) != 1:
-            raise UserError(
-                f"cannot export layers={cfg.layers}: the graph's hidden input is one [L, B, H] tensor, "
-                "so every GRU layer must have the same size"
-            )
         if not 1 <= top_k <= cfg.n_items:
             raise UserError(f"--top-k must be between 1 and the number of items ({cfg.n_items}), got {top_k}")
         if cfg.n_items >= 2**24:
@@ -56,7 +54,9 @@ class ServingStep(nn.Module):
             )
         self.mode, self.top_k, self.dtype, self.topk_chunks = cfg.mode, top_k, dtype, topk_chunks
         self.n_items = self.n_cols = cfg.n_items  # n_cols: score columns, padded in EvalStep
-        self.H, self.L = cfg.layers[0], len(cfg.layers)
+        self.H, self.L = max(cfg.layers), len(cfg.layers)  # H: width of the (padded) state tensor
+        self.sizes = list(cfg.layers)
+        self.cell_sizes = self.sizes[1:] if self.mode == "onehot" else self.sizes  # torch-cell layers
         self.Wy = _frozen(model.Wy, dtype)
         self.By = _frozen(model.By.view(-1), dtype)
         if self.mode == "separate":
@@ -72,14 +72,14 @@ class ServingStep(nn.Module):
         self.b_hh = nn.ParameterList([_frozen(b, dtype) for b in model.b_hh])
 
     def _onehot_layer(self, item_idx: Tensor, h: Tensor) -> Tensor:
-        H = self.H
+        H = self.sizes[0]
         c_in, rz_in = self.Wx0[item_idx].split([H, 2 * H], 1)  # blocks [c, r, z]
         r, z = torch.sigmoid(rz_in + h @ self.Wrz0).split([H, H], 1)
         c = torch.tanh(c_in + (r * h) @ self.Wh0)
         return h + z * (c - h)
 
     def _torch_cell(self, layer: int, x: Tensor, h: Tensor) -> Tensor:
-        H = self.H
+        H = self.cell_sizes[layer]  # a Python int: a traced `.shape` would turn Split into Slice arithmetic
         gi_rz, gi_n = nn.functional.linear(x, self.W_ih[layer], self.b_ih[layer]).split([2 * H, H], 1)
         gh_rz, gh_n = nn.functional.linear(h, self.W_hh[layer], self.b_hh[layer]).split([2 * H, H], 1)
         r, z = torch.sigmoid(gi_rz + gh_rz).split([H, H], 1)  # rows [r, z, n] as nn.GRUCell
@@ -90,6 +90,8 @@ class ServingStep(nn.Module):
         """-> (last layer's output [B, H] in `dtype`, hidden_out [L, B, H] float32)."""
         half = self.dtype != torch.float32
         states = list((hidden.to(self.dtype) if half else hidden).unbind(0))
+        # each layer's own columns of the padded state (a Split; nothing when all layers are H wide)
+        states = [h if n == self.H else h.split([n, self.H - n], 1)[0] for h, n in zip(states, self.sizes)]
         new_states: list[Tensor] = []
         if self.mode == "onehot":
             x = self._onehot_layer(item_idx, states[0])
@@ -100,7 +102,13 @@ class ServingStep(nn.Module):
         for layer, h in enumerate(states):
             x = self._torch_cell(layer, x, h)
             new_states.append(x)
-        hidden_out = torch.stack(new_states)
+        # zeros beyond each layer's size (a Pad; pad widths from the config, so constants in the graph)
+        hidden_out = torch.stack(
+            [
+                h if n == self.H else nn.functional.pad(h, (0, self.H - n))
+                for h, n in zip(new_states, self.sizes)
+            ]
+        )
         return x, (hidden_out.float() if half else hidden_out)
 
     def step(self, item_idx: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +179,7 @@ class EvalStep(ServingStep):
         out_dtype = torch.float16 if score_half else dtype
         # The scoring matrix: the input table too in shared mode, unless scores get their own copy.
         self.score_half = score_half and dtype != torch.float16
-        wy = torch.cat([self.Wy, self.Wy.new_zeros(pad, self.H)])
+        wy = torch.cat([self.Wy, self.Wy.new_zeros(pad, self.Wy.shape[1])])
         by = torch.cat([self.By, self.By.new_full((pad,), float("-inf"))])
         if self.score_half:
             self.Wy_out, self.By_out = _frozen(wy, out_dtype), _frozen(by, out_dtype)

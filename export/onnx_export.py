@@ -96,7 +96,7 @@ def model_metadata(
         "count_block": str(count_block),
         "n_items": str(cfg.n_items),
         "n_layers": str(len(cfg.layers)),
-        "hidden_size": str(cfg.layers[0]),
+        "hidden_size": str(max(cfg.layers)),  # width of the hidden tensor (padded: graph.py)
         "items_sha256": digest,
     }
 
@@ -147,7 +147,7 @@ def build_graphs(
     n_bytes = sum(p.numel() * p.element_size() for p in serving.parameters())
     if n_bytes >= 2**31 - 2**24:  # protobuf's 2 GB message limit, with room for the graph itself
         raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB (try --fp16)")
-    L, H, N = len(cfg.layers), cfg.layers[0], cfg.n_items
+    L, H, N = len(cfg.layers), max(cfg.layers), cfg.n_items
     B = 3  # any batch: the axis is exported dynamic
     x, h, t = torch.arange(B) % N, torch.zeros(L, B, H), (torch.arange(B) + 1) % N
     meta = model_metadata(

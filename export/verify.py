@@ -140,14 +140,16 @@ def verify_graphs(
     """Replay random multi-step sessions through `model` (torch, fp32) and both ONNX graphs."""
     import torch
 
+    from gru4rec.bundle import pad_layers
+
     model = model.cpu().eval()
     cfg = model.cfg
-    n, L, H = cfg.n_items, len(cfg.layers), cfg.layers[0]
+    n, L, H = cfg.n_items, len(cfg.layers), max(cfg.layers)  # H: the padded state width (bundle.py)
     serving, evaluation = ort_session(serving_path, providers), ort_session(eval_path, providers)
     rng = np.random.default_rng(seed)
     report = VerifyReport(fp16=fp16, batches=list(batches), steps=steps)
     for B in batches:
-        h_ref = [torch.zeros(B, H) for _ in range(L)]
+        h_ref = model.init_hidden(B, "cpu")
         h_srv = np.zeros((L, B, H), np.float32)
         h_evl = np.zeros((L, B, H), np.float32)
         for _ in range(steps):
@@ -158,7 +160,7 @@ def verify_graphs(
             h_srv, h_evl = h_srv * keep[None, :, None], h_evl * keep[None, :, None]
             with torch.no_grad():
                 ref, h_ref = model(torch.from_numpy(x), h_ref)
-            ref_np, ref_h = ref.numpy().astype(np.float64), torch.stack(h_ref).numpy()
+            ref_np, ref_h = ref.numpy().astype(np.float64), pad_layers(h_ref, H)
             scores, h_srv, top_s, top_i = serving.run(None, {"item_idx": x, "hidden": h_srv})
             h_evl, etop_s, etop_i, n_greater, n_equal = evaluation.run(
                 None, {"item_idx": x, "hidden": h_evl, "target_idx": targets}

@@ -4,6 +4,10 @@
   DIR/m.onnx           serving step graph (item_idx, hidden -> scores, hidden_out, top-k)
   DIR/m.eval.onnx      evaluation step graph (adds target_idx -> n_greater, n_equal)
   DIR/m.items.parquet  sidecar: item_idx, item_id (index -> original id)
+The recurrent state is one float32 tensor `hidden` [L, B, H], H = `hidden_size` = max(layer sizes):
+layer l uses columns [0, H_l) of hidden[l]; with unequal layers (e.g. 64,32) the graphs ignore the
+columns beyond H_l on input and write zeros there on output (`pad_layers` / `unpad_layers` convert
+from / to the per-layer states of `GRU4Rec`). The layer sizes are in the `model_config` metadata.
 Both graphs carry the same `metadata_props` (see `MODEL_KEYS`); the sidecar carries the item map's
 sha256 and the export id in its Parquet key-value metadata. `load_bundle` checks that all three
 come from the same export before anything is scored, so a sidecar copied from another model (or a
@@ -66,8 +70,24 @@ class ModelBundle:
     meta: dict[str, Any]  # decoded metadata_props of the serving graph
     n_items: int
     n_layers: int
-    hidden_size: int
+    hidden_size: int  # width of the hidden tensor: max(layer_sizes)
     top_k: int
+    layer_sizes: tuple[int, ...] = ()
+
+
+def pad_layers(states, width: int | None = None) -> np.ndarray:
+    """Per-layer states [B, H_l] (numpy or torch) -> the graphs' padded `hidden` [L, B, H] float32."""
+    states = [np.asarray(h.detach().cpu() if hasattr(h, "detach") else h, dtype=np.float32) for h in states]
+    width = width or max(h.shape[1] for h in states)
+    out = np.zeros((len(states), states[0].shape[0], width), np.float32)
+    for layer, h in enumerate(states):
+        out[layer, :, : h.shape[1]] = h
+    return out
+
+
+def unpad_layers(hidden: np.ndarray, layer_sizes) -> list[np.ndarray]:
+    """The graphs' `hidden` [L, B, H] -> per-layer states [B, H_l] (views)."""
+    return [hidden[layer, :, :n] for layer, n in enumerate(layer_sizes)]
 
 
 def decode_metadata(props: dict[str, str], source: str | Path) -> dict[str, Any]:
@@ -193,6 +213,17 @@ def load_bundle(onnx_path: str | Path) -> ModelBundle:
         raise UserError(
             f"{sidecar}: item-map sidecar does not belong to {onnx_path} (different export); re-export"
         )
+    layers = meta["model_config"].get("layers") if isinstance(meta["model_config"], dict) else None
+    if (
+        not isinstance(layers, list)
+        or not all(isinstance(n, int) and n > 0 for n in layers)
+        or len(layers) != meta["n_layers"]
+        or max(layers) != meta["hidden_size"]
+    ):
+        raise UserError(
+            f"{onnx_path}: corrupt ONNX metadata (model_config layers {layers!r} do not match "
+            f"n_layers {meta['n_layers']}, hidden_size {meta['hidden_size']})"
+        )
     return ModelBundle(
         onnx_path=onnx_path,
         eval_path=eval_path,
@@ -202,4 +233,5 @@ def load_bundle(onnx_path: str | Path) -> ModelBundle:
         n_layers=meta["n_layers"],
         hidden_size=meta["hidden_size"],
         top_k=meta["top_k"],
+        layer_sizes=tuple(layers),
     )

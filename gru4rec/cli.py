@@ -46,9 +46,18 @@ def _register_all() -> None:
 _register_all()
 
 
+def invocation(ctx) -> list[str]:
+    """The arguments of the running command, from a command's `typer.Context` (for messages that
+    repeat the command, e.g. how to resume). Kept in the context, not a module global: `python -m
+    gru4rec.cli` runs this file as `__main__`, a second copy of the module the commands never see."""
+    obj = ctx.find_root().obj if ctx is not None else None
+    return list(obj["argv"]) if isinstance(obj, dict) and "argv" in obj else sys.argv[1:]
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        status = app(args=argv, standalone_mode=False)
+        status = app(args=args, standalone_mode=False, obj={"argv": args})
     except UserError as e:
         _fail(str(e))
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug

@@ -65,15 +65,30 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path = check_output_file(path)
+def _temp_beside(path: Path) -> str:
+    """Create the temporary file that `atomic_path` writes before renaming it over `path`."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _cannot(path, e) from None
     os.close(fd)
+    return tmp
+
+
+def probe_output_file(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
+    """`check_output_file`, then really create (and remove) the temporary file an atomic write of
+    `path` will need: catches what permission bits do not tell (a read-only mount, a name too long
+    once the temporary suffix is added, no space for a new entry) before hours of work, not after."""
+    path = check_output_file(path, inputs=inputs)
+    Path(_temp_beside(path)).unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = check_output_file(path)
+    tmp = _temp_beside(path)
     umask = os.umask(0)  # mkstemp makes 0600 files; give the final file the usual permissions
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)

@@ -334,11 +334,7 @@ def test_fp16_reports_instead_of_failing(exported, tmp_path):
     assert inputs == {"item_idx": "tensor(int64)", "hidden": "tensor(float)"}
 
 
-def test_unequal_layers_and_bad_options_are_user_errors(tmp_path, exported):
-    model = GRU4Rec(ModelConfig(n_items=50, layers=[16, 8]), seed=0)
-    save_model(model, tmp_path / "u.pt")
-    with pytest.raises(UserError, match="same size"):
-        export_bundle(tmp_path / "u.pt", tmp_path / "u.onnx")
+def test_bad_options_are_user_errors(tmp_path, exported):  # unequal layers export: test_export_layers.py
     ckpt_path = exported["shared", 1][1].onnx_path.parent.parent / "shared1.pt"
     with pytest.raises(UserError, match="top-k"):
         export_bundle(ckpt_path, tmp_path / "k.onnx", top_k=N + 1)

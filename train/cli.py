@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -19,6 +21,7 @@ def _params_epilog() -> str:
 def register(app: typer.Typer) -> None:
     @app.command("train", epilog=_params_epilog())
     def train_cmd(
+        ctx: typer.Context,
         train_path: Path = typer.Argument(
             ...,
             metavar="TRAIN",
@@ -49,6 +52,12 @@ def register(app: typer.Typer) -> None:
             42, "--seed", min=0, max=2**32 - 1, help="Random seed (initialisation, dropout, sampling)."
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved in --out."),
+        overwrite: bool = typer.Option(
+            False,
+            "--overwrite",
+            help="Replace the file at --out (kept intact until the first new epoch is saved). Without it, "
+            "or --resume, an existing --out is refused.",
+        ),
         dwell_boost: float = typer.Option(
             None,
             "--dwell-boost",
@@ -70,9 +79,10 @@ def register(app: typer.Typer) -> None:
         """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
         import torch
 
+        from gru4rec.cli import invocation
         from gru4rec.data import Keys, read_training_events
-        from gru4rec.io import check_output_file
         from gru4rec.train.params import resolve
+        from gru4rec.train.safety import TrainingInterrupted, check_train_output
         from gru4rec.train.trainer import train
 
         overrides = {}
@@ -81,13 +91,36 @@ def register(app: typer.Typer) -> None:
         if dwell_boost is not None:
             overrides["dwell_boost"] = dwell_boost
         cfg = resolve(preset, params_file, param, overrides)
-        check_output_file(out, inputs=(train_path, valid, params_file))
+        check_train_output(out, resume, overwrite, inputs=(train_path, valid, params_file))
         if threads is not None:
             torch.set_num_threads(threads)
         keys = Keys(session_key, item_key, time_key, time_unit)
-        events = read_training_events(train_path, keys, "training")
-        valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
-        train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out, resume=resume)
+        try:
+            events = read_training_events(train_path, keys, "training")
+            valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
+            train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out,
+                  resume=resume, overwrite=overwrite)  # fmt: skip
+        except TrainingInterrupted as e:
+            print(_interrupted_line(e, invocation(ctx)), file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
+        except KeyboardInterrupt:  # while reading or preparing the data: nothing was written
+            print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
+
+
+def _interrupted_line(e, argv: list[str]) -> str:
+    """One line for Ctrl-C: which epoch --out holds, and the command that continues from it."""
+    args = [a for a in argv if a != "--overwrite"]
+    if e.saved_epochs == 0:  # nothing of this run on disk: the same command starts it again
+        return (
+            f"interrupted in epoch {e.epoch}/{e.n_epochs}, before any epoch was saved ({e.out} not "
+            f"written by this run); start again with: {shlex.join(['gru4rec-cli', *argv])}"
+        )
+    resume = ["gru4rec-cli", *args, *([] if "--resume" in args else ["--resume"])]
+    return (
+        f"interrupted in epoch {e.epoch}/{e.n_epochs}: {e.out} holds the checkpoint saved after epoch "
+        f"{e.saved_epochs}/{e.n_epochs}; resume with: {shlex.join(resume)}"
+    )
 
 
 def register_bench(bench_app: typer.Typer) -> None:

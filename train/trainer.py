@@ -33,11 +33,18 @@ from gru4rec.train.dwell import boost
 from gru4rec.train.losses import row_loss_sum
 from gru4rec.train.optim import make_optimizer
 from gru4rec.train.params import TrainConfig, from_dict
+from gru4rec.train.safety import (
+    RUNTIME_KEYS,  # noqa: F401  (its home was here; other code may import it from the trainer)
+    TrainingInterrupted,
+    check_train_output,
+    incompatibility,
+    refuse_existing,
+    sigint_deferred,
+)
 from gru4rec.train.sampler import SampleStore
 
 SYNC_EVERY = 100  # steps between host syncs for the progress bar / NaN check
 WARMUP_STEPS = 3  # eager steps on a side stream before CUDA-graph capture (they are real steps)
-RUNTIME_KEYS = ("n_epochs", "eval_batch_size", "cuda_graph", "tf32")  # may change on --resume
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -304,22 +311,9 @@ def _resume_from(out: Path, cfg: TrainConfig, data_fp: str, seed: int, dev) -> c
     if not out.exists():
         return None
     ck = ckpt_io.load(out, map_location="cpu")
-    if ck.data_fingerprint != data_fp:
-        raise UserError(
-            f"{out}: was trained on different data (fingerprint {ck.data_fingerprint} != {data_fp})"
-        )
-    saved = dict(ck.params)
-    now = cfg.to_dict()
-    diff = [k for k in now if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(
-            f"{out}: parameter {k} differs from the checkpoint ({saved.get(k)!r} vs {now[k]!r}); cannot resume"
-        )
-    if ck.info.get("seed") != seed:
-        raise UserError(f"{out}: was trained with --seed {ck.info.get('seed')}, not {seed}")
-    if ck.train_state is None:
-        raise UserError(f"{out}: holds no training state to resume from")
+    why = incompatibility(ck, cfg.to_dict(), data_fp, seed)
+    if why is not None:
+        raise UserError(f"{out}: cannot resume: {why}; pass --overwrite instead to replace it")
     return ck
 
 
@@ -333,11 +327,17 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     console=None,
+    overwrite: bool = False,
 ) -> ckpt_io.Checkpoint:
-    """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`."""
+    """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`.
+
+    An existing `out` needs `resume` or `overwrite` (train/safety.py); Ctrl-C raises
+    `TrainingInterrupted` saying which epoch `out` holds."""
     from gru4rec.evaluate import evaluate
 
     cfg = from_dict(params)
+    if out is not None:
+        out = check_train_output(out, resume, overwrite)
     dev = resolve_device(device)
     if console is None:
         from rich.console import Console
@@ -345,6 +345,8 @@ def train(
         console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     events = validate_events(train_events, "training data")
     data_fp = fingerprint(events)
+    if out is not None and out.exists() and not (resume or overwrite):
+        refuse_existing(out, cfg.to_dict(), data_fp, seed)
     items = ItemMap.from_events(events)
     sched, supp = prepare(events, items, cfg)
     if valid_events is not None:
@@ -379,27 +381,33 @@ def train(
     )
     t_start = time.perf_counter()
     ck = ckpt_io.Checkpoint(model=model, items=items, params=cfg.to_dict(), data_fingerprint=data_fp)
-    for epoch in range(start, cfg.n_epochs):
-        stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
-        row = {
-            "epoch": epoch + 1,
-            "loss": stats.loss,
-            "seconds": stats.seconds,
-            "events_per_s": stats.events_per_s,
-        }
-        line = f"epoch {epoch + 1}/{cfg.n_epochs}  loss {stats.loss:.4f}  {stats.seconds:.1f}s  {stats.events_per_s:,.0f} events/s"
-        if valid_events is not None:
-            m = evaluate(
-                model, items, valid_events, batch_size=cfg.eval_batch_size, cutoffs=(20,), device=dev
-            )
-            row.update({"recall@20": m["recall@20"], "mrr@20": m["mrr@20"]})
-            line += f"  valid Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}"
-        history.append(row)
-        console.print(line)
-        ck.train_state = {"epoch": epoch + 1, **trainer.state_dict()}
-        ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
-        if out is not None:
-            ckpt_io.save(ck, out)
+    saved, epoch = start, start  # epochs held by `out` (this run's or the resumed one's)
+    try:
+        for epoch in range(start, cfg.n_epochs):
+            stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
+            row = {
+                "epoch": epoch + 1,
+                "loss": stats.loss,
+                "seconds": stats.seconds,
+                "events_per_s": stats.events_per_s,
+            }
+            line = f"epoch {epoch + 1}/{cfg.n_epochs}  loss {stats.loss:.4f}  {stats.seconds:.1f}s  {stats.events_per_s:,.0f} events/s"
+            if valid_events is not None:
+                m = evaluate(
+                    model, items, valid_events, batch_size=cfg.eval_batch_size, cutoffs=(20,), device=dev
+                )
+                row.update({"recall@20": m["recall@20"], "mrr@20": m["mrr@20"]})
+                line += f"  valid Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}"
+            history.append(row)
+            console.print(line)
+            ck.train_state = {"epoch": epoch + 1, **trainer.state_dict()}
+            ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
+            if out is not None:
+                with sigint_deferred():  # a Ctrl-C during the save lands after it: `saved` stays exact
+                    ckpt_io.save(ck, out)
+                    saved = epoch + 1
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(out, saved, epoch + 1, cfg.n_epochs) from None
     model.eval()
     total = time.perf_counter() - t_start
     last = history[-1] if history else {}
