@@ -205,6 +205,14 @@ def read_training_events(source: str | Path, keys: Keys, role: str) -> pl.DataFr
     return events
 
 
+def check_same_id_types(a: pl.DataFrame, b: pl.DataFrame, name_a: str, name_b: str) -> None:
+    """Two frames that must share item ids (train and validation) hold item ids of one type."""
+    if a[ITEM].dtype != b[ITEM].dtype:
+        raise UserError(
+            f"{name_b}: item ids are {b[ITEM].dtype} but {a[ITEM].dtype} in {name_a}; give both with one id type"
+        )
+
+
 def validate_events(
     df: pl.DataFrame, source: str = "events", names: dict[str, str] | None = None, time_unit: str = "auto"
 ) -> pl.DataFrame:

@@ -96,6 +96,14 @@ def test_model_refuses_ids_of_the_other_type(pipelines, synth, run):
     one_line_error(code, err, "item ids are string (String) but the model was trained on integer (Int64)")
 
 
+def test_train_refuses_validation_ids_of_the_other_type(synth, tmp_path, run):
+    out = tmp_path / "m.pt"
+    code, _, err = run("train", synth / "train_str.parquet", "--valid", synth / "test.parquet", "--out", out,
+                       "--preset", "demo", "--epochs", "1", "--device", "cpu", "--quiet")  # fmt: skip
+    one_line_error(code, err, "item ids are Int64 but String in")
+    assert not out.exists()
+
+
 def test_categorical_ids_read_as_strings(tmp_path):
     p = tmp_path / "cat.parquet"
     pl.DataFrame({"session_id": ["b", "b", "a"], "item_id": ["x", "y", "x"], "time": [1, 2, 3]}).with_columns(

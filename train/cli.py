@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from gru4rec.cli import invocation
-        from gru4rec.data import Keys, read_training_events
+        from gru4rec.data import Keys, check_same_id_types, read_training_events
         from gru4rec.train.params import resolve
         from gru4rec.train.safety import TrainingInterrupted, check_train_output
         from gru4rec.train.trainer import train
@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         try:
             events = read_training_events(train_path, keys, "training")
             valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
+            if valid_events is not None:
+                check_same_id_types(events, valid_events, str(train_path), str(valid))
             train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out,
                   resume=resume, overwrite=overwrite)  # fmt: skip
         except TrainingInterrupted as e:
