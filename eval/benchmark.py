@@ -373,7 +373,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
             else:
                 row = _gru4rec_row(spec, ds, train_events, test_events, cfg, out, console)
             row.update(dataset=ds.name, model=spec.name, kind=spec.kind, baseline=spec.is_baseline,
-                       description=DESCRIPTIONS[spec.kind], options=spec.options)  # fmt: skip
+                       description=DESCRIPTIONS[spec.kind], options=spec.options,
+                       settings=model_settings(spec, row))  # fmt: skip
             m = row["metrics"][cfg.tie_modes[0]]
             console.print(
                 f"{ds.name} · {spec.name:>10}: Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}  "
@@ -394,6 +395,26 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
     write_text_atomic(out / "report.md", report.benchmark_markdown(results))
     _remove_stale_plots(out, plot_files(results))
     return results
+
+
+def model_settings(spec: ModelSpec, row: dict) -> dict[str, Any]:
+    """What the report lists for a model: a baseline's options with its defaults filled in; GRU4Rec's
+    preset and key training parameters (from its checkpoint, its ONNX metadata or the config)."""
+    from gru4rec.eval.report import KEY_PARAMS
+
+    if spec.is_baseline:
+        return {**baselines.option_defaults(spec.kind), **spec.options}
+    params = row.get("params")
+    if params is None and spec.onnx is not None:
+        from gru4rec.bundle import read_metadata
+
+        params = read_metadata(spec.onnx).get("hyperparameters")
+    if params is None:
+        from gru4rec.train.params import resolve
+
+        params = resolve(preset=spec.preset, overrides=spec.params).to_dict()
+    settings: dict[str, Any] = {"preset": spec.preset} if spec.preset else {}
+    return settings | {k: params[k] for k in KEY_PARAMS if k in params}
 
 
 def model_key(text: str) -> str:

@@ -79,20 +79,28 @@ from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES
 
 EXIT_REGRESSION = 1
 EXAMPLE_CONFIG = "eval/configs/nightly.example.toml"
-LATENCY_FIGURES = ("step_ms_p50", "step_ms_p95", "step_ms_p99")
-METRIC_NAME = re.compile(r"(recall|mrr)@([1-9][0-9]*)")
+LATENCY_FIGURES = ("ms_per_1k_events", "full_step_ms_p50", "full_step_ms_p95", "step_ms_p50", "step_ms_p95",
+                   "step_ms_p99")  # fmt: skip
+# The replay steps a latency figure is computed from (the minimum-steps rule counts them).
+STEP_COUNT = {"full_step_ms_p50": "n_full_steps", "full_step_ms_p95": "n_full_steps"}
+METRIC_NAME = re.compile(r"(recall|mrr|ndcg)@([1-9][0-9]*)")
+UNKNOWN_SHARE = "unknown_share"
 
 
 @dataclass
 class Tolerances:
     metrics: list[str] = field(default_factory=lambda: ["recall@20", "mrr@20"])
-    latency: list[str] = field(default_factory=lambda: ["step_ms_p50", "step_ms_p95"])
+    # Replay time per scored event (all steps) stays put for an unchanged model; percentiles over
+    # every step do not: the batch shrinks at the end of each chunk, and p95 of ~20 steps is noise.
+    latency: list[str] = field(default_factory=lambda: ["ms_per_1k_events"])
     metric_drop_abs: float = 0.005
     metric_drop_rel: float = 0.02
     latency_rise_abs_ms: float = 1.0
     latency_rise_rel: float = 0.25
     latency_window: int = 5
     compare_best: bool = True
+    min_latency_steps: int = 30  # a latency gate over fewer replay steps is refused, not trusted
+    max_unknown_share: float = 0.5  # test events of items the model does not know, at most
 
     def allowed(self, figure: str, reference: float) -> float:
         if figure in self.latency:
@@ -121,7 +129,9 @@ class Tolerances:
             f"of the reference, compared with the previous run"
             + (" and the best run" if self.compare_best else "")
             + f"; latency ({', '.join(self.latency)}) may rise by {self.latency_rise_abs_ms:g} ms + "
-            f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs."
+            f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs "
+            f"(each from at least {self.min_latency_steps} replay steps); at most "
+            f"{self.max_unknown_share:.0%} of the test events may be of items the model does not know."
         )
 
 
@@ -205,7 +215,7 @@ def _tolerances(t: Table) -> Tolerances:
         and len(set(metrics)) == len(metrics)
     )
     if not ok:
-        raise t.bad("metrics", f"a list of distinct metric names recall@K or mrr@K (K from 1 to {MAX_CUTOFF})",
+        raise t.bad("metrics", f"a list of distinct metric names recall@K, mrr@K or ndcg@K (K from 1 to {MAX_CUTOFF})",
                     metrics)  # fmt: skip
     return Tolerances(
         metrics=list(metrics),
@@ -216,7 +226,16 @@ def _tolerances(t: Table) -> Tolerances:
         latency_rise_rel=t.number("latency_rise_rel", 0.25),
         latency_window=t.integer("latency_window", 5, 1),
         compare_best=t.boolean("compare_best", True),
+        min_latency_steps=t.integer("min_latency_steps", 30, 1),
+        max_unknown_share=_share(t, "max_unknown_share", 0.5),
     )
+
+
+def _share(t: Table, key: str, default: float) -> float:
+    value = t.number(key, default)
+    if value > 1:
+        raise t.bad(key, "a share between 0 and 1", value)
+    return value
 
 
 def _metric_cutoff(name: str) -> int | None:
@@ -276,6 +295,57 @@ def _check_metrics_json(cfg: NightlyConfig, top: Table) -> None:
             f"{cfg.metrics_json}: has no {', '.join(missing)}; change [nightly.tolerances] in {cfg.source} "
             "or score with the cut-offs it compares"
         )
+    check_latency_steps(report, cfg.tolerances, str(cfg.metrics_json))
+    _check_provenance(cfg, report)
+
+
+def _check_provenance(cfg: NightlyConfig, report: dict) -> None:
+    """A metrics JSON is recorded as the figures of `test` and `model`: it must have been scored on
+    exactly that test data (content fingerprint) with exactly that export (export id)."""
+    from gru4rec.score.scorer import sessions_fingerprint
+
+    again = f"score again: gru4rec-cli score --model {cfg.model or 'MODEL'} --sessions {cfg.test or 'TEST'} --metrics {cfg.metrics_json}"
+    if cfg.test is not None:
+        scored = report.get("test_fingerprint")
+        if not scored:
+            raise UserError(f"{cfg.metrics_json}: records no test_fingerprint (scored by an older gru4rec-cli "
+                            f"score), so it cannot be tied to {cfg.test}; {again}")  # fmt: skip
+        expected = sessions_fingerprint(cfg.test)
+        if scored != expected:
+            raise UserError(
+                f"{cfg.metrics_json}: was scored on other test data (fingerprint {scored}) than {cfg.test} "
+                f"({expected}); {again}"
+            )
+    if cfg.model is not None and cfg.model.suffix == ".onnx" and cfg.model.is_file():
+        from gru4rec.bundle import read_metadata
+
+        expected = read_metadata(cfg.model)["export_id"]
+        scored = report.get("model_export_id")
+        if scored != expected:
+            what = f"export {scored}" if scored else "an unrecorded export (an older gru4rec-cli score)"
+            raise UserError(
+                f"{cfg.metrics_json}: was scored with {what}, not with {cfg.model} (export {expected}); {again}"
+            )
+
+
+def check_latency_steps(report: dict, tol: Tolerances, source: str) -> None:
+    """Refuse a latency gate resting on too few replay steps: its percentiles would be noise."""
+    latency = report.get("latency") or {}
+    for figure in tol.latency:
+        key = STEP_COUNT.get(figure, "n_steps")
+        n = latency.get(key)
+        if not isinstance(n, int) or n < tol.min_latency_steps:
+            got = f"{n} such steps" if isinstance(n, int) else f"no {key} count"
+            hint = (
+                "gate on ms_per_1k_events (all steps), lower batch_size, score more sessions"
+                if figure != "ms_per_1k_events"
+                else "score more sessions or lower batch_size"
+            )
+            raise UserError(
+                f"{source}: the latency gate on {figure} needs at least min_latency_steps = "
+                f"{tol.min_latency_steps} replay steps ({key}), this run has {got}; {hint}, or drop "
+                f"{figure} from [nightly.tolerances] latency"
+            )
 
 
 def _missing_figures(report: dict, tol: Tolerances) -> list[str]:
@@ -300,7 +370,10 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None) -> dict:
     row = _row(cfg, report, model, now)
     comparable = _comparable(history, row)
     regressions, table = compare(comparable, row, cfg.tolerances)
+    regressions += unknown_share_check(row, cfg.tolerances, table)
     row["status"] = "regression" if regressions else "ok"
+    # which figures regressed: the trend plots circle those series only
+    row["regressed"] = ",".join(e["name"] for e in table if e.get("regressed"))
     history = append_run(cfg.history, history, row)
     summary = {
         "current": row,
@@ -310,6 +383,7 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None) -> dict:
         "n_comparable": comparable.height,
         "tolerances": cfg.tolerances.describe(),
         "report": str(cfg.out / "report.md"),
+        "model_settings": model_settings(model, cfg),
     }
     plots = _trend_plots(_comparable(history, row), cfg)
     from gru4rec.eval.report import nightly_markdown
@@ -385,13 +459,18 @@ def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict
         "status": "",
         "model": model,
         "test": str(cfg.test) if cfg.test else "",
-        "test_fingerprint": _fingerprint(cfg.test),
+        "test_fingerprint": str(report.get("test_fingerprint") or ""),
         "tie_mode": str(report.get("tie_mode", cfg.tie_mode)),
     }
     for key, value in report["metrics"].items():
         if key != "n" and isinstance(value, (int, float)):
             row[key] = float(value)
     row["n_predictions"] = int(report["metrics"].get("n", 0))
+    n_events = report.get("n_events")
+    if isinstance(n_events, int) and n_events > 0:
+        row["n_test_events"] = n_events
+        row["n_unknown_dropped"] = int(report.get("n_unknown_dropped") or 0)
+        row[UNKNOWN_SHARE] = row["n_unknown_dropped"] / n_events
     for key, value in (report.get("latency") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             row[key] = float(value)
@@ -400,15 +479,47 @@ def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict
         raise UserError(
             f"the scorer's report has no {', '.join(missing)}: fix [nightly.tolerances] or the cut-offs"
         )
+    check_latency_steps(report, cfg.tolerances, f"{cfg.source}: scoring {cfg.test}")
     return row
 
 
-def _fingerprint(test: Path | None) -> str:
-    if test is None or not test.is_file():
-        return ""
-    from gru4rec.data import fingerprint, read_events
+def unknown_share_check(row: dict, tol: Tolerances, table: list[dict]) -> list[str]:
+    """A model scored on data it does not know gives zeros with exit 0 otherwise: fail it, with the reason."""
+    share = row.get(UNKNOWN_SHARE)
+    if share is None:
+        return []
+    entry = {"name": UNKNOWN_SHARE, "current": share, "reference": tol.max_unknown_share,
+             "reference_kind": "max_unknown_share"}  # fmt: skip
+    table.append(entry)
+    if share <= tol.max_unknown_share:
+        return []
+    entry["regressed"] = True
+    return [
+        f"{UNKNOWN_SHARE} is {share:.1%} (max_unknown_share {tol.max_unknown_share:.1%}): "
+        f"{row.get('n_unknown_dropped', 0):,} of {row.get('n_test_events', 0):,} test events are of items the "
+        "model does not know; is this the model trained for this data?"
+    ]
 
-    return fingerprint(read_events(test))
+
+def model_settings(model: str, cfg: NightlyConfig) -> dict[str, Any]:
+    """The settings the report lists for the scored model: preset and key training parameters."""
+    from gru4rec.eval.report import KEY_PARAMS
+
+    settings: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    if cfg.train is not None:
+        from gru4rec.train.params import resolve
+
+        settings["preset"] = cfg.train.preset or "(defaults)"
+        params = resolve(preset=cfg.train.preset, overrides=cfg.train.params).to_dict()
+    elif model.endswith(".onnx") and Path(model).is_file():
+        from gru4rec.bundle import read_metadata
+
+        meta = read_metadata(model)
+        params = meta.get("hyperparameters") or {}
+        settings.update(export_id=meta.get("export_id"), n_items=meta.get("n_items"), top_k=meta.get("top_k"))
+    settings.update({k: params[k] for k in KEY_PARAMS if k in params})
+    return settings
 
 
 def _comparable(history: pl.DataFrame, row: dict) -> pl.DataFrame:
@@ -442,6 +553,7 @@ def compare(history: pl.DataFrame, row: dict, tol: Tolerances) -> tuple[list[str
         for which, ref in tol.checked(figure, past):
             worse = (cur - ref) if lower_better else (ref - cur)
             if math.isnan(cur) or worse > tol.allowed(figure, ref):
+                entry["regressed"] = True
                 unit = " ms" if lower_better else ""
                 verb = "rose" if lower_better else "dropped"
                 regressions.append(
@@ -457,19 +569,29 @@ def _change(cur: float, ref: float) -> float | None:
     return 100.0 * (cur - ref) / ref if ref else None
 
 
+def regression_flags(history: pl.DataFrame, figures: list[str]) -> dict[str, list[bool]]:
+    """Per figure, the runs where that figure regressed (the trend plots circle those points only).
+    A run recorded before per-figure flags counts as regressed in every figure when it regressed."""
+    regressed = history["regressed"].to_list() if "regressed" in history.columns else [None] * history.height
+    status = history["status"].to_list()
+    return {
+        f: [f in r.split(",") if r is not None else s == "regression" for r, s in zip(regressed, status)]
+        for f in figures
+    }
+
+
 def _trend_plots(history: pl.DataFrame, cfg: NightlyConfig) -> dict[str, str]:
     from gru4rec.eval import plots
 
     runs = history["run_id"].to_list()
-    flagged = [s == "regression" for s in history["status"].to_list()]
     out: dict[str, str] = {}
     groups = (("metrics", cfg.tolerances.metrics, "metric value", "Accuracy over nightly runs"),
-              ("latency", cfg.tolerances.latency, "milliseconds per replay step", "Scorer latency over nightly runs"))  # fmt: skip
+              ("latency", cfg.tolerances.latency, "milliseconds", "Scorer latency over nightly runs"))  # fmt: skip
     for key, figures, ylabel, title in groups:
         series = {f: history[f].cast(pl.Float64).to_list() for f in figures if f in history.columns}
         if series:
             name = f"trend_{key}.png"
             plots.trends(cfg.out / name, f"{title} ({cfg.tie_mode} ties)" if key == "metrics" else title,
-                         runs, series, ylabel, flagged)  # fmt: skip
+                         runs, series, ylabel, regression_flags(history, list(series)))  # fmt: skip
             out[title] = name
     return out

@@ -5,6 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 HEADLINE = ("recall@20", "mrr@20")
+# The GRU4Rec parameters a report lists for each model (the rest are in results.json / the metadata).
+KEY_PARAMS = ("loss", "layers", "embedding", "batch_size", "learning_rate", "momentum", "n_sample", "logq",
+              "dropout_p_embed", "dropout_p_hidden", "n_epochs", "optimizer")  # fmt: skip
+# Baselines trained for fewer epochs than their defaults are under-trained: the report says so.
+EPOCH_DEFAULTS = {"bprmf": 10}
+
+
+def settings_text(settings: dict) -> str:
+    """`key=value` pairs of a model's settings, in the order given."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "defaults"
+
+
+def weak_setting_note(kind: str, settings: dict) -> str:
+    """Why a baseline may score below what it can do, from its settings (empty when nothing stands out)."""
+    default = EPOCH_DEFAULTS.get(kind)
+    epochs = settings.get("epochs")
+    if default is not None and isinstance(epochs, int) and epochs < default:
+        return (
+            f" Trained {epochs} epochs here, fewer than its default {default}: it is under-trained, its figures "
+            "are a lower bound (it may score below POP), not a fair estimate of the method."
+        )
+    return ""
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -111,7 +133,11 @@ def benchmark_markdown(results: dict) -> str:
     lines += ["", "## Methods", ""]
     for r in results["results"]:
         if r["dataset"] == next(iter(results["datasets"])):
-            lines.append(f"- **{r['model']}** ({r['kind']}): {r.get('description', '')}")
+            settings = r.get("settings") or {}
+            lines.append(
+                f"- **{r['model']}** ({r['kind']}): {r.get('description', '')}. Settings: "
+                f"{settings_text(settings)}.{weak_setting_note(r['kind'], settings)}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +164,8 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
             f"| {_f(c.get('reference'))} | {_pct(c.get('reference_change'))} | {c.get('reference_kind', '–')} |"
         )
     lines += ["", "Tolerances: " + summary["tolerances"], ""]
+    if summary.get("model_settings"):
+        lines += [f"Model settings: {settings_text(summary['model_settings'])}.", ""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)

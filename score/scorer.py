@@ -17,6 +17,7 @@ from gru4rec.data import Keys
 from gru4rec.errors import UserError
 from gru4rec.items import ItemMap
 from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES, RankAccumulator, ranks_from_counts
+from gru4rec.provenance import EventsDigest
 from gru4rec.score.latency import LatencyRecorder
 from gru4rec.score.outputs import open_recs, recs_frame, write_metrics_json
 from gru4rec.score.replay import StepBackend, plan_chunk, replay
@@ -89,6 +90,8 @@ def score(
         backend = OrtBackend.from_bundle(bundle, provider, tf32, with_topk=out is not None)
     report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
     report["model"] = str(model)
+    # What the figures belong to: `eval nightly` refuses a metrics JSON of other data or another model.
+    report["model_export_id"] = bundle.meta["export_id"]
     report["latency"]["tf32"] = backend.tf32
     if metrics is not None:
         write_metrics_json(metrics, report)
@@ -128,6 +131,7 @@ def score_source(
     batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
     backend.start(batch)
     acc = RankAccumulator(tuple(cfg.cutoffs))
+    digest = EventsDigest()
     n_dropped = n_scored_sessions = 0
     bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
     with bar, open_recs(out) as writer:
@@ -137,6 +141,7 @@ def score_source(
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
+                digest.update(chunk)
                 events, dropped = items.translate(chunk)
                 n_dropped += dropped
                 plan = plan_chunk(events, batch)
@@ -144,7 +149,7 @@ def score_source(
                 continue
             with rec.phase("replay"):
                 res = replay(backend, plan, fetch_topk=writer is not None, on_step=bar.advance)
-            rec.add_steps(res.step_seconds)
+            rec.add_steps(res.step_seconds, plan.width)
             ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
             acc.add(ranks)
             n_scored_sessions += int(plan.schedule.reset.sum())
@@ -167,6 +172,7 @@ def score_source(
         "n_skipped_sessions": source.stats.n_sessions - n_scored_sessions,
         "n_predictions": acc.n,
         "n_unknown_dropped": n_dropped,
+        "test_fingerprint": digest.hexdigest(),
         "latency": rec.report(
             acc.n,
             n_scored_sessions,
@@ -176,6 +182,14 @@ def score_source(
             mode=cfg.latency_mode,
         ),
     }
+
+
+def sessions_fingerprint(path: str | Path, keys: Keys = Keys()) -> str:
+    """The `test_fingerprint` that `score` records for this sessions file (read the way it reads it)."""
+    digest = EventsDigest()
+    for chunk in SessionSource(path, keys).chunks():
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _Progress:
