@@ -73,7 +73,8 @@ from gru4rec.eval.config import (
     presets,
     training,
 )
-from gru4rec.eval.history import append_run, read_history
+from gru4rec.eval.history import read_history, upsert_runs
+from gru4rec.eval.window import WindowSpec
 from gru4rec.io import check_output_dir, check_output_file, write_text_atomic
 from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES
 
@@ -137,12 +138,18 @@ class Tolerances:
 
 @dataclass
 class TrainSpec:
-    train: Path
+    train: Path | None  # None: the [nightly.window]'s training days
     preset: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     seed: int = 42
     top_k: int = 20
+
+
+@dataclass
+class ChampionSpec:
+    model: Path  # the production bundle's serving graph (eval graph and item map beside it)
+    promote: bool = False  # replace it with a challenger that is not worse
 
 
 @dataclass
@@ -157,21 +164,26 @@ class NightlyConfig:
     batch_size: int = 512
     train: TrainSpec | None = None
     tolerances: Tolerances = field(default_factory=Tolerances)
+    window: WindowSpec | None = None
+    champion: ChampionSpec | None = None
     source: str = "nightly config"  # the config file, for messages
 
 
 # ---------------------------------------------------------------- the config
 
 NIGHTLY_KEYS = ("history", "out", "test", "model", "metrics_json", "tie_mode", "cutoffs", "batch_size",
-                "train", "tolerances")  # fmt: skip
+                "train", "tolerances", "window", "champion")  # fmt: skip
 TRAIN_KEYS = ("train", "preset", "params", "device", "seed", "top_k")
+WINDOW_KEYS = tuple(f.name for f in fields(WindowSpec))
+CHAMPION_KEYS = ("model", "promote")
+TABLES = ("train", "tolerances", "window", "champion")
 TOLERANCE_KEYS = tuple(f.name for f in fields(Tolerances))
 
 
 def load_config(path: str | Path) -> NightlyConfig:
     """Read and check the whole config: every key, the input files, the training params."""
     raw = read_toml(path)
-    hints = {k: f"did you mean [nightly.{k}]?" for k in ("train", "tolerances")}
+    hints = {k: f"did you mean [nightly.{k}]?" for k in TABLES}
     check_top_level(path, raw, ("[nightly]",), hints)
     if "nightly" not in raw:
         raise UserError(f"{path}: needs a [nightly] table (see {EXAMPLE_CONFIG})")
@@ -180,8 +192,13 @@ def load_config(path: str | Path) -> NightlyConfig:
     tolerances = _tolerances(
         Table.of(path, "[nightly.tolerances]", top.raw.get("tolerances", {}), TOLERANCE_KEYS)
     )
+    window = (
+        _window_spec(Table.of(path, "[nightly.window]", top.raw["window"], WINDOW_KEYS))
+        if top.has("window")
+        else None
+    )
     train = (
-        _train_spec(Table.of(path, "[nightly.train]", top.raw["train"], TRAIN_KEYS))
+        _train_spec(Table.of(path, "[nightly.train]", top.raw["train"], TRAIN_KEYS), window is not None)
         if top.has("train")
         else None
     )
@@ -195,9 +212,14 @@ def load_config(path: str | Path) -> NightlyConfig:
         batch_size=top.integer("batch_size", 512, 1),
         train=train,
         tolerances=tolerances,
+        window=window,
         source=str(path),
     )  # fmt: skip
     _check_sources(cfg, top)
+    if top.has("champion"):
+        cfg.champion = _champion_spec(
+            Table.of(path, "[nightly.champion]", top.raw["champion"], CHAMPION_KEYS), cfg
+        )
     cfg.model = _model(top, uses_model=cfg.metrics_json is None and cfg.train is None)
     # the cut-offs the compared metrics need are scored even when `cutoffs` leaves them out
     needed = {int(METRIC_NAME.fullmatch(m).group(2)) for m in tolerances.metrics}
@@ -244,9 +266,41 @@ def _metric_cutoff(name: str) -> int | None:
     return k if k is not None and k <= MAX_CUTOFF else None
 
 
-def _train_spec(t: Table) -> TrainSpec:
+def _window_spec(t: Table) -> WindowSpec:
+    from gru4rec.eval.window import parse_as_of
+
+    spec = WindowSpec(
+        events=t.string("events"),
+        as_of=parse_as_of(t.string("as_of", "latest"), f"{t.file}: {t.name} as_of"),
+        train_days=t.integer("train_days", 30, 1, 3650),
+        test_days=t.integer("test_days", 1, 1, 3650),
+        min_item_support=t.integer("min_item_support", 5, 1),
+        min_session_length=t.integer("min_session_length", 2, 2),
+        dedup=t.boolean("dedup", False),
+    )
+    return spec
+
+
+def _champion_spec(t: Table, cfg: NightlyConfig) -> ChampionSpec:
+    """The production model scored beside the challenger; a missing file is allowed only with
+    promote = true (the first challenger that passes becomes the champion)."""
+    spec = ChampionSpec(model=t.path("model", REQUIRED), promote=t.boolean("promote", False))
+    if spec.model.suffix != ".onnx":
+        raise t.bad("model", "an .onnx export (its .eval.onnx and .items.parquet beside it)", str(spec.model))
+    if not spec.model.is_file() and not spec.promote:
+        raise t.error(
+            f"model: file not found: {spec.model} (with promote = true a first champion is installed)"
+        )
+    if cfg.train is None:
+        raise t.error("needs a [nightly.train] table: the challenger is the model trained by this run")
+    return spec
+
+
+def _train_spec(t: Table, windowed: bool = False) -> TrainSpec:
+    if windowed and t.has("train"):
+        raise t.error("train and [nightly.window] exclude each other: the window cuts the training data")
     spec = TrainSpec(
-        train=t.input_file("train", REQUIRED),
+        train=None if windowed else t.input_file("train", REQUIRED),
         preset=t.string("preset", None, presets()),
         params=t.mapping("params"),
         device=device(t),
@@ -263,8 +317,12 @@ def _check_sources(cfg: NightlyConfig, top: Table) -> None:
     if cfg.metrics_json is not None and cfg.train is not None:
         raise top.error("metrics_json and a [nightly.train] table exclude each other: the JSON's figures would be "
                         "reported and the training ignored")  # fmt: skip
-    if cfg.metrics_json is None and cfg.test is None:
-        raise top.error("needs test (the sessions to score) or metrics_json")
+    if cfg.window is not None and (cfg.test is not None or cfg.metrics_json is not None):
+        raise top.error(
+            "test / metrics_json and [nightly.window] exclude each other: the window cuts the test data"
+        )
+    if cfg.metrics_json is None and cfg.test is None and cfg.window is None:
+        raise top.error("needs test (the sessions to score), a [nightly.window] or metrics_json")
     if cfg.metrics_json is None and cfg.train is None and not top.has("model"):
         raise top.error("needs model (an .onnx or .pt), a [nightly.train] table or metrics_json")
 
@@ -356,41 +414,132 @@ def _missing_figures(report: dict, tol: Tolerances) -> list[str]:
 # ---------------------------------------------------------------- one run
 
 
-def run(cfg: NightlyConfig, now: dt.datetime | None = None) -> dict:
-    """Do one nightly run; returns the summary (regressions empty when all is well)."""
+def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = None) -> dict:
+    """Do one nightly run; returns the summary (regressions empty when all is well).
+
+    `as_of` (window runs): the day to test on, overriding [nightly.window] as_of."""
     # Unusable outputs and an unreadable history stop the run before any work (and before a long
     # training), and the history is never written when it could not be read.
     check_output_file(cfg.history, inputs=_inputs(cfg))
     history = read_history(cfg.history)
     check_output_dir(cfg.out)
+    if as_of is not None and cfg.window is None:
+        raise UserError(f"--as-of needs a [nightly.window] table in {cfg.source}")
     if cfg.metrics_json is None and cfg.train is None and cfg.model.suffix == ".onnx":
         _check_catalog(cfg, cfg.model)
+    if cfg.champion is not None and cfg.champion.model.is_file():
+        from gru4rec.bundle import load_bundle
+
+        load_bundle(cfg.champion.model)  # a broken champion bundle stops the run before training
     now = now or dt.datetime.now(dt.UTC)
-    report, model = _measure(cfg)
-    row = _row(cfg, report, model, now)
+    test, train_events, window = cfg.test, None, None
+    if cfg.window is not None:
+        test, train_events, window = _cut(cfg, as_of)
+    report, model = _measure(cfg, test, train_events)
+    row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
     comparable = _comparable(history, row)
     regressions, table = compare(comparable, row, cfg.tolerances)
+    if window is not None and cfg.champion is not None:
+        # Each day's sessions differ: with a champion scored on the same sessions, that comparison
+        # is the gate, and the earlier days are the trend (shown, not enforced).
+        regressions = []
+        for entry in table:
+            entry.pop("regressed", None)
     regressions += unknown_share_check(row, cfg.tolerances, table)
+    rows = [row]
+    champion_row = None
+    if cfg.champion is not None:
+        champion_row, lost = _versus_champion(cfg, test, window, now, row, table)
+        regressions += lost
+        if champion_row is not None:
+            rows.append(champion_row)
     row["status"] = "regression" if regressions else "ok"
     # which figures regressed: the trend plots circle those series only
     row["regressed"] = ",".join(e["name"] for e in table if e.get("regressed"))
-    history = append_run(cfg.history, history, row)
+    promoted = None
+    if cfg.champion is not None and cfg.champion.promote and not regressions:
+        from gru4rec.eval.promote import promote_bundle
+
+        promoted = promote_bundle(Path(model), cfg.champion.model)
+        row["status"] = "promoted"
+    key = ("as_of", "role") if window is not None else None
+    history = upsert_runs(cfg.history, history, rows, key)
     summary = {
         "current": row,
+        "champion": champion_row,
+        "promoted": promoted,
         "regressions": regressions,
         "table": table,
+        "window": window.info() if window is not None else None,
         "n_runs": history.height,
         "n_comparable": comparable.height,
         "tolerances": cfg.tolerances.describe(),
         "report": str(cfg.out / "report.md"),
         "model_settings": model_settings(model, cfg),
     }
-    plots = _trend_plots(_comparable(history, row), cfg)
+    plots = _trend_plots(_comparable(history, row, same_day=True), cfg)
     from gru4rec.eval.report import nightly_markdown
 
     write_text_atomic(cfg.out / "report.md", nightly_markdown(summary, plots))
     write_text_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    summary["plots"] = plots
     return summary
+
+
+def _cut(cfg: NightlyConfig, as_of: str | None):
+    """The window's test file (written into `out`), training events and Window."""
+    from rich.console import Console
+
+    from gru4rec.eval.window import cut_window
+    from gru4rec.io import write_parquet_atomic
+
+    window = cut_window(cfg.window, as_of)
+    info = window.info()
+    Console(stderr=True).print(
+        f"nightly: window as of {info['as_of']}: train {info['window_start']} .. {info['window_boundary']} "
+        f"({info['n_train_events']:,} events), test to {info['window_end']} ({info['n_window_test_events']:,} "
+        f"events; {info['n_test_dropped_unseen']:,} dropped: items unseen in training); {window.n_files} file(s) read",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    test = cfg.out / "window" / "test.parquet"
+    write_parquet_atomic(window.test, test)
+    write_parquet_atomic(window.train, cfg.out / "window" / "train.parquet")
+    return test, window.train, window
+
+
+def _versus_champion(cfg: NightlyConfig, test: Path, window, now, row: dict, table: list[dict]):
+    """Score the champion on the same test sessions; (its row, reasons the challenger lost)."""
+    from rich.console import Console
+
+    from gru4rec.eval.benchmark import score_onnx
+
+    champ = cfg.champion.model
+    if not champ.is_file():
+        return None, []  # no champion yet: a passing challenger is installed as the first one
+    Console(stderr=True).print(
+        f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
+    )
+    report, _ = score_onnx(champ, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    report["model"] = str(champ)
+    champion_row = _row(cfg, report, str(champ), now, test, window, role="champion")
+    champion_row["status"] = "champion"
+    tol = cfg.tolerances
+    lost = []
+    for entry in table:
+        figure = entry["name"]
+        if figure not in tol.metrics + tol.latency:
+            continue
+        ref, cur = champion_row[figure], row[figure]
+        entry.update(champion=ref, champion_change=_change(cur, ref))
+        lower_better = figure in tol.latency
+        worse = (cur - ref) if lower_better else (ref - cur)
+        if math.isnan(cur) or worse > tol.allowed(figure, ref):
+            entry["regressed"] = True
+            unit = " ms" if lower_better else ""
+            word = "slower" if lower_better else "worse"
+            lost.append(f"challenger {figure} {cur:.4f}{unit} is {word} than the champion's {ref:.4f}{unit} "
+                        f"(allowed {tol.allowed(figure, ref):.4f}{unit}); the champion {champ} stays")  # fmt: skip
+    return champion_row, lost
 
 
 def _inputs(cfg: NightlyConfig) -> tuple[Path, ...]:
@@ -411,7 +560,7 @@ def _check_catalog(cfg: NightlyConfig, model: Path) -> None:
         )
 
 
-def _measure(cfg: NightlyConfig) -> tuple[dict, str]:
+def _measure(cfg: NightlyConfig, test: Path | None, train_events: pl.DataFrame | None) -> tuple[dict, str]:
     """(the score stage's metrics-JSON dict, model path): from a given JSON or by scoring now."""
     from rich.console import Console
 
@@ -425,16 +574,16 @@ def _measure(cfg: NightlyConfig) -> tuple[dict, str]:
         from gru4rec.data import read_events
 
         t = cfg.train
-        console.print(f"nightly: training on {t.train} (preset {t.preset})")
-        model = train_gru4rec(
-            read_events(t.train), t.preset, t.params, cfg.out / "model.pt", t.device, t.seed
-        )
+        source = t.train if t.train is not None else "the window's training days"
+        console.print(f"nightly: training on {source} (preset {t.preset})", markup=False, highlight=False)
+        events = train_events if train_events is not None else read_events(t.train)
+        model = train_gru4rec(events, t.preset, t.params, cfg.out / "model.pt", t.device, t.seed)
     if model is not None and model.suffix == ".pt":
-        console.print(f"nightly: exporting {model}")
+        console.print(f"nightly: exporting {model}", markup=False, highlight=False)
         model = export_onnx(model, cfg.out / "model.onnx", top_k=cfg.train.top_k if cfg.train else 20)
         _check_catalog(cfg, model)
-    console.print(f"nightly: scoring {cfg.test} with {model}")
-    report, _ = score_onnx(model, cfg.test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    console.print(f"nightly: scoring {test} with {model}", markup=False, highlight=False)
+    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
     report["model"] = str(model)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
     return report, str(model)
@@ -452,13 +601,16 @@ def _read_metrics_json(path: Path) -> dict:
     return report
 
 
-def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict:
+def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime, test: Path | None = None,
+         window=None, role: str = "") -> dict:  # fmt: skip
+    test = test if test is not None else cfg.test
     row: dict[str, Any] = {
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
         "time": now.isoformat(timespec="seconds"),
         "status": "",
+        "role": role,
         "model": model,
-        "test": str(cfg.test) if cfg.test else "",
+        "test": str(test) if test else "",
         "test_fingerprint": str(report.get("test_fingerprint") or ""),
         "tie_mode": str(report.get("tie_mode", cfg.tie_mode)),
     }
@@ -479,7 +631,9 @@ def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict
         raise UserError(
             f"the scorer's report has no {', '.join(missing)}: fix [nightly.tolerances] or the cut-offs"
         )
-    check_latency_steps(report, cfg.tolerances, f"{cfg.source}: scoring {cfg.test}")
+    check_latency_steps(report, cfg.tolerances, f"{cfg.source}: scoring {test}")
+    if window is not None:
+        row.update(window.info())
     return row
 
 
@@ -522,14 +676,27 @@ def model_settings(model: str, cfg: NightlyConfig) -> dict[str, Any]:
     return settings
 
 
-def _comparable(history: pl.DataFrame, row: dict) -> pl.DataFrame:
-    """Runs on the same test data (by content) in the same tie mode: others are not compared."""
+def _comparable(history: pl.DataFrame, row: dict, same_day: bool = False) -> pl.DataFrame:
+    """Earlier runs this run is compared with: the same test data (by content), tie mode and role.
+
+    Window runs: each day's test data differs, so the history is their trend (in date order), not
+    their gate (the champion on the same sessions is); a re-run of a day replaces that day's row and
+    is never compared with it (`same_day` keeps it, for the plots after the history is written)."""
     h = history
-    for key in ("tie_mode", "test_fingerprint"):
+    keys = ("tie_mode", "test_fingerprint") if "as_of" not in row else ("tie_mode",)
+    for key in keys:
         if key in h.columns:
             h = h.filter(pl.col(key).fill_null("") == row[key])
         elif h.height:
             h = h.clear()
+    role = pl.col("role").fill_null("") if "role" in h.columns else pl.lit("")
+    h = h.filter(role == row.get("role", ""))
+    if "as_of" in row:
+        h = h.filter(pl.col("as_of").is_not_null()) if "as_of" in h.columns else h.clear()
+        if not same_day and h.height:
+            h = h.filter(pl.col("as_of") < row["as_of"])
+        for key in ("train_days", "test_days"):  # the same window shape only
+            h = h.filter(pl.col(key) == row[key]) if key in h.columns else h.clear()
     return h
 
 

@@ -93,7 +93,7 @@ def benchmark_markdown(results: dict) -> str:
                 f"Best baseline: {refs['recall@20']['model']} (Recall@20), {refs['mrr@20']['model']} (MRR@20)."
             )
         lines.append("")
-        head = ["Method", "Recall@20", "MRR@20", "ΔRecall@20", "ΔMRR@20"]
+        head = ["Method", "Recall@20", "MRR@20", "NDCG@20", "ΔRecall@20", "ΔMRR@20"]
         head += [h for o in other[:1] for h in (f"Recall@20 ({o})", f"MRR@20 ({o})")]
         head += ["fit / train", "evaluation"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -103,6 +103,7 @@ def benchmark_markdown(results: dict) -> str:
                 _method_label(r),
                 _f(m["recall@20"]),
                 _f(m["mrr@20"]),
+                _f(m.get("ndcg@20")),
             ]
             for metric in HEADLINE:
                 ref = refs[metric]
@@ -143,7 +144,7 @@ def benchmark_markdown(results: dict) -> str:
 
 def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     cur = summary["current"]
-    verdict = "REGRESSION" if summary["regressions"] else "OK"
+    verdict = "REGRESSION" if summary["regressions"] else "PROMOTED" if summary.get("promoted") else "OK"
     lines = [
         f"# Nightly evaluation — {verdict}",
         "",
@@ -153,6 +154,37 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     ]
     if summary["regressions"]:
         lines += ["## Regressions", ""] + [f"- {r}" for r in summary["regressions"]] + [""]
+    if summary.get("promoted"):
+        p = summary["promoted"]
+        kept = (
+            f" (previous champion kept as {', '.join(p['previous'])})"
+            if p["previous"]
+            else " (first champion)"
+        )
+        lines += [f"Promoted: the challenger {p['from']} is now the champion {p['champion']}{kept}.", ""]
+    w = summary.get("window")
+    if w:
+        lines += [
+            "## Window",
+            "",
+            f"As of {w['as_of']}: train {w['window_start']} .. {w['window_boundary']} ({w['train_days']} day(s); "
+            f"{w['n_train_events']:,} events, {w['n_train_sessions']:,} sessions, {w['n_train_items']:,} items); "
+            f"test from {w['window_boundary']} to {w['window_end']} ({w['test_days']} day(s); "
+            f"{w['n_window_test_events']:,} events, {w['n_window_test_sessions']:,} sessions; "
+            f"{w['n_test_dropped_unseen']:,} test events dropped: items unseen in training, then sessions "
+            f"left too short). {w['n_files_read']} file(s) read.",
+            "",
+        ]
+    champ = summary.get("champion")
+    if champ:
+        lines += ["## Challenger vs champion (same test sessions)", "",
+                  "| figure | challenger | champion | Δ |", "|---|---|---|---|"]  # fmt: skip
+        for c in summary["table"]:
+            if "champion" in c:
+                lines.append(
+                    f"| {c['name']} | {_f(c['current'])} | {_f(c['champion'])} | {_pct(c.get('champion_change'))} |"
+                )
+        lines += ["", f"Champion: `{champ.get('model')}`.", ""]
     lines += ["## This run against earlier runs", ""]
     lines += [
         "| figure | this run | previous | change | reference | change | reference is |",
