@@ -52,6 +52,11 @@ def benchmark_cmd(
     if unknown:
         raise UserError(f"--models: no model {', '.join(map(repr, unknown))} in {config} ({_choices(cfg)})")
     results = run(cfg, out, only=set(only) if only is not None else None)
+    if results.get("tracking_error"):
+        required = cfg.mlflow.required
+        typer.echo(f"{'error' if required else 'warning'}: {results['tracking_error']}", err=True)
+        if required:
+            raise typer.Exit(1)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files(results))} plots "
                f"({len(results['results'])} results)")  # fmt: skip
 
@@ -140,7 +145,15 @@ def nightly_cmd(
         from gru4rec.eval.window import parse_as_of
 
         parse_as_of(as_of, "--as-of")
-    summary = run(load_config(config), as_of=as_of)
+    cfg = load_config(config)
+    summary = run(cfg, as_of=as_of)
+    tracking = summary.get("tracking_error")
+    if tracking:
+        required = cfg.mlflow is not None and cfg.mlflow.required
+        typer.echo(f"{'error' if required else 'warning'}: {tracking}" + (
+            " (mlflow_required = true)" if required else "; the history and report were written"), err=True)  # fmt: skip
+        if required and not summary["regressions"]:
+            raise typer.Exit(EXIT_REGRESSION)
     if summary["regressions"]:
         typer.echo("REGRESSION:", err=True)
         for line in summary["regressions"]:

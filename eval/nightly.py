@@ -166,17 +166,18 @@ class NightlyConfig:
     tolerances: Tolerances = field(default_factory=Tolerances)
     window: WindowSpec | None = None
     champion: ChampionSpec | None = None
+    mlflow: Any = None  # gru4rec.eval.tracking.MlflowSpec (imported only when configured)
     source: str = "nightly config"  # the config file, for messages
 
 
 # ---------------------------------------------------------------- the config
 
 NIGHTLY_KEYS = ("history", "out", "test", "model", "metrics_json", "tie_mode", "cutoffs", "batch_size",
-                "train", "tolerances", "window", "champion")  # fmt: skip
+                "train", "tolerances", "window", "champion", "mlflow")  # fmt: skip
 TRAIN_KEYS = ("train", "preset", "params", "device", "seed", "top_k")
 WINDOW_KEYS = tuple(f.name for f in fields(WindowSpec))
 CHAMPION_KEYS = ("model", "promote")
-TABLES = ("train", "tolerances", "window", "champion")
+TABLES = ("train", "tolerances", "window", "champion", "mlflow")
 TOLERANCE_KEYS = tuple(f.name for f in fields(Tolerances))
 
 
@@ -216,11 +217,17 @@ def load_config(path: str | Path) -> NightlyConfig:
         source=str(path),
     )  # fmt: skip
     _check_sources(cfg, top)
+    cfg.model = _model(top, uses_model=cfg.metrics_json is None and cfg.train is None)
+    if top.has("mlflow"):
+        from gru4rec.eval.tracking import KEYS, spec_from_table
+
+        cfg.mlflow = spec_from_table(
+            Table.of(path, "[nightly.mlflow]", top.raw["mlflow"], KEYS), "gru4rec-nightly"
+        )
     if top.has("champion"):
         cfg.champion = _champion_spec(
             Table.of(path, "[nightly.champion]", top.raw["champion"], CHAMPION_KEYS), cfg
         )
-    cfg.model = _model(top, uses_model=cfg.metrics_json is None and cfg.train is None)
     # the cut-offs the compared metrics need are scored even when `cutoffs` leaves them out
     needed = {int(METRIC_NAME.fullmatch(m).group(2)) for m in tolerances.metrics}
     cfg.cutoffs = tuple(sorted({*cfg.cutoffs, *needed}))
@@ -291,8 +298,14 @@ def _champion_spec(t: Table, cfg: NightlyConfig) -> ChampionSpec:
         raise t.error(
             f"model: file not found: {spec.model} (with promote = true a first champion is installed)"
         )
-    if cfg.train is None:
-        raise t.error("needs a [nightly.train] table: the challenger is the model trained by this run")
+    if cfg.metrics_json is not None:
+        raise t.error("and metrics_json exclude each other: the challenger must be a model scored now")
+    if cfg.train is None and (cfg.model is None or cfg.model.suffix != ".onnx"):
+        raise t.error(
+            "needs a challenger: a [nightly.train] table (trained by this run) or model = an .onnx export"
+        )
+    if cfg.model is not None and cfg.train is None and cfg.model.resolve() == spec.model.resolve():
+        raise t.error("model is the champion itself; name the challenger's export in [nightly] model")
     return spec
 
 
@@ -483,7 +496,58 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
     write_text_atomic(cfg.out / "report.md", nightly_markdown(summary, plots))
     write_text_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     summary["plots"] = plots
+    summary["tracking_error"] = None
+    if cfg.mlflow is not None:  # after the history and report are written: tracking never loses them
+        summary["mlflow_run_ids"], summary["tracking_error"] = _track(cfg, summary, Path(model))
     return summary
+
+
+def _track(cfg: NightlyConfig, summary: dict, model: Path):
+    from gru4rec.eval.tracking import TrackedRun, log_runs
+
+    row = summary["current"]
+    verdict = "regression" if summary["regressions"] else "promoted" if summary["promoted"] else "pass"
+    params = {**summary["model_settings"], "tie_mode": cfg.tie_mode, "cutoffs": list(cfg.cutoffs),
+              "batch_size": cfg.batch_size, "test": row.get("test")}  # fmt: skip
+    if cfg.train is not None:
+        from gru4rec.train.params import resolve
+
+        params.update(resolve(preset=cfg.train.preset, overrides=cfg.train.params).to_dict())
+        params.update(seed=cfg.train.seed, device=cfg.train.device)
+    window = summary.get("window") or {}
+    params.update({k: v for k, v in window.items() if k in ("train_days", "test_days")})
+    metrics = _figures(row)
+    if summary.get("champion"):
+        metrics.update({f"champion_{k}": v for k, v in _figures(summary["champion"]).items()})
+    tags = {"gru4rec.kind": "nightly", "gru4rec.verdict": verdict, "gru4rec.role": row.get("role") or "model",
+            "gru4rec.test_fingerprint": row.get("test_fingerprint"), "gru4rec.model": str(model),
+            "gru4rec.regressions": "; ".join(summary["regressions"])[:5000] or None}  # fmt: skip
+    tags.update({f"gru4rec.{k}": v for k, v in window.items() if k.startswith("window") or k == "as_of"})
+    artifacts = [cfg.out / "report.md", cfg.out / "summary.json", cfg.out / "metrics.json"]
+    artifacts += [cfg.out / p for p in summary["plots"].values()]
+    bundle = None
+    if model.suffix == ".onnx" and model.is_file():
+        from gru4rec.eval.promote import bundle_files
+
+        bundle = bundle_files(model)
+    name = f"nightly {window['as_of']}" if window else f"nightly {row['run_id']}"
+    run = TrackedRun(name, params, metrics, tags, artifacts, bundle, register=bool(summary["promoted"]))
+    return log_runs(cfg.mlflow, [run])
+
+
+def _figures(row: dict) -> dict[str, float]:
+    """A history row's numbers as tracked metrics: every metric at every cut-off, latency, sizes."""
+    skip = {"run_id", "time", "status", "role", "model", "test", "test_fingerprint", "tie_mode", "regressed"}
+    out = {}
+    for k, v in row.items():
+        if k in skip or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+            continue
+        out[
+            f"latency_{k}"
+            if k in LATENCY_FIGURES or k.startswith(("n_steps", "n_full", "events_per", "sessions_per"))
+            else k
+        ] = v
+    return out
 
 
 def _cut(cfg: NightlyConfig, as_of: str | None):
@@ -612,6 +676,7 @@ def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime, test: P
         "model": model,
         "test": str(test) if test else "",
         "test_fingerprint": str(report.get("test_fingerprint") or ""),
+        "model_export_id": str(report.get("model_export_id") or ""),
         "tie_mode": str(report.get("tie_mode", cfg.tie_mode)),
     }
     for key, value in report["metrics"].items():
