@@ -399,6 +399,25 @@ def _check_provenance(cfg: NightlyConfig, report: dict) -> None:
             )
 
 
+def planned_steps(test: Path, batch_size: int) -> dict[str, int]:
+    """The replay steps scoring `test` will take (`n_steps`, `n_full_steps`), as the scorer plans them,
+    with every item known (an upper bound: unknown items only shorten sessions). Lets a latency gate
+    that cannot be met be refused before an hour of training, not after it."""
+    from gru4rec.items import INDEX
+    from gru4rec.score.replay import plan_chunk
+    from gru4rec.score.source import SessionSource
+
+    source = SessionSource(test)
+    batch = min(batch_size, source.stats.n_multi_sessions)
+    n = full = 0
+    for chunk in source.chunks():
+        plan = plan_chunk(chunk.with_columns(pl.lit(0, pl.Int64).alias(INDEX)), batch)
+        if plan is not None:
+            n += len(plan.width)
+            full += int((plan.width == batch).sum())
+    return {"n_steps": n, "n_full_steps": full}
+
+
 def check_latency_steps(report: dict, tol: Tolerances, source: str) -> None:
     """Refuse a latency gate resting on too few replay steps: its percentiles would be noise."""
     latency = report.get("latency") or {}
@@ -448,6 +467,9 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
     test, train_events, window = cfg.test, None, None
     if cfg.window is not None:
         test, train_events, window = _cut(cfg, as_of)
+    if cfg.metrics_json is None and cfg.tolerances.latency:
+        check_latency_steps({"latency": planned_steps(test, cfg.batch_size)}, cfg.tolerances,
+                            f"{cfg.source}: scoring {test} at batch_size {cfg.batch_size} (before any training)")  # fmt: skip
     report, model = _measure(cfg, test, train_events)
     row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
     comparable = _comparable(history, row)

@@ -12,6 +12,11 @@ opened, and the rest is filtered on time while scanning. The cut itself is `data
 (`gru4rec.prepare.split_events`): the same filters (minimum item support and session length,
 optional dedup), whole-session test split over the last `test_days` days of the window's events,
 test events of items unseen in training dropped (and counted here).
+
+Note to the core: `split_events` places the boundary at (last filtered event - test_days), and
+returns neither the boundary nor the count of dropped test events; a `boundary=` argument (here: the
+end of the as_of day minus test_days) and a returned `SplitReport(boundary, n_test_dropped, ...)`
+would make this module a read, a filter and one call.
 """
 
 from __future__ import annotations
@@ -142,18 +147,21 @@ def cut_window(spec: WindowSpec, as_of: str | None = None) -> Window:
     except UserError as e:
         raise UserError(f"window {first_day} .. {day} of {spec.events}: {e}") from None
     train, test = frames["train_full"], frames["test"]
-    boundary = float(events[TIME].max()) - spec.test_days * DAY
-    return Window(day, start, end - spec.test_days * DAY, end, boundary, train, test,
-                  _n_test_dropped(events, cfg, boundary, test), len(files), spec.train_days, spec.test_days)  # fmt: skip
+    boundary, dropped = _boundary_and_dropped(events, cfg, test)
+    return Window(day, start, end - spec.test_days * DAY, end, boundary, train, test, dropped, len(files),
+                  spec.train_days, spec.test_days)  # fmt: skip
 
 
-def _n_test_dropped(events: pl.DataFrame, cfg: SplitConfig, boundary: float, test: pl.DataFrame) -> int:
-    """Test events before the unseen-item step minus those kept: what that step removed."""
+def _boundary_and_dropped(events: pl.DataFrame, cfg: SplitConfig, test: pl.DataFrame) -> tuple[float, int]:
+    """The split's boundary (last event after the filters, minus test_days) and the test events that
+    the unseen-item step removed. `split_events` returns neither, so its first steps are repeated here
+    with the core's own functions (see the note to the core in the module doc)."""
     from gru4rec.prepare import drop_consecutive_duplicates, split_whole_sessions
 
     kept = filter_until_stable(drop_consecutive_duplicates(events) if cfg.dedup else events,
                                cfg.min_item_support, cfg.min_session_length)  # fmt: skip
-    return split_whole_sessions(kept, boundary)[1].height - test.height
+    boundary = float(kept[TIME].max()) - cfg.test_days * DAY
+    return boundary, split_whole_sessions(kept, boundary)[1].height - test.height
 
 
 def _epoch(day: dt.date) -> float:

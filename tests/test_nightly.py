@@ -274,6 +274,7 @@ params = {{ n_epochs = 1, layers = [16], n_sample = 8, batch_size = 16 }}
 device = "cpu"
 [nightly.tolerances]
 latency_rise_abs_ms = 1000.0
+min_latency_steps = 5
 """
     )
     first = run(load_config(cfg))

@@ -34,12 +34,12 @@ def bundle(tmp_path_factory):
     return d, export_onnx(d / "model.pt", d / "model.onnx")
 
 
-def config(tmp_path, d, model, extra_top: str = "", tol: str = "") -> str:
+def config(tmp_path, d, model, extra_top: str = "", tol: str = "", train: str = "") -> str:
     path = tmp_path / "nightly.toml"
     path.write_text(
         f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "out"}"\n'
         f'test = "{d / "test.parquet"}"\nmodel = "{model}"\nbatch_size = 4\n{extra_top}\n'
-        f"[nightly.tolerances]\n{tol}\n"
+        f"[nightly.tolerances]\n{tol}\n{train}"
     )
     return str(path)
 
@@ -71,6 +71,27 @@ def test_latency_gate_on_too_few_steps_is_refused(tmp_path, bundle, run):
     assert len(errors) == 1 and "the latency gate on step_ms_p95 needs at least" in errors[0]
     assert "Traceback" not in err
     assert not (tmp_path / "h.parquet").exists()
+    # the same refusal comes before a training run, not after it
+    train = f'[nightly.train]\ntrain = "{d / "train.parquet"}"\npreset = "demo"\ndevice = "cpu"\n'
+    path = config(
+        tmp_path, d, onnx, train=train, tol='latency = ["full_step_ms_p50"]\nmin_latency_steps = 1000'
+    )
+    code, _, err = run("eval", "nightly", "--config", path)
+    assert code == 2 and "(before any training)" in err and "full_step_ms_p50" in err, err
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_planned_steps_equal_the_scorers_steps(bundle):
+    from gru4rec.eval.nightly import planned_steps
+    from gru4rec.score.scorer import ScoreConfig, score
+
+    d, onnx = bundle
+    for batch in (4, 7, 64):
+        lat = score(onnx, d / "test.parquet", config=ScoreConfig(batch_size=batch))["latency"]
+        assert planned_steps(d / "test.parquet", batch) == {
+            "n_steps": lat["n_steps"],
+            "n_full_steps": lat["n_full_steps"],
+        }
 
 
 def score_metrics(onnx, sessions, out):
