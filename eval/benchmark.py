@@ -109,11 +109,12 @@ class BenchmarkConfig:
     score_batch_size: int = 512
     seed: int = 42
     source: str = "benchmark config"  # the config file, for messages
+    mlflow: Any = None  # gru4rec.eval.tracking.MlflowSpec, from [benchmark.mlflow]
 
 
 # ---------------------------------------------------------------- the config
 
-BENCHMARK_KEYS = ("tie_modes", "max_k", "device", "score_batch_size", "seed")
+BENCHMARK_KEYS = ("tie_modes", "max_k", "device", "score_batch_size", "seed", "mlflow")
 DATASET_KEYS = ("name", "train", "test")
 MODEL_KEYS = ("kind", "name", "datasets", "options", "onnx", "checkpoint", "preset", "params")
 GRU4REC_ONLY = ("onnx", "checkpoint", "preset", "params")
@@ -137,6 +138,12 @@ def load_config(path: str | Path) -> BenchmarkConfig:
         seed=top.integer("seed", 42, 0, 2**32 - 1),
         source=str(path),
     )  # fmt: skip
+    if top.has("mlflow"):
+        from gru4rec.eval.tracking import KEYS, spec_from_table
+
+        cfg.mlflow = spec_from_table(
+            Table.of(path, "[benchmark.mlflow]", top.raw["mlflow"], KEYS), "gru4rec-benchmark"
+        )
     if not cfg.datasets or not cfg.models:
         raise UserError(f"{path}: needs at least one [[dataset]] and one [[model]]")
     _check_unique(path, "[[dataset]]", [d.name for d in cfg.datasets])
@@ -375,7 +382,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
             else:
                 row = _gru4rec_row(spec, ds, train_events, test_events, cfg, out, console)
             row.update(dataset=ds.name, model=spec.name, kind=spec.kind, baseline=spec.is_baseline,
-                       description=DESCRIPTIONS[spec.kind], options=spec.options)  # fmt: skip
+                       description=DESCRIPTIONS[spec.kind], options=spec.options,
+                       settings=model_settings(spec, row))  # fmt: skip
             m = row["metrics"][cfg.tie_modes[0]]
             console.print(
                 f"{ds.name} · {spec.name:>10}: Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}  "
@@ -395,7 +403,49 @@ def run(cfg: BenchmarkConfig, out: str | Path, only: set[str] | None = None, pro
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
     write_text_atomic(out / "report.md", report.benchmark_markdown(results))
     _remove_stale_plots(out, plot_files(results))
+    results["tracking_error"] = _track(cfg, results, out) if cfg.mlflow is not None else None
     return results
+
+
+def _track(cfg: BenchmarkConfig, results: dict, out: Path) -> str | None:
+    """One MLflow run per (dataset, model), with the nightly's keys; the tracking error or None."""
+    from gru4rec.eval.tracking import TrackedRun, log_runs
+
+    mode = results["headline_mode"]
+    runs = []
+    for r in results["results"]:
+        metrics = {k: v for k, v in r["metrics"][mode].items() if k != "n"}
+        metrics.update(
+            n_predictions=r["metrics"][mode].get("n"), fit_s=r.get("fit_s"), eval_s=r.get("eval_s")
+        )
+        for key, value in (r.get("latency") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"latency_{key}"] = value
+        params = {**r.get("settings", {}), "dataset": r["dataset"], "tie_mode": mode, "kind": r["kind"]}
+        tags = {"gru4rec.kind": "benchmark", "gru4rec.dataset": r["dataset"], "gru4rec.model": r["model"]}
+        artifacts = [out / "report.md", out / "results.json"] + [out / p for p in r.get("plots", {}).values()]
+        runs.append(TrackedRun(f"benchmark {r['dataset']} {r['model']}", params, metrics, tags, artifacts))
+    return log_runs(cfg.mlflow, runs)[1]
+
+
+def model_settings(spec: ModelSpec, row: dict) -> dict[str, Any]:
+    """What the report lists for a model: a baseline's options with its defaults filled in; GRU4Rec's
+    preset and key training parameters (from its checkpoint, its ONNX metadata or the config)."""
+    from gru4rec.eval.report import KEY_PARAMS
+
+    if spec.is_baseline:
+        return {**baselines.option_defaults(spec.kind), **spec.options}
+    params = row.get("params")
+    if params is None and spec.onnx is not None:
+        from gru4rec.bundle import read_metadata
+
+        params = read_metadata(spec.onnx).get("hyperparameters")
+    if params is None:
+        from gru4rec.train.params import resolve
+
+        params = resolve(preset=spec.preset, overrides=spec.params).to_dict()
+    settings: dict[str, Any] = {"preset": spec.preset} if spec.preset else {}
+    return settings | {k: params[k] for k in KEY_PARAMS if k in params}
 
 
 def model_key(text: str) -> str:

@@ -52,6 +52,11 @@ def benchmark_cmd(
     if unknown:
         raise UserError(f"--models: no model {', '.join(map(repr, unknown))} in {config} ({_choices(cfg)})")
     results = run(cfg, out, only=set(only) if only is not None else None)
+    if results.get("tracking_error"):
+        required = cfg.mlflow.required
+        typer.echo(f"{'error' if required else 'warning'}: {results['tracking_error']}", err=True)
+        if required:
+            raise typer.Exit(1)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files(results))} plots "
                f"({len(results['results'])} results)")  # fmt: skip
 
@@ -115,6 +120,16 @@ def nightly_cmd(
             "--config", help="Nightly TOML; every key is documented in eval/configs/nightly.example.toml."
         ),
     ],
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="With [nightly.window]: the day to test on (latest, today or YYYY-MM-DD), overriding the "
+            "config's as_of. Run it for each of the last N days to backfill the history (one row per day; "
+            "re-running a day replaces its row).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train/export/score as configured, append to the history, compare with earlier runs.
 
@@ -126,13 +141,29 @@ def nightly_cmd(
     """
     from gru4rec.eval.nightly import EXIT_REGRESSION, load_config, run
 
-    summary = run(load_config(config))
+    if as_of is not None:
+        from gru4rec.eval.window import parse_as_of
+
+        parse_as_of(as_of, "--as-of")
+    cfg = load_config(config)
+    summary = run(cfg, as_of=as_of)
+    tracking = summary.get("tracking_error")
+    if tracking:
+        required = cfg.mlflow is not None and cfg.mlflow.required
+        typer.echo(f"{'error' if required else 'warning'}: {tracking}" + (
+            " (mlflow_required = true)" if required else "; the history and report were written"), err=True)  # fmt: skip
+        if required and not summary["regressions"]:
+            raise typer.Exit(EXIT_REGRESSION)
     if summary["regressions"]:
         typer.echo("REGRESSION:", err=True)
         for line in summary["regressions"]:
             typer.echo(f"  {line}", err=True)
         typer.echo(f"report: {summary['report']}", err=True)
         raise typer.Exit(EXIT_REGRESSION)
+    if summary.get("promoted"):
+        typer.echo(
+            f"promoted: {summary['promoted']['from']} is now the champion {summary['promoted']['champion']}"
+        )
     typer.echo(
-        f"ok: no regression against {summary['n_runs'] - 1} earlier run(s); report: {summary['report']}"
+        f"ok: no regression against {summary['n_comparable']} earlier run(s); report: {summary['report']}"
     )

@@ -39,3 +39,27 @@ def append_run(path: str | Path, history: pl.DataFrame, row: dict) -> pl.DataFra
     combined = pl.concat([history, new], how="diagonal_relaxed") if history.height else new
     write_parquet_atomic(combined, path)
     return combined
+
+
+def upsert_runs(path: str | Path, history: pl.DataFrame, rows: list[dict],
+                key: tuple[str, ...] | None = None) -> pl.DataFrame:  # fmt: skip
+    """`history` plus `rows`, written atomically. With `key` (window runs: as_of, role) a row replaces
+    the earlier row with the same key values instead of adding one, and rows are kept in key order,
+    so a backfill or a re-run of a day leaves exactly one row per day and role."""
+    new = pl.DataFrame(rows)
+    if key is None:
+        combined = pl.concat([history, new], how="diagonal_relaxed") if history.height else new
+    else:
+        old = history
+        if history.height and all(k in history.columns for k in key):
+            same = pl.lit(False)
+            for r in rows:
+                match = pl.lit(True)
+                for k in key:
+                    match = match & (pl.col(k).fill_null("") == r.get(k, ""))
+                same = same | match
+            old = history.filter(~same)
+        combined = pl.concat([old, new], how="diagonal_relaxed") if old.height else new
+        combined = combined.sort([pl.col(k).fill_null("") for k in key], maintain_order=True)
+    write_parquet_atomic(combined, path)
+    return combined

@@ -73,26 +73,35 @@ from gru4rec.eval.config import (
     presets,
     training,
 )
-from gru4rec.eval.history import append_run, read_history
+from gru4rec.eval.history import read_history, upsert_runs
+from gru4rec.eval.window import WindowSpec
 from gru4rec.io import check_output_dir, check_output_file, write_text_atomic
 from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES
 
 EXIT_REGRESSION = 1
 EXAMPLE_CONFIG = "eval/configs/nightly.example.toml"
-LATENCY_FIGURES = ("step_ms_p50", "step_ms_p95", "step_ms_p99")
-METRIC_NAME = re.compile(r"(recall|mrr)@([1-9][0-9]*)")
+LATENCY_FIGURES = ("ms_per_1k_events", "full_step_ms_p50", "full_step_ms_p95", "step_ms_p50", "step_ms_p95",
+                   "step_ms_p99")  # fmt: skip
+# The replay steps a latency figure is computed from (the minimum-steps rule counts them).
+STEP_COUNT = {"full_step_ms_p50": "n_full_steps", "full_step_ms_p95": "n_full_steps"}
+METRIC_NAME = re.compile(r"(recall|mrr|ndcg)@([1-9][0-9]*)")
+UNKNOWN_SHARE = "unknown_share"
 
 
 @dataclass
 class Tolerances:
     metrics: list[str] = field(default_factory=lambda: ["recall@20", "mrr@20"])
-    latency: list[str] = field(default_factory=lambda: ["step_ms_p50", "step_ms_p95"])
+    # Replay time per scored event (all steps) stays put for an unchanged model; percentiles over
+    # every step do not: the batch shrinks at the end of each chunk, and p95 of ~20 steps is noise.
+    latency: list[str] = field(default_factory=lambda: ["ms_per_1k_events"])
     metric_drop_abs: float = 0.005
     metric_drop_rel: float = 0.02
     latency_rise_abs_ms: float = 1.0
     latency_rise_rel: float = 0.25
     latency_window: int = 5
     compare_best: bool = True
+    min_latency_steps: int = 30  # a latency gate over fewer replay steps is refused, not trusted
+    max_unknown_share: float = 0.5  # test events of items the model does not know, at most
 
     def allowed(self, figure: str, reference: float) -> float:
         if figure in self.latency:
@@ -121,18 +130,26 @@ class Tolerances:
             f"of the reference, compared with the previous run"
             + (" and the best run" if self.compare_best else "")
             + f"; latency ({', '.join(self.latency)}) may rise by {self.latency_rise_abs_ms:g} ms + "
-            f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs."
+            f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs "
+            f"(each from at least {self.min_latency_steps} replay steps); at most "
+            f"{self.max_unknown_share:.0%} of the test events may be of items the model does not know."
         )
 
 
 @dataclass
 class TrainSpec:
-    train: Path
+    train: Path | None  # None: the [nightly.window]'s training days
     preset: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     seed: int = 42
     top_k: int = 20
+
+
+@dataclass
+class ChampionSpec:
+    model: Path  # the production bundle's serving graph (eval graph and item map beside it)
+    promote: bool = False  # replace it with a challenger that is not worse
 
 
 @dataclass
@@ -147,21 +164,27 @@ class NightlyConfig:
     batch_size: int = 512
     train: TrainSpec | None = None
     tolerances: Tolerances = field(default_factory=Tolerances)
+    window: WindowSpec | None = None
+    champion: ChampionSpec | None = None
+    mlflow: Any = None  # gru4rec.eval.tracking.MlflowSpec (imported only when configured)
     source: str = "nightly config"  # the config file, for messages
 
 
 # ---------------------------------------------------------------- the config
 
 NIGHTLY_KEYS = ("history", "out", "test", "model", "metrics_json", "tie_mode", "cutoffs", "batch_size",
-                "train", "tolerances")  # fmt: skip
+                "train", "tolerances", "window", "champion", "mlflow")  # fmt: skip
 TRAIN_KEYS = ("train", "preset", "params", "device", "seed", "top_k")
+WINDOW_KEYS = tuple(f.name for f in fields(WindowSpec))
+CHAMPION_KEYS = ("model", "promote")
+TABLES = ("train", "tolerances", "window", "champion", "mlflow")
 TOLERANCE_KEYS = tuple(f.name for f in fields(Tolerances))
 
 
 def load_config(path: str | Path) -> NightlyConfig:
     """Read and check the whole config: every key, the input files, the training params."""
     raw = read_toml(path)
-    hints = {k: f"did you mean [nightly.{k}]?" for k in ("train", "tolerances")}
+    hints = {k: f"did you mean [nightly.{k}]?" for k in TABLES}
     check_top_level(path, raw, ("[nightly]",), hints)
     if "nightly" not in raw:
         raise UserError(f"{path}: needs a [nightly] table (see {EXAMPLE_CONFIG})")
@@ -170,8 +193,13 @@ def load_config(path: str | Path) -> NightlyConfig:
     tolerances = _tolerances(
         Table.of(path, "[nightly.tolerances]", top.raw.get("tolerances", {}), TOLERANCE_KEYS)
     )
+    window = (
+        _window_spec(Table.of(path, "[nightly.window]", top.raw["window"], WINDOW_KEYS))
+        if top.has("window")
+        else None
+    )
     train = (
-        _train_spec(Table.of(path, "[nightly.train]", top.raw["train"], TRAIN_KEYS))
+        _train_spec(Table.of(path, "[nightly.train]", top.raw["train"], TRAIN_KEYS), window is not None)
         if top.has("train")
         else None
     )
@@ -185,10 +213,21 @@ def load_config(path: str | Path) -> NightlyConfig:
         batch_size=top.integer("batch_size", 512, 1),
         train=train,
         tolerances=tolerances,
+        window=window,
         source=str(path),
     )  # fmt: skip
     _check_sources(cfg, top)
     cfg.model = _model(top, uses_model=cfg.metrics_json is None and cfg.train is None)
+    if top.has("mlflow"):
+        from gru4rec.eval.tracking import KEYS, spec_from_table
+
+        cfg.mlflow = spec_from_table(
+            Table.of(path, "[nightly.mlflow]", top.raw["mlflow"], KEYS), "gru4rec-nightly"
+        )
+    if top.has("champion"):
+        cfg.champion = _champion_spec(
+            Table.of(path, "[nightly.champion]", top.raw["champion"], CHAMPION_KEYS), cfg
+        )
     # the cut-offs the compared metrics need are scored even when `cutoffs` leaves them out
     needed = {int(METRIC_NAME.fullmatch(m).group(2)) for m in tolerances.metrics}
     cfg.cutoffs = tuple(sorted({*cfg.cutoffs, *needed}))
@@ -205,7 +244,7 @@ def _tolerances(t: Table) -> Tolerances:
         and len(set(metrics)) == len(metrics)
     )
     if not ok:
-        raise t.bad("metrics", f"a list of distinct metric names recall@K or mrr@K (K from 1 to {MAX_CUTOFF})",
+        raise t.bad("metrics", f"a list of distinct metric names recall@K, mrr@K or ndcg@K (K from 1 to {MAX_CUTOFF})",
                     metrics)  # fmt: skip
     return Tolerances(
         metrics=list(metrics),
@@ -216,7 +255,16 @@ def _tolerances(t: Table) -> Tolerances:
         latency_rise_rel=t.number("latency_rise_rel", 0.25),
         latency_window=t.integer("latency_window", 5, 1),
         compare_best=t.boolean("compare_best", True),
+        min_latency_steps=t.integer("min_latency_steps", 30, 1),
+        max_unknown_share=_share(t, "max_unknown_share", 0.5),
     )
+
+
+def _share(t: Table, key: str, default: float) -> float:
+    value = t.number(key, default)
+    if value > 1:
+        raise t.bad(key, "a share between 0 and 1", value)
+    return value
 
 
 def _metric_cutoff(name: str) -> int | None:
@@ -225,9 +273,47 @@ def _metric_cutoff(name: str) -> int | None:
     return k if k is not None and k <= MAX_CUTOFF else None
 
 
-def _train_spec(t: Table) -> TrainSpec:
+def _window_spec(t: Table) -> WindowSpec:
+    from gru4rec.eval.window import parse_as_of
+
+    spec = WindowSpec(
+        events=t.string("events"),
+        as_of=parse_as_of(t.string("as_of", "latest"), f"{t.file}: {t.name} as_of"),
+        train_days=t.integer("train_days", 30, 1, 3650),
+        test_days=t.integer("test_days", 1, 1, 3650),
+        min_item_support=t.integer("min_item_support", 5, 1),
+        min_session_length=t.integer("min_session_length", 2, 2),
+        dedup=t.boolean("dedup", False),
+    )
+    return spec
+
+
+def _champion_spec(t: Table, cfg: NightlyConfig) -> ChampionSpec:
+    """The production model scored beside the challenger; a missing file is allowed only with
+    promote = true (the first challenger that passes becomes the champion)."""
+    spec = ChampionSpec(model=t.path("model", REQUIRED), promote=t.boolean("promote", False))
+    if spec.model.suffix != ".onnx":
+        raise t.bad("model", "an .onnx export (its .eval.onnx and .items.parquet beside it)", str(spec.model))
+    if not spec.model.is_file() and not spec.promote:
+        raise t.error(
+            f"model: file not found: {spec.model} (with promote = true a first champion is installed)"
+        )
+    if cfg.metrics_json is not None:
+        raise t.error("and metrics_json exclude each other: the challenger must be a model scored now")
+    if cfg.train is None and (cfg.model is None or cfg.model.suffix != ".onnx"):
+        raise t.error(
+            "needs a challenger: a [nightly.train] table (trained by this run) or model = an .onnx export"
+        )
+    if cfg.model is not None and cfg.train is None and cfg.model.resolve() == spec.model.resolve():
+        raise t.error("model is the champion itself; name the challenger's export in [nightly] model")
+    return spec
+
+
+def _train_spec(t: Table, windowed: bool = False) -> TrainSpec:
+    if windowed and t.has("train"):
+        raise t.error("train and [nightly.window] exclude each other: the window cuts the training data")
     spec = TrainSpec(
-        train=t.input_file("train", REQUIRED),
+        train=None if windowed else t.input_file("train", REQUIRED),
         preset=t.string("preset", None, presets()),
         params=t.mapping("params"),
         device=device(t),
@@ -244,8 +330,12 @@ def _check_sources(cfg: NightlyConfig, top: Table) -> None:
     if cfg.metrics_json is not None and cfg.train is not None:
         raise top.error("metrics_json and a [nightly.train] table exclude each other: the JSON's figures would be "
                         "reported and the training ignored")  # fmt: skip
-    if cfg.metrics_json is None and cfg.test is None:
-        raise top.error("needs test (the sessions to score) or metrics_json")
+    if cfg.window is not None and (cfg.test is not None or cfg.metrics_json is not None):
+        raise top.error(
+            "test / metrics_json and [nightly.window] exclude each other: the window cuts the test data"
+        )
+    if cfg.metrics_json is None and cfg.test is None and cfg.window is None:
+        raise top.error("needs test (the sessions to score), a [nightly.window] or metrics_json")
     if cfg.metrics_json is None and cfg.train is None and not top.has("model"):
         raise top.error("needs model (an .onnx or .pt), a [nightly.train] table or metrics_json")
 
@@ -276,6 +366,76 @@ def _check_metrics_json(cfg: NightlyConfig, top: Table) -> None:
             f"{cfg.metrics_json}: has no {', '.join(missing)}; change [nightly.tolerances] in {cfg.source} "
             "or score with the cut-offs it compares"
         )
+    check_latency_steps(report, cfg.tolerances, str(cfg.metrics_json))
+    _check_provenance(cfg, report)
+
+
+def _check_provenance(cfg: NightlyConfig, report: dict) -> None:
+    """A metrics JSON is recorded as the figures of `test` and `model`: it must have been scored on
+    exactly that test data (content fingerprint) with exactly that export (export id)."""
+    from gru4rec.score.scorer import sessions_fingerprint
+
+    again = f"score again: gru4rec-cli score --model {cfg.model or 'MODEL'} --sessions {cfg.test or 'TEST'} --metrics {cfg.metrics_json}"
+    if cfg.test is not None:
+        scored = report.get("test_fingerprint")
+        if not scored:
+            raise UserError(f"{cfg.metrics_json}: records no test_fingerprint (scored by an older gru4rec-cli "
+                            f"score), so it cannot be tied to {cfg.test}; {again}")  # fmt: skip
+        expected = sessions_fingerprint(cfg.test)
+        if scored != expected:
+            raise UserError(
+                f"{cfg.metrics_json}: was scored on other test data (fingerprint {scored}) than {cfg.test} "
+                f"({expected}); {again}"
+            )
+    if cfg.model is not None and cfg.model.suffix == ".onnx" and cfg.model.is_file():
+        from gru4rec.bundle import read_metadata
+
+        expected = read_metadata(cfg.model)["export_id"]
+        scored = report.get("model_export_id")
+        if scored != expected:
+            what = f"export {scored}" if scored else "an unrecorded export (an older gru4rec-cli score)"
+            raise UserError(
+                f"{cfg.metrics_json}: was scored with {what}, not with {cfg.model} (export {expected}); {again}"
+            )
+
+
+def planned_steps(test: Path, batch_size: int) -> dict[str, int]:
+    """The replay steps scoring `test` will take (`n_steps`, `n_full_steps`), as the scorer plans them,
+    with every item known (an upper bound: unknown items only shorten sessions). Lets a latency gate
+    that cannot be met be refused before an hour of training, not after it."""
+    from gru4rec.items import INDEX
+    from gru4rec.score.replay import plan_chunk
+    from gru4rec.score.source import SessionSource
+
+    source = SessionSource(test)
+    batch = min(batch_size, source.stats.n_multi_sessions)
+    n = full = 0
+    for chunk in source.chunks():
+        plan = plan_chunk(chunk.with_columns(pl.lit(0, pl.Int64).alias(INDEX)), batch)
+        if plan is not None:
+            n += len(plan.width)
+            full += int((plan.width == batch).sum())
+    return {"n_steps": n, "n_full_steps": full}
+
+
+def check_latency_steps(report: dict, tol: Tolerances, source: str) -> None:
+    """Refuse a latency gate resting on too few replay steps: its percentiles would be noise."""
+    latency = report.get("latency") or {}
+    for figure in tol.latency:
+        key = STEP_COUNT.get(figure, "n_steps")
+        n = latency.get(key)
+        if not isinstance(n, int) or n < tol.min_latency_steps:
+            got = f"{n} such steps" if isinstance(n, int) else f"no {key} count"
+            hint = (
+                "gate on ms_per_1k_events (all steps), lower batch_size, score more sessions"
+                if figure != "ms_per_1k_events"
+                else "score more sessions or lower batch_size"
+            )
+            raise UserError(
+                f"{source}: the latency gate on {figure} needs at least min_latency_steps = "
+                f"{tol.min_latency_steps} replay steps ({key}), this run has {got}; {hint}, or drop "
+                f"{figure} from [nightly.tolerances] latency"
+            )
 
 
 def _missing_figures(report: dict, tol: Tolerances) -> list[str]:
@@ -286,37 +446,186 @@ def _missing_figures(report: dict, tol: Tolerances) -> list[str]:
 # ---------------------------------------------------------------- one run
 
 
-def run(cfg: NightlyConfig, now: dt.datetime | None = None) -> dict:
-    """Do one nightly run; returns the summary (regressions empty when all is well)."""
+def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = None) -> dict:
+    """Do one nightly run; returns the summary (regressions empty when all is well).
+
+    `as_of` (window runs): the day to test on, overriding [nightly.window] as_of."""
     # Unusable outputs and an unreadable history stop the run before any work (and before a long
     # training), and the history is never written when it could not be read.
     check_output_file(cfg.history, inputs=_inputs(cfg))
     history = read_history(cfg.history)
     check_output_dir(cfg.out)
+    if as_of is not None and cfg.window is None:
+        raise UserError(f"--as-of needs a [nightly.window] table in {cfg.source}")
     if cfg.metrics_json is None and cfg.train is None and cfg.model.suffix == ".onnx":
         _check_catalog(cfg, cfg.model)
+    if cfg.champion is not None and cfg.champion.model.is_file():
+        from gru4rec.bundle import load_bundle
+
+        load_bundle(cfg.champion.model)  # a broken champion bundle stops the run before training
     now = now or dt.datetime.now(dt.UTC)
-    report, model = _measure(cfg)
-    row = _row(cfg, report, model, now)
+    test, train_events, window = cfg.test, None, None
+    if cfg.window is not None:
+        test, train_events, window = _cut(cfg, as_of)
+    if cfg.metrics_json is None and cfg.tolerances.latency:
+        check_latency_steps({"latency": planned_steps(test, cfg.batch_size)}, cfg.tolerances,
+                            f"{cfg.source}: scoring {test} at batch_size {cfg.batch_size} (before any training)")  # fmt: skip
+    report, model = _measure(cfg, test, train_events)
+    row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
     comparable = _comparable(history, row)
     regressions, table = compare(comparable, row, cfg.tolerances)
+    if window is not None and cfg.champion is not None:
+        # Each day's sessions differ: with a champion scored on the same sessions, that comparison
+        # is the gate, and the earlier days are the trend (shown, not enforced).
+        regressions = []
+        for entry in table:
+            entry.pop("regressed", None)
+    regressions += unknown_share_check(row, cfg.tolerances, table)
+    rows = [row]
+    champion_row = None
+    if cfg.champion is not None:
+        champion_row, lost = _versus_champion(cfg, test, window, now, row, table)
+        regressions += lost
+        if champion_row is not None:
+            rows.append(champion_row)
     row["status"] = "regression" if regressions else "ok"
-    history = append_run(cfg.history, history, row)
+    # which figures regressed: the trend plots circle those series only
+    row["regressed"] = ",".join(e["name"] for e in table if e.get("regressed"))
+    promoted = None
+    if cfg.champion is not None and cfg.champion.promote and not regressions:
+        from gru4rec.eval.promote import promote_bundle
+
+        promoted = promote_bundle(Path(model), cfg.champion.model)
+        row["status"] = "promoted"
+    key = ("as_of", "role") if window is not None else None
+    history = upsert_runs(cfg.history, history, rows, key)
     summary = {
         "current": row,
+        "champion": champion_row,
+        "promoted": promoted,
         "regressions": regressions,
         "table": table,
+        "window": window.info() if window is not None else None,
         "n_runs": history.height,
         "n_comparable": comparable.height,
         "tolerances": cfg.tolerances.describe(),
         "report": str(cfg.out / "report.md"),
+        "model_settings": model_settings(model, cfg),
     }
-    plots = _trend_plots(_comparable(history, row), cfg)
+    plots = _trend_plots(_comparable(history, row, same_day=True), cfg)
     from gru4rec.eval.report import nightly_markdown
 
     write_text_atomic(cfg.out / "report.md", nightly_markdown(summary, plots))
     write_text_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    summary["plots"] = plots
+    summary["tracking_error"] = None
+    if cfg.mlflow is not None:  # after the history and report are written: tracking never loses them
+        summary["mlflow_run_ids"], summary["tracking_error"] = _track(cfg, summary, Path(model))
     return summary
+
+
+def _track(cfg: NightlyConfig, summary: dict, model: Path):
+    from gru4rec.eval.tracking import TrackedRun, log_runs
+
+    row = summary["current"]
+    verdict = "regression" if summary["regressions"] else "promoted" if summary["promoted"] else "pass"
+    params = {**summary["model_settings"], "tie_mode": cfg.tie_mode, "cutoffs": list(cfg.cutoffs),
+              "batch_size": cfg.batch_size, "test": row.get("test")}  # fmt: skip
+    if cfg.train is not None:
+        from gru4rec.train.params import resolve
+
+        params.update(resolve(preset=cfg.train.preset, overrides=cfg.train.params).to_dict())
+        params.update(seed=cfg.train.seed, device=cfg.train.device)
+    window = summary.get("window") or {}
+    params.update({k: v for k, v in window.items() if k in ("train_days", "test_days")})
+    metrics = _figures(row)
+    if summary.get("champion"):
+        metrics.update({f"champion_{k}": v for k, v in _figures(summary["champion"]).items()})
+    tags = {"gru4rec.kind": "nightly", "gru4rec.verdict": verdict, "gru4rec.role": row.get("role") or "model",
+            "gru4rec.test_fingerprint": row.get("test_fingerprint"), "gru4rec.model": str(model),
+            "gru4rec.regressions": "; ".join(summary["regressions"])[:5000] or None}  # fmt: skip
+    tags.update({f"gru4rec.{k}": v for k, v in window.items() if k.startswith("window") or k == "as_of"})
+    artifacts = [cfg.out / "report.md", cfg.out / "summary.json", cfg.out / "metrics.json"]
+    artifacts += [cfg.out / p for p in summary["plots"].values()]
+    bundle = None
+    if model.suffix == ".onnx" and model.is_file():
+        from gru4rec.eval.promote import bundle_files
+
+        bundle = bundle_files(model)
+    name = f"nightly {window['as_of']}" if window else f"nightly {row['run_id']}"
+    run = TrackedRun(name, params, metrics, tags, artifacts, bundle, register=bool(summary["promoted"]))
+    return log_runs(cfg.mlflow, [run])
+
+
+def _figures(row: dict) -> dict[str, float]:
+    """A history row's numbers as tracked metrics: every metric at every cut-off, latency, sizes."""
+    skip = {"run_id", "time", "status", "role", "model", "test", "test_fingerprint", "tie_mode", "regressed"}
+    out = {}
+    for k, v in row.items():
+        if k in skip or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+            continue
+        out[
+            f"latency_{k}"
+            if k in LATENCY_FIGURES or k.startswith(("n_steps", "n_full", "events_per", "sessions_per"))
+            else k
+        ] = v
+    return out
+
+
+def _cut(cfg: NightlyConfig, as_of: str | None):
+    """The window's test file (written into `out`), training events and Window."""
+    from rich.console import Console
+
+    from gru4rec.eval.window import cut_window
+    from gru4rec.io import write_parquet_atomic
+
+    window = cut_window(cfg.window, as_of)
+    info = window.info()
+    Console(stderr=True).print(
+        f"nightly: window as of {info['as_of']}: train {info['window_start']} .. {info['window_boundary']} "
+        f"({info['n_train_events']:,} events), test to {info['window_end']} ({info['n_window_test_events']:,} "
+        f"events; {info['n_test_dropped_unseen']:,} dropped: items unseen in training); {window.n_files} file(s) read",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    test = cfg.out / "window" / "test.parquet"
+    write_parquet_atomic(window.test, test)
+    write_parquet_atomic(window.train, cfg.out / "window" / "train.parquet")
+    return test, window.train, window
+
+
+def _versus_champion(cfg: NightlyConfig, test: Path, window, now, row: dict, table: list[dict]):
+    """Score the champion on the same test sessions; (its row, reasons the challenger lost)."""
+    from rich.console import Console
+
+    from gru4rec.eval.benchmark import score_onnx
+
+    champ = cfg.champion.model
+    if not champ.is_file():
+        return None, []  # no champion yet: a passing challenger is installed as the first one
+    Console(stderr=True).print(
+        f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
+    )
+    report, _ = score_onnx(champ, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    report["model"] = str(champ)
+    champion_row = _row(cfg, report, str(champ), now, test, window, role="champion")
+    champion_row["status"] = "champion"
+    tol = cfg.tolerances
+    lost = []
+    for entry in table:
+        figure = entry["name"]
+        if figure not in tol.metrics + tol.latency:
+            continue
+        ref, cur = champion_row[figure], row[figure]
+        entry.update(champion=ref, champion_change=_change(cur, ref))
+        lower_better = figure in tol.latency
+        worse = (cur - ref) if lower_better else (ref - cur)
+        if math.isnan(cur) or worse > tol.allowed(figure, ref):
+            entry["regressed"] = True
+            unit = " ms" if lower_better else ""
+            word = "slower" if lower_better else "worse"
+            lost.append(f"challenger {figure} {cur:.4f}{unit} is {word} than the champion's {ref:.4f}{unit} "
+                        f"(allowed {tol.allowed(figure, ref):.4f}{unit}); the champion {champ} stays")  # fmt: skip
+    return champion_row, lost
 
 
 def _inputs(cfg: NightlyConfig) -> tuple[Path, ...]:
@@ -337,7 +646,7 @@ def _check_catalog(cfg: NightlyConfig, model: Path) -> None:
         )
 
 
-def _measure(cfg: NightlyConfig) -> tuple[dict, str]:
+def _measure(cfg: NightlyConfig, test: Path | None, train_events: pl.DataFrame | None) -> tuple[dict, str]:
     """(the score stage's metrics-JSON dict, model path): from a given JSON or by scoring now."""
     from rich.console import Console
 
@@ -351,16 +660,16 @@ def _measure(cfg: NightlyConfig) -> tuple[dict, str]:
         from gru4rec.data import read_events
 
         t = cfg.train
-        console.print(f"nightly: training on {t.train} (preset {t.preset})")
-        model = train_gru4rec(
-            read_events(t.train), t.preset, t.params, cfg.out / "model.pt", t.device, t.seed
-        )
+        source = t.train if t.train is not None else "the window's training days"
+        console.print(f"nightly: training on {source} (preset {t.preset})", markup=False, highlight=False)
+        events = train_events if train_events is not None else read_events(t.train)
+        model = train_gru4rec(events, t.preset, t.params, cfg.out / "model.pt", t.device, t.seed)
     if model is not None and model.suffix == ".pt":
-        console.print(f"nightly: exporting {model}")
+        console.print(f"nightly: exporting {model}", markup=False, highlight=False)
         model = export_onnx(model, cfg.out / "model.onnx", top_k=cfg.train.top_k if cfg.train else 20)
         _check_catalog(cfg, model)
-    console.print(f"nightly: scoring {cfg.test} with {model}")
-    report, _ = score_onnx(model, cfg.test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    console.print(f"nightly: scoring {test} with {model}", markup=False, highlight=False)
+    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
     report["model"] = str(model)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
     return report, str(model)
@@ -378,20 +687,29 @@ def _read_metrics_json(path: Path) -> dict:
     return report
 
 
-def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict:
+def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime, test: Path | None = None,
+         window=None, role: str = "") -> dict:  # fmt: skip
+    test = test if test is not None else cfg.test
     row: dict[str, Any] = {
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
         "time": now.isoformat(timespec="seconds"),
         "status": "",
+        "role": role,
         "model": model,
-        "test": str(cfg.test) if cfg.test else "",
-        "test_fingerprint": _fingerprint(cfg.test),
+        "test": str(test) if test else "",
+        "test_fingerprint": str(report.get("test_fingerprint") or ""),
+        "model_export_id": str(report.get("model_export_id") or ""),
         "tie_mode": str(report.get("tie_mode", cfg.tie_mode)),
     }
     for key, value in report["metrics"].items():
         if key != "n" and isinstance(value, (int, float)):
             row[key] = float(value)
     row["n_predictions"] = int(report["metrics"].get("n", 0))
+    n_events = report.get("n_events")
+    if isinstance(n_events, int) and n_events > 0:
+        row["n_test_events"] = n_events
+        row["n_unknown_dropped"] = int(report.get("n_unknown_dropped") or 0)
+        row[UNKNOWN_SHARE] = row["n_unknown_dropped"] / n_events
     for key, value in (report.get("latency") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             row[key] = float(value)
@@ -400,25 +718,72 @@ def _row(cfg: NightlyConfig, report: dict, model: str, now: dt.datetime) -> dict
         raise UserError(
             f"the scorer's report has no {', '.join(missing)}: fix [nightly.tolerances] or the cut-offs"
         )
+    check_latency_steps(report, cfg.tolerances, f"{cfg.source}: scoring {test}")
+    if window is not None:
+        row.update(window.info())
     return row
 
 
-def _fingerprint(test: Path | None) -> str:
-    if test is None or not test.is_file():
-        return ""
-    from gru4rec.data import fingerprint, read_events
+def unknown_share_check(row: dict, tol: Tolerances, table: list[dict]) -> list[str]:
+    """A model scored on data it does not know gives zeros with exit 0 otherwise: fail it, with the reason."""
+    share = row.get(UNKNOWN_SHARE)
+    if share is None:
+        return []
+    entry = {"name": UNKNOWN_SHARE, "current": share, "reference": tol.max_unknown_share,
+             "reference_kind": "max_unknown_share"}  # fmt: skip
+    table.append(entry)
+    if share <= tol.max_unknown_share:
+        return []
+    entry["regressed"] = True
+    return [
+        f"{UNKNOWN_SHARE} is {share:.1%} (max_unknown_share {tol.max_unknown_share:.1%}): "
+        f"{row.get('n_unknown_dropped', 0):,} of {row.get('n_test_events', 0):,} test events are of items the "
+        "model does not know; is this the model trained for this data?"
+    ]
 
-    return fingerprint(read_events(test))
+
+def model_settings(model: str, cfg: NightlyConfig) -> dict[str, Any]:
+    """The settings the report lists for the scored model: preset and key training parameters."""
+    from gru4rec.eval.report import KEY_PARAMS
+
+    settings: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    if cfg.train is not None:
+        from gru4rec.train.params import resolve
+
+        settings["preset"] = cfg.train.preset or "(defaults)"
+        params = resolve(preset=cfg.train.preset, overrides=cfg.train.params).to_dict()
+    elif model.endswith(".onnx") and Path(model).is_file():
+        from gru4rec.bundle import read_metadata
+
+        meta = read_metadata(model)
+        params = meta.get("hyperparameters") or {}
+        settings.update(export_id=meta.get("export_id"), n_items=meta.get("n_items"), top_k=meta.get("top_k"))
+    settings.update({k: params[k] for k in KEY_PARAMS if k in params})
+    return settings
 
 
-def _comparable(history: pl.DataFrame, row: dict) -> pl.DataFrame:
-    """Runs on the same test data (by content) in the same tie mode: others are not compared."""
+def _comparable(history: pl.DataFrame, row: dict, same_day: bool = False) -> pl.DataFrame:
+    """Earlier runs this run is compared with: the same test data (by content), tie mode and role.
+
+    Window runs: each day's test data differs, so the history is their trend (in date order), not
+    their gate (the champion on the same sessions is); a re-run of a day replaces that day's row and
+    is never compared with it (`same_day` keeps it, for the plots after the history is written)."""
     h = history
-    for key in ("tie_mode", "test_fingerprint"):
+    keys = ("tie_mode", "test_fingerprint") if "as_of" not in row else ("tie_mode",)
+    for key in keys:
         if key in h.columns:
             h = h.filter(pl.col(key).fill_null("") == row[key])
         elif h.height:
             h = h.clear()
+    role = pl.col("role").fill_null("") if "role" in h.columns else pl.lit("")
+    h = h.filter(role == row.get("role", ""))
+    if "as_of" in row:
+        h = h.filter(pl.col("as_of").is_not_null()) if "as_of" in h.columns else h.clear()
+        if not same_day and h.height:
+            h = h.filter(pl.col("as_of") < row["as_of"])
+        for key in ("train_days", "test_days"):  # the same window shape only
+            h = h.filter(pl.col(key) == row[key]) if key in h.columns else h.clear()
     return h
 
 
@@ -442,6 +807,7 @@ def compare(history: pl.DataFrame, row: dict, tol: Tolerances) -> tuple[list[str
         for which, ref in tol.checked(figure, past):
             worse = (cur - ref) if lower_better else (ref - cur)
             if math.isnan(cur) or worse > tol.allowed(figure, ref):
+                entry["regressed"] = True
                 unit = " ms" if lower_better else ""
                 verb = "rose" if lower_better else "dropped"
                 regressions.append(
@@ -457,19 +823,29 @@ def _change(cur: float, ref: float) -> float | None:
     return 100.0 * (cur - ref) / ref if ref else None
 
 
+def regression_flags(history: pl.DataFrame, figures: list[str]) -> dict[str, list[bool]]:
+    """Per figure, the runs where that figure regressed (the trend plots circle those points only).
+    A run recorded before per-figure flags counts as regressed in every figure when it regressed."""
+    regressed = history["regressed"].to_list() if "regressed" in history.columns else [None] * history.height
+    status = history["status"].to_list()
+    return {
+        f: [f in r.split(",") if r is not None else s == "regression" for r, s in zip(regressed, status)]
+        for f in figures
+    }
+
+
 def _trend_plots(history: pl.DataFrame, cfg: NightlyConfig) -> dict[str, str]:
     from gru4rec.eval import plots
 
     runs = history["run_id"].to_list()
-    flagged = [s == "regression" for s in history["status"].to_list()]
     out: dict[str, str] = {}
     groups = (("metrics", cfg.tolerances.metrics, "metric value", "Accuracy over nightly runs"),
-              ("latency", cfg.tolerances.latency, "milliseconds per replay step", "Scorer latency over nightly runs"))  # fmt: skip
+              ("latency", cfg.tolerances.latency, "milliseconds", "Scorer latency over nightly runs"))  # fmt: skip
     for key, figures, ylabel, title in groups:
         series = {f: history[f].cast(pl.Float64).to_list() for f in figures if f in history.columns}
         if series:
             name = f"trend_{key}.png"
             plots.trends(cfg.out / name, f"{title} ({cfg.tie_mode} ties)" if key == "metrics" else title,
-                         runs, series, ylabel, flagged)  # fmt: skip
+                         runs, series, ylabel, regression_flags(history, list(series)))  # fmt: skip
             out[title] = name
     return out

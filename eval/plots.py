@@ -98,18 +98,19 @@ def training_curve(path: Path, title: str, history: Sequence[Mapping[str, float]
 
 
 def trends(path: Path, title: str, runs: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
-           flagged: Sequence[bool] | None = None) -> Path:  # fmt: skip
-    """One line per series over successive runs; runs flagged as regressions are circled in red."""
+           flagged: Mapping[str, Sequence[bool]] | None = None) -> Path:  # fmt: skip
+    """One line per series over successive runs; `flagged[name]` marks the runs where that series
+    regressed, circled in red (only those points: a run where one figure regressed leaves the others)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     x = np.arange(len(runs))
     for name, ys in series.items():
         ys = np.asarray(ys, dtype=np.float64)
         ax.plot(x, ys, marker="o", label=name)
-        if flagged is not None:
-            bad = np.asarray(flagged, dtype=bool)
+        bad = np.asarray((flagged or {}).get(name, [False] * len(x)), dtype=bool)
+        if bad.any():
             ax.scatter(x[bad], ys[bad], s=140, facecolors="none", edgecolors="red", linewidths=2)
-    if flagged is not None and any(flagged):
+    if flagged is not None and any(any(v) for v in flagged.values()):
         ax.scatter([], [], s=140, facecolors="none", edgecolors="red", linewidths=2, label="regression")
     step = max(1, len(runs) // 12)
     ax.set_xticks(x[::step], [runs[i] for i in x[::step]], rotation=30, ha="right", fontsize=8)

@@ -5,6 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 HEADLINE = ("recall@20", "mrr@20")
+# The GRU4Rec parameters a report lists for each model (the rest are in results.json / the metadata).
+KEY_PARAMS = ("loss", "layers", "embedding", "batch_size", "learning_rate", "momentum", "n_sample", "logq",
+              "dropout_p_embed", "dropout_p_hidden", "n_epochs", "optimizer")  # fmt: skip
+# Baselines trained for fewer epochs than their defaults are under-trained: the report says so.
+EPOCH_DEFAULTS = {"bprmf": 10}
+
+
+def settings_text(settings: dict) -> str:
+    """`key=value` pairs of a model's settings, in the order given."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "defaults"
+
+
+def weak_setting_note(kind: str, settings: dict) -> str:
+    """Why a baseline may score below what it can do, from its settings (empty when nothing stands out)."""
+    default = EPOCH_DEFAULTS.get(kind)
+    epochs = settings.get("epochs")
+    if default is not None and isinstance(epochs, int) and epochs < default:
+        return (
+            f" Trained {epochs} epochs here, fewer than its default {default}: it is under-trained, its figures "
+            "are a lower bound (it may score below POP), not a fair estimate of the method."
+        )
+    return ""
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -71,7 +93,7 @@ def benchmark_markdown(results: dict) -> str:
                 f"Best baseline: {refs['recall@20']['model']} (Recall@20), {refs['mrr@20']['model']} (MRR@20)."
             )
         lines.append("")
-        head = ["Method", "Recall@20", "MRR@20", "ΔRecall@20", "ΔMRR@20"]
+        head = ["Method", "Recall@20", "MRR@20", "NDCG@20", "ΔRecall@20", "ΔMRR@20"]
         head += [h for o in other[:1] for h in (f"Recall@20 ({o})", f"MRR@20 ({o})")]
         head += ["fit / train", "evaluation"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -81,6 +103,7 @@ def benchmark_markdown(results: dict) -> str:
                 _method_label(r),
                 _f(m["recall@20"]),
                 _f(m["mrr@20"]),
+                _f(m.get("ndcg@20")),
             ]
             for metric in HEADLINE:
                 ref = refs[metric]
@@ -111,13 +134,17 @@ def benchmark_markdown(results: dict) -> str:
     lines += ["", "## Methods", ""]
     for r in results["results"]:
         if r["dataset"] == next(iter(results["datasets"])):
-            lines.append(f"- **{r['model']}** ({r['kind']}): {r.get('description', '')}")
+            settings = r.get("settings") or {}
+            lines.append(
+                f"- **{r['model']}** ({r['kind']}): {r.get('description', '')}. Settings: "
+                f"{settings_text(settings)}.{weak_setting_note(r['kind'], settings)}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     cur = summary["current"]
-    verdict = "REGRESSION" if summary["regressions"] else "OK"
+    verdict = "REGRESSION" if summary["regressions"] else "PROMOTED" if summary.get("promoted") else "OK"
     lines = [
         f"# Nightly evaluation — {verdict}",
         "",
@@ -127,6 +154,37 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     ]
     if summary["regressions"]:
         lines += ["## Regressions", ""] + [f"- {r}" for r in summary["regressions"]] + [""]
+    if summary.get("promoted"):
+        p = summary["promoted"]
+        kept = (
+            f" (previous champion kept as {', '.join(p['previous'])})"
+            if p["previous"]
+            else " (first champion)"
+        )
+        lines += [f"Promoted: the challenger {p['from']} is now the champion {p['champion']}{kept}.", ""]
+    w = summary.get("window")
+    if w:
+        lines += [
+            "## Window",
+            "",
+            f"As of {w['as_of']}: train {w['window_start']} .. {w['window_boundary']} ({w['train_days']} day(s); "
+            f"{w['n_train_events']:,} events, {w['n_train_sessions']:,} sessions, {w['n_train_items']:,} items); "
+            f"test from {w['window_boundary']} to {w['window_end']} ({w['test_days']} day(s); "
+            f"{w['n_window_test_events']:,} events, {w['n_window_test_sessions']:,} sessions; "
+            f"{w['n_test_dropped_unseen']:,} test events dropped: items unseen in training, then sessions "
+            f"left too short). {w['n_files_read']} file(s) read.",
+            "",
+        ]
+    champ = summary.get("champion")
+    if champ:
+        lines += ["## Challenger vs champion (same test sessions)", "",
+                  "| figure | challenger | champion | Δ |", "|---|---|---|---|"]  # fmt: skip
+        for c in summary["table"]:
+            if "champion" in c:
+                lines.append(
+                    f"| {c['name']} | {_f(c['current'])} | {_f(c['champion'])} | {_pct(c.get('champion_change'))} |"
+                )
+        lines += ["", f"Champion: `{champ.get('model')}`.", ""]
     lines += ["## This run against earlier runs", ""]
     lines += [
         "| figure | this run | previous | change | reference | change | reference is |",
@@ -138,6 +196,8 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
             f"| {_f(c.get('reference'))} | {_pct(c.get('reference_change'))} | {c.get('reference_kind', '–')} |"
         )
     lines += ["", "Tolerances: " + summary["tolerances"], ""]
+    if summary.get("model_settings"):
+        lines += [f"Model settings: {settings_text(summary['model_settings'])}.", ""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)

@@ -4,7 +4,12 @@ Tie modes (spec §7), with s* the target's score:
   standard:     1 + #{s_i > s*}
   conservative: #{s_i >= s*}                      (the target counts itself)
   median:       1 + #{s_i > s*} + (#{s_i == s*} - 1) / 2
-Recall@k = mean(rank <= k); MRR@k = mean(1[rank <= k] / rank), micro-averaged over all predictions.
+Recall@k = mean(rank <= k); MRR@k = mean(1[rank <= k] / rank); NDCG@k = mean(1[rank <= k] / log2(rank + 1))
+(one relevant item, so the ideal DCG is 1), micro-averaged over all predictions.
+
+Beyond accuracy (as session-rec reports them), from the top-k lists: coverage@k = share of the
+catalog that appears in any top-k list; popularity@k = mean over lists of the mean normalised
+training popularity (count / largest count) of the k recommended items.
 """
 
 from __future__ import annotations
@@ -53,12 +58,14 @@ class RankAccumulator:
     n: int = 0
     hits: dict[int, float] = field(default_factory=dict)
     rr: dict[int, float] = field(default_factory=dict)
+    dcg: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cutoffs = tuple(sorted(set(int(k) for k in self.cutoffs)))
         for k in self.cutoffs:
             self.hits.setdefault(k, 0.0)
             self.rr.setdefault(k, 0.0)
+            self.dcg.setdefault(k, 0.0)
 
     def add(self, ranks) -> None:
         r = np.asarray(ranks.detach().cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
@@ -67,12 +74,14 @@ class RankAccumulator:
             hit = r <= k
             self.hits[k] += float(hit.sum())
             self.rr[k] += float((hit / r).sum())
+            self.dcg[k] += float((hit / np.log2(r + 1)).sum())
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for k in self.cutoffs:
             out[f"recall@{k}"] = self.hits[k] / self.n if self.n else float("nan")
             out[f"mrr@{k}"] = self.rr[k] / self.n if self.n else float("nan")
+            out[f"ndcg@{k}"] = self.dcg[k] / self.n if self.n else float("nan")
         out["n"] = self.n
         return out
 
@@ -81,3 +90,47 @@ def metrics_from_ranks(ranks, cutoffs=DEFAULT_CUTOFFS) -> dict[str, float]:
     acc = RankAccumulator(tuple(cutoffs))
     acc.add(ranks)
     return acc.result()
+
+
+@dataclass
+class BeyondAccuracy:
+    """Streams top-k lists (item indices, best first) in; coverage@k and popularity@k per cut-off.
+
+    `popularity`: training count of each item index divided by the largest count (None: coverage only)."""
+
+    n_items: int
+    cutoffs: tuple[int, ...]
+    popularity: np.ndarray | None = None
+    n_lists: int = 0
+    seen: dict[int, np.ndarray] = field(default_factory=dict)
+    pop_sum: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cutoffs = tuple(sorted(set(int(k) for k in self.cutoffs)))
+        for k in self.cutoffs:
+            self.seen[k] = np.zeros(self.n_items, dtype=bool)
+            self.pop_sum[k] = 0.0
+
+    def add(self, topk_idx: np.ndarray) -> None:
+        top = np.asarray(topk_idx, dtype=np.int64)
+        if top.shape[1] < max(self.cutoffs):
+            raise ValueError(f"top-k lists of {top.shape[1]} items cannot give cut-off {max(self.cutoffs)}")
+        self.n_lists += len(top)
+        for k in self.cutoffs:
+            self.seen[k][top[:, :k].ravel()] = True
+            if self.popularity is not None:
+                self.pop_sum[k] += float(self.popularity[top[:, :k]].mean(axis=1).sum())
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in self.cutoffs:
+            out[f"coverage@{k}"] = float(self.seen[k].sum()) / self.n_items
+            if self.popularity is not None:
+                out[f"popularity@{k}"] = self.pop_sum[k] / self.n_lists if self.n_lists else float("nan")
+        return out
+
+
+def normalised_popularity(counts: np.ndarray) -> np.ndarray:
+    """Training counts per item index -> count / largest count (session-rec's popularity)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return counts / counts.max() if counts.size and counts.max() > 0 else counts

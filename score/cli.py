@@ -74,6 +74,15 @@ def register(app: typer.Typer) -> None:
         time_unit: str = typer.Option(
             "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
         ),
+        beyond_accuracy: bool = typer.Option(
+            False,
+            "--beyond-accuracy",
+            help="Also coverage@k (share of the catalog in any top-k list) and, with --train, popularity@k "
+            "(mean normalised training popularity of the recommended items), for cut-offs up to the model's top-k.",
+        ),
+        train: Path | None = typer.Option(
+            None, "--train", help="Training events, for popularity@k (with --beyond-accuracy)."
+        ),
     ) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
         from gru4rec.data import Keys
@@ -87,10 +96,10 @@ def register(app: typer.Typer) -> None:
             latency_mode=latency_mode,
             keys=Keys(session_key, item_key, time_key, time_unit),
             chunk_events=chunk_events,
+            beyond_accuracy=beyond_accuracy,
         )
-        report = score(
-            model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32, progress=True
-        )
+        report = score(model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32,
+                       progress=True, train=train)  # fmt: skip
         print_report(report)
         for path, what in ((out, "recommendations"), (metrics, "metrics")):
             if path is not None:
@@ -108,8 +117,15 @@ def print_report(report: dict) -> None:
     table.add_column("cut-off", justify="right")
     table.add_column("Recall", justify="right")
     table.add_column("MRR", justify="right")
+    table.add_column("NDCG", justify="right")
+    extra = [n for n in ("coverage", "popularity") if any(f"{n}@{c}" in m for c in report["cutoffs"])]
+    for name in extra:
+        table.add_column(name.capitalize(), justify="right")
     for c in report["cutoffs"]:
-        table.add_row(str(c), f"{m[f'recall@{c}']:.4f}", f"{m[f'mrr@{c}']:.4f}")
+        cells = [f"{m[f'{n}@{c}']:.4f}" if f"{n}@{c}" in m else "–" for n in extra]
+        table.add_row(
+            str(c), f"{m[f'recall@{c}']:.4f}", f"{m[f'mrr@{c}']:.4f}", f"{m[f'ndcg@{c}']:.4f}", *cells
+        )
     lat = Table(title="latency", show_header=False)
     for label, value in latency_table_rows(report["latency"]):
         lat.add_row(label, value)

@@ -12,11 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from gru4rec.bundle import companion_paths
 from gru4rec.data import Keys
 from gru4rec.errors import UserError
 from gru4rec.items import ItemMap
-from gru4rec.metrics import DEFAULT_CUTOFFS, TIE_MODES, RankAccumulator, ranks_from_counts
+from gru4rec.metrics import (
+    DEFAULT_CUTOFFS,
+    TIE_MODES,
+    BeyondAccuracy,
+    RankAccumulator,
+    normalised_popularity,
+    ranks_from_counts,
+)
+from gru4rec.provenance import EventsDigest
 from gru4rec.score.latency import LatencyRecorder
 from gru4rec.score.outputs import open_recs, recs_frame, recs_schema, write_metrics_json
 from gru4rec.score.replay import StepBackend, plan_chunk, replay
@@ -35,6 +45,9 @@ class ScoreConfig:
     latency_mode: str = "batch"  # online: one session at a time, batch 1
     keys: Keys = field(default_factory=Keys)
     chunk_events: int = DEFAULT_CHUNK_EVENTS
+    # coverage@k (and popularity@k with `popularity`) from the top-k lists, for cut-offs <= top-k
+    beyond_accuracy: bool = False
+    popularity: np.ndarray | None = None  # normalised training popularity per item index
 
     def check(self, n_items: int, top_k: int) -> None:
         if self.tie_mode not in TIE_MODES:
@@ -72,10 +85,12 @@ def score(
     tf32: bool = False,
     progress: bool = False,
     recorder: LatencyRecorder | None = None,
+    train: str | Path | None = None,
 ) -> dict:
     """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict.
 
-    Pass a `recorder` to keep the raw per-step times (the JSON only holds percentiles)."""
+    Pass a `recorder` to keep the raw per-step times (the JSON only holds percentiles); `train`
+    (the training events) gives popularity@k when `config.beyond_accuracy` is on."""
     from gru4rec.bundle import load_bundle
     from gru4rec.score.ort_backend import OrtBackend
 
@@ -86,9 +101,17 @@ def score(
         bundle = load_bundle(model)
         cfg.check(bundle.n_items, bundle.top_k)
         source = SessionSource(sessions, cfg.keys, cfg.chunk_events)
-        backend = OrtBackend.from_bundle(bundle, provider, tf32, with_topk=out is not None)
+        if train is not None:
+            if not cfg.beyond_accuracy:
+                raise UserError("--train gives popularity@k for --beyond-accuracy; add --beyond-accuracy")
+            cfg.popularity = item_popularity(bundle.items, train, cfg.keys)
+        backend = OrtBackend.from_bundle(
+            bundle, provider, tf32, with_topk=out is not None or cfg.beyond_accuracy
+        )
     report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
     report["model"] = str(model)
+    # What the figures belong to: `eval nightly` refuses a metrics JSON of other data or another model.
+    report["model_export_id"] = bundle.meta["export_id"]
     report["latency"]["tf32"] = backend.tf32
     if metrics is not None:
         write_metrics_json(metrics, report)
@@ -129,6 +152,13 @@ def score_source(
     batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
     backend.start(batch)
     acc = RankAccumulator(tuple(cfg.cutoffs))
+    beyond = None
+    if cfg.beyond_accuracy:
+        ks = tuple(k for k in cfg.cutoffs if k <= backend.top_k)
+        if not ks:
+            raise UserError(f"--beyond-accuracy needs a cut-off up to the model's top-k {backend.top_k}")
+        beyond = BeyondAccuracy(backend.n_items, ks, cfg.popularity)
+    digest = EventsDigest()
     n_dropped = n_scored_sessions = 0
     bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
     with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
@@ -138,16 +168,21 @@ def score_source(
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
+                digest.update(chunk)
                 events, dropped = items.translate(chunk)
                 n_dropped += dropped
                 plan = plan_chunk(events, batch)
             if plan is None:
                 continue
             with rec.phase("replay"):
-                res = replay(backend, plan, fetch_topk=writer is not None, on_step=bar.advance)
-            rec.add_steps(res.step_seconds)
+                res = replay(
+                    backend, plan, fetch_topk=writer is not None or beyond is not None, on_step=bar.advance
+                )
+            rec.add_steps(res.step_seconds, plan.width)
             ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
             acc.add(ranks)
+            if beyond is not None:
+                beyond.add(res.topk_idx)
             n_scored_sessions += int(plan.schedule.reset.sum())
             if writer is not None:
                 with rec.phase("write"):
@@ -158,7 +193,7 @@ def score_source(
                 "model, no session has 2 or more events"
             )
     return {
-        "metrics": acc.result(),
+        "metrics": acc.result() | (beyond.result() if beyond is not None else {}),
         "tie_mode": cfg.tie_mode,
         "cutoffs": list(acc.cutoffs),
         "n_events": source.stats.n_events,
@@ -168,6 +203,7 @@ def score_source(
         "n_skipped_sessions": source.stats.n_sessions - n_scored_sessions,
         "n_predictions": acc.n,
         "n_unknown_dropped": n_dropped,
+        "test_fingerprint": digest.hexdigest(),
         "latency": rec.report(
             acc.n,
             n_scored_sessions,
@@ -177,6 +213,25 @@ def score_source(
             mode=cfg.latency_mode,
         ),
     }
+
+
+def item_popularity(items: ItemMap, train: str | Path, keys: Keys = Keys()) -> np.ndarray:
+    """Normalised training popularity (count / largest count) per item index of the model; items
+    absent from `train` count 0."""
+
+    from gru4rec.data import ITEM, read_events
+
+    counts = read_events(train, keys).group_by(ITEM).len()
+    frame = items.frame().join(counts, on=ITEM, how="left").sort("item_idx")
+    return normalised_popularity(frame["len"].fill_null(0).to_numpy())
+
+
+def sessions_fingerprint(path: str | Path, keys: Keys = Keys()) -> str:
+    """The `test_fingerprint` that `score` records for this sessions file (read the way it reads it)."""
+    digest = EventsDigest()
+    for chunk in SessionSource(path, keys).chunks():
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _Progress:

@@ -105,17 +105,17 @@ def test_baselines_benchmark_cli(tmp_path, data, cli):
         assert r["metrics"]["conservative"]["recall@20"] <= r["metrics"]["standard"]["recall@20"] + 1e-12
 
     report = (out / "report.md").read_text()
-    assert "| Method | Recall@20 | MRR@20 | ΔRecall@20 | ΔMRR@20 |" in report
+    assert "| Method | Recall@20 | MRR@20 | NDCG@20 | ΔRecall@20 | ΔMRR@20 |" in report
     best = max(results["results"], key=lambda r: r["metrics"]["standard"]["recall@20"])
     for r in results["results"]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {r['model']} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{r['metrics']['standard']['recall@20']:.4f}"
         if r is best:
-            assert cells[3] == "best"
+            assert cells[4] == "best"
         else:
             rel = 100 * (r["metrics"]["standard"]["recall@20"] / best["metrics"]["standard"]["recall@20"] - 1)
-            assert cells[3] == f"{rel:+.1f}%"
+            assert cells[4] == f"{rel:+.1f}%"
     png = (out / "curves_tiny.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     assert "](curves_tiny.png)" in report

@@ -26,7 +26,7 @@ def files(tmp_path) -> Path:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "metrics.json").write_text(json.dumps({
         "metrics": {"recall@20": 0.5, "mrr@20": 0.2, "n": 10}, "tie_mode": "standard",
-        "latency": {"step_ms_p50": 1.0, "step_ms_p95": 2.0},
+        "latency": {"step_ms_p50": 1.0, "step_ms_p95": 2.0, "ms_per_1k_events": 3.0, "n_steps": 100},
     }))  # fmt: skip
     return tmp_path
 
@@ -45,7 +45,9 @@ def nightly_toml(d: Path, snippet: str = "", source: str = "model") -> Path:
 
 TOL = "[nightly.tolerances]\n"
 TRAIN = '[nightly.train]\ntrain = "{d}/train.parquet"\n'
-LIST_OF_METRICS = "metrics must be a list of distinct metric names recall@K or mrr@K (K from 1 to 1000), got"
+LIST_OF_METRICS = (
+    "metrics must be a list of distinct metric names recall@K, mrr@K or ndcg@K (K from 1 to 1000), got"
+)
 
 NIGHTLY_BAD = [
     # (appended TOML, what the message must say after the file name)
@@ -60,7 +62,7 @@ NIGHTLY_BAD = [
     (TOL + 'metrics = ["recal@20"]', f'[nightly.tolerances] {LIST_OF_METRICS} ["recal@20"]'),
     (TOL + 'metrics = "recall@20"', f'[nightly.tolerances] {LIST_OF_METRICS} "recall@20"'),
     (TOL + 'metrics = ["recall@20", "recall@20"]', f"[nightly.tolerances] {LIST_OF_METRICS}"),
-    (TOL + 'latency = ["events_per_s"]', "[nightly.tolerances] latency must be a list of distinct values from step_ms_p50"),
+    (TOL + 'latency = ["events_per_s"]', "[nightly.tolerances] latency must be a list of distinct values from ms_per_1k_events, full_step_ms_p50"),
     (TOL + 'metric_drop_abs = "x"', '[nightly.tolerances] metric_drop_abs must be a number >= 0, got "x"'),
     (TOL + "latency_rise_rel = -0.1", "[nightly.tolerances] latency_rise_rel must be a number >= 0, got -0.1"),
     (TOL + 'compare_best = "no"', '[nightly.tolerances] compare_best must be true or false, got "no"'),

@@ -24,7 +24,8 @@ def metrics_json(path, recall=0.50, mrr=0.20, p50=2.0, p95=3.0):
         "n_unknown_dropped": 0,
         "latency": {"step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p95 * 1.5, "events_per_s": 5e4,
                     "sessions_per_s": 1e4, "load_s": 0.1, "replay_s": 0.5, "write_s": 0.0,
-                    "provider": "CPUExecutionProvider", "batch_size": 64, "device": "cpu", "mode": "batch"},
+                    "provider": "CPUExecutionProvider", "batch_size": 64, "device": "cpu", "mode": "batch",
+                    "n_steps": 500, "n_full_steps": 400, "ms_per_1k_events": 5.0},
         "model": "m.onnx",
     }))  # fmt: skip
     return path
@@ -273,6 +274,7 @@ params = {{ n_epochs = 1, layers = [16], n_sample = 8, batch_size = 16 }}
 device = "cpu"
 [nightly.tolerances]
 latency_rise_abs_ms = 1000.0
+min_latency_steps = 5
 """
     )
     first = run(load_config(cfg))

@@ -219,7 +219,7 @@ def test_cli_score_prints_tables_and_writes_json(cli, tiny, tmp_path):
         "latency",
         "model",
     }
-    assert set(doc["metrics"]) == {"recall@1", "mrr@1", "recall@10", "mrr@10", "n"}
+    assert set(doc["metrics"]) == {"recall@1", "mrr@1", "ndcg@1", "recall@10", "mrr@10", "ndcg@10", "n"}
     assert set(doc["latency"]) >= {"step_ms_p50", "step_ms_p95", "step_ms_p99", "events_per_s", "sessions_per_s",
                                    "load_s", "replay_s", "write_s", "provider", "batch_size", "device", "mode"}  # fmt: skip
     assert doc["n_events"] == tiny["events"].height

@@ -1,0 +1,78 @@
+"""Promotion: the challenger's bundle replaces the champion's, all three files or none.
+
+A bundle is three files (serving graph, evaluation graph, item-map sidecar) that `load_bundle`
+checks belong together; a half-replaced bundle is refused by the scorer, so a crash must never
+leave one. Steps:
+  1. copy the challenger's files beside the champion under temporary names, check them as a bundle;
+  2. keep the current champion's files as `*.previous` (hard links or copies: the champion stays
+     in place meanwhile);
+  3. rename the new files over the champion's, sidecar first, serving graph last (as export does);
+  4. if any rename fails, put every file back from `*.previous`, and re-raise.
+The `*.previous` files are the previous champion (`m.onnx.previous`, `m.eval.onnx.previous`,
+`m.items.parquet.previous`): rename them back to roll back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from gru4rec.bundle import companion_paths, load_bundle
+from gru4rec.errors import UserError
+
+PREVIOUS = ".previous"
+
+
+def bundle_files(onnx: Path) -> list[Path]:
+    """The bundle's files in install order: sidecar, evaluation graph, serving graph last."""
+    eval_path, sidecar = companion_paths(onnx)
+    return [sidecar, eval_path, Path(onnx)]
+
+
+def promote_bundle(challenger: Path, champion: Path) -> dict:
+    """Install `challenger`'s bundle at `champion`'s paths; returns what was done (for the report)."""
+    load_bundle(challenger)  # never install a bundle that does not load
+    sources, targets = bundle_files(challenger), bundle_files(champion)
+    champion.parent.mkdir(parents=True, exist_ok=True)
+    staged = [t.with_name(f".{t.name}.promote.tmp") for t in targets]
+    kept: list[Path] = []
+    try:
+        for src, tmp in zip(sources, staged, strict=True):
+            shutil.copyfile(src, tmp)
+        existed = champion.is_file()
+        if existed:
+            load_bundle(champion)  # the current champion must be a whole bundle to be kept
+            for target in targets:
+                previous = target.with_name(target.name + PREVIOUS)
+                shutil.copy2(target, previous.with_name(previous.name + ".tmp"))
+                os.replace(previous.with_name(previous.name + ".tmp"), previous)
+                kept.append(previous)
+        done: list[Path] = []
+        try:
+            for tmp, target in zip(staged, targets, strict=True):
+                os.replace(tmp, target)
+                done.append(target)
+            load_bundle(champion)
+        except BaseException:
+            _roll_back(done, targets, existed)
+            raise
+    except OSError as e:
+        raise UserError(
+            f"{champion}: promotion failed, champion left as it was ({e.strerror or e})"
+        ) from None
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+    return {"champion": str(champion), "from": str(challenger), "previous": [str(p) for p in kept]}
+
+
+def _roll_back(done: list[Path], targets: list[Path], existed: bool) -> None:
+    """Put the previous champion back (or remove a half-installed first champion)."""
+    for target in targets:
+        if existed:
+            previous = target.with_name(target.name + PREVIOUS)
+            shutil.copy2(previous, target.with_name(f".{target.name}.rollback.tmp"))
+            os.replace(target.with_name(f".{target.name}.rollback.tmp"), target)
+        elif target in done:
+            target.unlink(missing_ok=True)
