@@ -106,14 +106,37 @@ class EventSource:
         except Exception as e:  # polars raises many types for unreadable or mistyped files
             raise UserError(self._failure(e)) from None
 
-    def resolve_time_unit(self) -> str:
+    def resolve_time_unit(self, where: pl.Expr | None = None) -> str:
         """Fix the unit of a numeric time column once for the whole source (guessed from the largest
         value when auto), so that chunks read one at a time all agree."""
         dtype = self.schema[self.names[TIME]]
         if self.time_unit == "auto" and (dtype.is_integer() or dtype.is_float()):
-            top = self.collect(self.scan().select(pl.col(TIME).abs().max()), streaming=True)
+            top = self.collect(self.scan(where).select(pl.col(TIME).abs().max()), streaming=True)
             self.time_unit = guess_time_unit(top[TIME], f"{self.path}: column {self.names[TIME]!r}")
         return self.time_unit
+
+    def time_between(self, lo: float, hi: float) -> pl.Expr:
+        """lo <= time < hi (epoch seconds) on the user's own time column, so the filter is pushed
+        down to the files: numbers in the source's unit, datetimes as instants, ISO text parsed."""
+        raw, dtype = pl.col(self.names[TIME]), self.schema[self.names[TIME]]
+        if dtype == pl.String:
+            raw, dtype = raw.str.to_datetime(time_zone="UTC", strict=False), pl.Datetime("us", "UTC")
+        if dtype == pl.Date:
+            return (raw >= pl.lit(lo / 86_400).cast(pl.Int64).cast(pl.Date)) & (
+                raw.cast(pl.Int64) * 86_400 < hi
+            )
+        if dtype.is_temporal():
+            seconds = raw.dt.epoch("us") / 1e6
+            return (seconds >= lo) & (seconds < hi)
+        unit = TIME_UNITS[self.resolve_time_unit()]
+        return (raw >= lo / unit) & (raw < hi / unit)
+
+    def last_time(self) -> float:
+        """The latest event time in seconds (one streaming pass over the time column)."""
+        top = self.collect(self.scan().select(pl.col(TIME).max()), streaming=True)[TIME]
+        return float(
+            time_seconds(top, f"{self.path}: column {self.names[TIME]!r}", self.resolve_time_unit())[0]
+        )
 
     # ----------------------------------------------------------------------------------------------
     def _scan_raw(self) -> pl.LazyFrame:
@@ -132,10 +155,17 @@ class EventSource:
         return f"{self.path}: cannot read ({_first_line(e)})"
 
 
-def open_events(source: str | Path, keys: Keys = Keys()) -> EventSource:
-    """Resolve the files of `source`, check that their schemas agree and that the keys exist."""
+def open_events(source: str | Path, keys: Keys = Keys(), keep_file=None) -> EventSource:
+    """Resolve the files of `source`, check that their schemas agree and that the keys exist.
+
+    `keep_file(path) -> bool` prunes files before any is opened (e.g. hive partitions outside a
+    time window); a source left with no file is an error."""
     path = str(source)
     files = event_files(path)
+    if keep_file is not None:
+        files = [f for f in files if keep_file(f)]
+        if not files:
+            raise UserError(f"{path}: no file left after partition pruning")
     fmt = _one_format(files)
     schemas = [(f, _schema(f, fmt)) for f in files]
     columns = list(schemas[0][1])

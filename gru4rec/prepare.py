@@ -172,8 +172,12 @@ def split_events(events: pl.DataFrame, cfg: SplitConfig) -> dict[str, pl.DataFra
     return split_with_report(events, cfg)[0]
 
 
-def split_with_report(events: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pl.DataFrame], Drops]:
-    """split_events, plus what was dropped and why."""
+def split_with_report(
+    events: pl.DataFrame, cfg: SplitConfig, boundary: float | None = None
+) -> tuple[dict[str, pl.DataFrame], Drops]:
+    """split_events, plus what was dropped and why. `boundary` (epoch seconds) fixes the test cut
+    instead of deriving it from the last event (a nightly window ends at midnight, not at its last
+    click); train_tr / train_valid are cut by the usual rule."""
     drops = Drops()
     drops.note_one_event_sessions(events)
     if cfg.dedup:
@@ -186,7 +190,8 @@ def split_with_report(events: pl.DataFrame, cfg: SplitConfig) -> tuple[dict[str,
         )
     hint = "change --test-days/--test-fraction, or check the time column (and --time-unit)"
     names = ("train_full", "test")
-    frames = dict(zip(names, _nonempty(_time_split(events, cfg, drops, "test"), names, hint), strict=True))
+    cut = _time_split(events, cfg, drops, "test", boundary)
+    frames = dict(zip(names, _nonempty(cut, names, hint), strict=True))
     if cfg.valid:
         names = ("train_tr", "train_valid")
         cut = _time_split(frames["train_full"], cfg, drops, "train_valid")
@@ -235,12 +240,15 @@ def filter_until_stable(
 
 
 def _time_split(
-    events: pl.DataFrame, cfg: SplitConfig, drops: Drops | None = None, name: str = "test"
+    events: pl.DataFrame,
+    cfg: SplitConfig,
+    drops: Drops | None = None,
+    name: str = "test",
+    boundary: float | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    t_min, t_max = events[TIME].min(), events[TIME].max()
-    if cfg.test_days is not None:
-        boundary = t_max - cfg.test_days * DAY
-    else:
-        boundary = t_max - cfg.test_fraction * (t_max - t_min)
+    if boundary is None:
+        t_min, t_max = events[TIME].min(), events[TIME].max()
+        span = cfg.test_days * DAY if cfg.test_days is not None else cfg.test_fraction * (t_max - t_min)
+        boundary = t_max - span
     train, test = split_whole_sessions(events, boundary)
     return train, keep_seen_items(test, train, cfg.min_session_length, drops, name)

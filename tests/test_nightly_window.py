@@ -14,7 +14,7 @@ import pytest
 
 from gru4rec.errors import UserError
 from gru4rec.eval.nightly import load_config, run
-from gru4rec.prepare import DAY, SplitConfig, split_events
+from gru4rec.prepare import DAY, SplitConfig, split_with_report
 
 DAY0 = dt.date(2026, 3, 1)
 N_DAYS = 8
@@ -68,11 +68,12 @@ def config(tmp_path, root, onnx, extra: str = "") -> str:
 
 
 def reference(events: pl.DataFrame, as_of: dt.date) -> dict[str, pl.DataFrame]:
-    """The window by a plain filter over the whole log, then `data split`'s function."""
+    """The window by a plain filter over the whole log, then `data split`'s function with the test
+    cut at the end of the as_of day minus one day."""
     end = epoch(as_of + dt.timedelta(days=1))
     window = events.filter((pl.col("time") >= end - 4 * 86400) & (pl.col("time") < end))
-    return split_events(window.sort("session_id", "time", maintain_order=True),
-                        SplitConfig(test_days=1.0, valid=False))  # fmt: skip
+    return split_with_report(window.sort("session_id", "time", maintain_order=True),
+                             SplitConfig(test_days=1.0, valid=False), boundary=end - DAY)[0]  # fmt: skip
 
 
 def test_backfill_three_days_then_rerun_replaces_one_row(tmp_path, log):
@@ -94,10 +95,10 @@ def test_backfill_three_days_then_rerun_replaces_one_row(tmp_path, log):
         )
         assert w["n_files_read"] == 4  # the window's four date= partitions, nothing else
         window_test = pl.read_parquet(tmp_path / "out" / "window" / "test.parquet")
-        assert window_test.equals(ref["test"])
-        # the split boundary: last event of the window minus one day
-        last_event = events.filter(pl.col("time") < epoch(day + dt.timedelta(days=1)))["time"].max()
-        assert dt.datetime.fromisoformat(w["window_boundary"]).timestamp() == last_event - DAY
+        # the same events (row order is the reader's: sessions by first appearance across files)
+        assert window_test.sort("session_id", "time", maintain_order=True).equals(ref["test"])
+        # the split boundary: the test day is the as_of calendar day
+        assert dt.datetime.fromisoformat(w["window_boundary"]).timestamp() == epoch(day)
     hist = pl.read_parquet(tmp_path / "h.parquet")
     assert hist["as_of"].to_list() == [d.isoformat() for d in days]
     assert hist["run_id"].to_list() == ["20260401T023000Z", "20260401T023100Z", "20260401T023200Z"]
@@ -124,7 +125,7 @@ def test_latest_is_the_logs_last_day_and_config_checks(tmp_path, log, run):
     code, _, err = run("eval", "nightly", "--config", path, "--as-of", "2026-13-01")
     assert code == 2 and "--as-of must be latest, today or a date YYYY-MM-DD" in err
     code, _, err = run("eval", "nightly", "--config", path, "--as-of", "2019-01-01")
-    assert code == 2 and "no date= partition between" in err
+    assert code == 2 and "no file left after partition pruning (window 2018-12-29 .. 2019-01-01)" in err
     bad = tmp_path / "bad.toml"
     bad.write_text(
         open(path).read().replace("[nightly.window]", f'test = "{root / "m.onnx"}"\n[nightly.window]')
