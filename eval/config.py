@@ -133,6 +133,22 @@ class Table:
             raise self.error(f"{key}: file not found: {path}")
         return path
 
+    def input_events(self, key: str, default: Any = None) -> Path | None:
+        """Events that must exist now: a file, a folder or a glob that matches (content is checked
+        when they are read)."""
+        import glob
+
+        path = self.path(key, default)
+        if path is None:
+            return path
+        text = str(path)
+        if any(ch in text for ch in "*?["):
+            if not glob.glob(text, recursive=True):
+                raise self.error(f"{key}: the pattern matches no file: {path}")
+        elif not path.exists():
+            raise self.error(f"{key}: file not found: {path}")
+        return path
+
     def integer(self, key: str, default: Any, lo: int, hi: int | None = None) -> Any:
         value, given = self._get(key, default)
         if given and not (is_int(value) and lo <= value and (hi is None or value <= hi)):

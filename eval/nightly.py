@@ -206,7 +206,7 @@ def load_config(path: str | Path) -> NightlyConfig:
     cfg = NightlyConfig(
         history=history,
         out=out,
-        test=top.input_file("test"),
+        test=top.input_events("test"),
         metrics_json=top.input_file("metrics_json"),
         tie_mode=top.string("tie_mode", "standard", TIE_MODES),
         cutoffs=tuple(top.integers("cutoffs", DEFAULT_CUTOFFS, 1, MAX_CUTOFF)),
@@ -313,7 +313,7 @@ def _train_spec(t: Table, windowed: bool = False) -> TrainSpec:
     if windowed and t.has("train"):
         raise t.error("train and [nightly.window] exclude each other: the window cuts the training data")
     spec = TrainSpec(
-        train=None if windowed else t.input_file("train", REQUIRED),
+        train=None if windowed else t.input_events("train", REQUIRED),
         preset=t.string("preset", None, presets()),
         params=t.mapping("params"),
         device=device(t),

@@ -236,7 +236,7 @@ def test_example_config_parses(tmp_path, monkeypatch):
         load_config(example)
     (tmp_path / "demo_out" / "data").mkdir(parents=True)
     for name in ("data/test.parquet", "model.onnx"):
-        (tmp_path / "demo_out" / name).write_bytes(b"")
+        (tmp_path / "demo_out" / name).write_bytes(b"x")  # existence is checked here, content later
     cfg = load_config(example)
     assert cfg.model == Path("demo_out/model.onnx") and cfg.tolerances.compare_best and 20 in cfg.cutoffs
     assert cfg.tolerances.latency_window == 5 and cfg.tie_mode == "standard" and cfg.train is None
