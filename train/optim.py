@@ -10,6 +10,10 @@ the duplicate-summed gradient of every listed row is built in a scratch table (z
 rows, index_add_ the gradient rows, gather them back). Every occurrence of an index then carries
 the same coalesced gradient, computes the same new row and index_copy_ writes identical values.
 
+`step_unique` is the CPU step's entry: its row indices are already distinct and their gradient rows
+summed, so the scratch pass is skipped and Adagrad adds its rows in place (one index_add_ per table
+instead of gather, add, copy). Same update, fewer passes over the rows.
+
 `RowAdam` (option): Adam on dense parameters, lazy Adam on touched rows (moments of untouched
 rows do not decay), bias correction from a device step counter.
 """
@@ -38,6 +42,16 @@ class _RowOptimizer:
         self._dense_step(dense_grads)
         for k, (idx, g) in enumerate(rows):
             self._row_step(k, idx, self.coalesce(k, idx, g))
+
+    @torch.no_grad()
+    def step_unique(self, dense_grads: list[Tensor], rows: list[tuple[Tensor, Tensor]]) -> None:
+        """Like `step`, but every idx holds distinct rows and g their summed gradient (consumed)."""
+        self._dense_step(dense_grads)
+        for k, (idx, g) in enumerate(rows):
+            self._unique_row_step(k, idx, g)
+
+    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
+        self._row_step(k, idx, g)
 
     def state_dict(self) -> dict:
         return {
@@ -93,6 +107,17 @@ class IndexedAdagradM(_RowOptimizer):
             vel.index_copy_(0, idx, d)
         table.index_copy_(0, idx, table.index_select(0, idx).add_(d))
 
+    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
+        # distinct rows: accumulate and move the table rows in place (no gather/copy of the table)
+        acc = self.tacc[k]
+        acc.index_add_(0, idx, g * g)
+        d = g.div_(acc.index_select(0, idx).add_(self.eps).sqrt_()).mul_(-self.lr)
+        if self.momentum > 0:
+            vel = self.tvel[k]
+            d = vel.index_select(0, idx).mul_(self.momentum).add_(d)
+            vel.index_copy_(0, idx, d)
+        self.tables[k].index_add_(0, idx, d)
+
 
 class RowAdam(_RowOptimizer):
     def __init__(self, dense, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -111,6 +136,10 @@ class RowAdam(_RowOptimizer):
     def step(self, dense_grads, rows) -> None:
         self.t.add_(1.0)
         super().step(dense_grads, rows)
+
+    def step_unique(self, dense_grads, rows) -> None:
+        self.t.add_(1.0)
+        super().step_unique(dense_grads, rows)
 
     def _scale(self) -> tuple[Tensor, Tensor]:
         """(-lr / (1 - b1^t), 1 / sqrt(1 - b2^t)) as device scalars."""
