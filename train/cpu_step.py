@@ -33,9 +33,23 @@ def _mask(like: Tensor, p: float) -> Tensor | None:
     return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
-def _coalesce(idx: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor]:
+def _unique(idx: Tensor, n_items: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(sorted distinct values, inverse, counts) of item indices, as torch.unique gives them.
+
+    For a catalogue not much larger than the index list a count table (O(N + n), no sort) is several
+    times faster than torch.unique's sort; for large catalogues the sort is cheaper.
+    """
+    if n_items > 16 * len(idx):
+        return torch.unique(idx, return_inverse=True, return_counts=True)
+    counts = torch.bincount(idx, minlength=n_items)
+    uniq = torch.nonzero(counts).squeeze(1)
+    slot = torch.cumsum(counts > 0, 0).sub_(1)  # item -> its position in uniq
+    return uniq, slot[idx], counts[uniq]
+
+
+def _coalesce(idx: Tensor, grad_rows: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
     """(distinct indices, their summed gradient rows)."""
-    uniq, inv = torch.unique(idx, return_inverse=True)
+    uniq, inv, _ = _unique(idx, n_items)
     g = grad_rows.new_zeros((len(uniq),) + grad_rows.shape[1:])
     return uniq, g.index_add_(0, inv, grad_rows)
 
@@ -145,9 +159,11 @@ class CpuStep:
                 z = z - cfg.logq * q
             if w is not None:
                 z = z + torch.log(w)
-            lse = torch.logsumexp(z, 1, keepdim=True)
-            p = (z - lse).exp_()
-            loss = (lse.squeeze(1) - torch.diagonal(z)).sum()
+            mx = z.amax(1, keepdim=True)
+            p = (z - mx).exp_()  # one exp pass serves the loss and its gradient
+            total = p.sum(1, keepdim=True)
+            loss = (total.log().add_(mx).squeeze(1) - torch.diagonal(z)).sum()
+            p.div_(total)
             torch.diagonal(p).sub_(1.0)
             return loss, p.mul_(self.scale)
         with torch.enable_grad():
@@ -159,11 +175,11 @@ class CpuStep:
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, inp: Tensor, tgt: Tensor, keep: Tensor, smp: Tensor | None, hidden: list[Tensor]):
-        m, R = self.model, inp.shape[0]
+        m, R, N = self.model, inp.shape[0], self.model.cfg.n_items
         in_table = m.input_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
         if smp is not None:
-            smp_u, counts = torch.unique(smp, return_counts=True)
+            smp_u, _, counts = _unique(smp, N)
             cols = torch.cat([tgt, smp_u])
             w = torch.cat([counts.new_ones(R), counts]).to(m.Wy.dtype)
         else:
@@ -184,14 +200,11 @@ class CpuStep:
 
         # item tables: one coalesced, distinct-row update per table
         rows: list = [None] * len(self.opt.tables)
-        out_u, out_inv = torch.unique(cols, return_inverse=True)
-        d_w = d_wrows.new_zeros(len(out_u), d_wrows.shape[1]).index_add_(0, out_inv, d_wrows)
-        d_b = d_brows.new_zeros(len(out_u), 1).index_add_(0, out_inv, d_brows)
-        rows[self.table_pos[id(m.By)]] = (out_u, d_b)
+        rows[self.table_pos[id(m.By)]] = _coalesce(cols, d_brows, N)
         if self.mode == "shared":  # input and output roles of a W_y row are summed
-            rows[self.table_pos[id(m.Wy)]] = _coalesce(torch.cat([inp, out_u]), torch.cat([d_x, d_w]))
+            rows[self.table_pos[id(m.Wy)]] = _coalesce(torch.cat([inp, cols]), torch.cat([d_x, d_wrows]), N)
         else:
-            rows[self.table_pos[id(m.Wy)]] = (out_u, d_w)
-            rows[self.table_pos[id(in_table)]] = _coalesce(inp, d_x)
+            rows[self.table_pos[id(m.Wy)]] = _coalesce(cols, d_wrows, N)
+            rows[self.table_pos[id(in_table)]] = _coalesce(inp, d_x, N)
         self.opt.step_unique([grads[id(p)] for p in self.dense], rows)
         return loss, new_hidden
