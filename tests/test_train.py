@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -354,6 +356,25 @@ def test_bench_train_refuses_unknown_datasets(tmp_path, run):
     )
     assert code == 2 and "no a/train.parquet, typo/train.parquet" in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_train_preset_runs_and_threads(tiny, tmp_path, run):
+    """--preset trains every dataset with one preset; --runs gives one record per seed."""
+    tr, te = tiny
+    (tmp_path / "d").mkdir()
+    tr.write_parquet(tmp_path / "d" / "train.parquet")
+    te.write_parquet(tmp_path / "d" / "test.parquet")
+    args = ("bench", "train", "--data-dir", tmp_path, "--datasets", "d", "--device", "cpu", "--epochs", "1")
+    small = ("-p", "layers=8", "-p", "n_sample=16", "-p", "batch_size=8")
+    out = tmp_path / "b.json"
+    code, _, err = run(*args, "--preset", "demo", "--runs", "2", "--threads", "1", *small, "--out", out)
+    assert code == 0, err
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("d", "demo", 42), ("d", "demo", 43)]
+    assert runs[0]["params"]["learning_rate"] == PRESETS["demo"]["learning_rate"]
+    assert runs[0]["params"]["layers"] == [8] and len(runs[0]["events_per_s"]) == 1
+    code, _, err = run(*args, "--preset", "nope", "--out", tmp_path / "c.json")
+    assert code == 2 and "unknown preset" in err and not (tmp_path / "c.json").exists()
 
 
 def test_cli_missing_file(tmp_path, cli):

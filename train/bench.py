@@ -42,6 +42,8 @@ def run_bench(
     datasets: list[str],
     seed: int,
     pairs: list[str],
+    preset: str | None = None,
+    runs: int = 1,
 ) -> dict:
     import torch
     from rich.console import Console
@@ -55,8 +57,8 @@ def run_bench(
     console = Console(stderr=True)
     dev = resolve_device(device)
     check_output_file(out)
-    resolve(None, None, pairs, {"n_epochs": epochs})  # bad -p values fail now, not after a dataset
-    runs = []
+    resolve(preset, None, pairs, {"n_epochs": epochs})  # bad -p / --preset fail now, not after a dataset
+    n_runs, runs = runs, []
     if data_dir is None and not (BENCH_DATA_DIR / "rsc15_100k" / "train.parquet").exists():
         from gru4rec.synth import generate
 
@@ -64,18 +66,21 @@ def run_bench(
         jobs = [("synthetic-20000x2000", "demo", lambda: generate(20000, 2000, 7))]
     else:
         jobs = _dataset_jobs(data_dir or BENCH_DATA_DIR, datasets)
-    for name, preset, load in jobs:
+    if preset is not None:
+        jobs = [(name, preset, load) for name, _, load in jobs]
+    for (name, preset_name, load), run_seed in ((job, seed + r) for job in jobs for r in range(n_runs)):
         tr, te = load()
-        cfg = resolve(preset, None, pairs, {"n_epochs": epochs})
-        console.print(f"[bold]{name}[/bold] preset {preset}")
-        ck = train(tr, cfg, None, device=str(dev), seed=seed, progress=True, console=console)
+        cfg = resolve(preset_name, None, pairs, {"n_epochs": epochs})
+        console.print(f"[bold]{name}[/bold] preset {preset_name} seed {run_seed}")
+        ck = train(tr, cfg, None, device=str(dev), seed=run_seed, progress=True, console=console)
         m = evaluate(ck.model, ck.items, te, batch_size=cfg.eval_batch_size, device=dev)
         hist = ck.info["history"]
         eps = [h["events_per_s"] for h in hist]
         runs.append(
             {
                 "dataset": name,
-                "preset": preset,
+                "preset": preset_name,
+                "seed": run_seed,
                 "params": cfg.to_dict(),
                 "epochs": epochs,
                 "events_per_s": eps,

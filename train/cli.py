@@ -143,8 +143,31 @@ def register_bench(bench_app: typer.Typer) -> None:
         params: list[str] = typer.Option(
             [], "-p", "--param", help="Extra parameter override for every run, e.g. -p tf32=true."
         ),
+        preset: str = typer.Option(
+            None,
+            "--preset",
+            help="Train every dataset with this preset (default: each dataset's own, rsc15 for rsc15_100k, diginetica for diginetica), e.g. the diginetica preset on rsc15_100k.",
+        ),
+        runs: int = typer.Option(1, "--runs", min=1, help="Runs per dataset (seeds SEED, SEED+1, ...)."),
+        threads: int = typer.Option(
+            None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
+        ),
     ) -> None:
         """Training speed (events/s per epoch) and final Recall@20/MRR@20 per dataset, as JSON."""
         from gru4rec.train.bench import run_bench
 
-        run_bench(data_dir, out, epochs, device, [d for d in datasets.split(",") if d], seed, params)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        run_bench(
+            data_dir,
+            out,
+            epochs,
+            device,
+            [d for d in datasets.split(",") if d],
+            seed,
+            params,
+            preset=preset,
+            runs=runs,
+        )

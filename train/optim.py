@@ -10,6 +10,10 @@ the duplicate-summed gradient of every listed row is built in a scratch table (z
 rows, index_add_ the gradient rows, gather them back). Every occurrence of an index then carries
 the same coalesced gradient, computes the same new row and index_copy_ writes identical values.
 
+`step_unique` is the CPU step's entry: its row indices are already distinct and their gradient rows
+summed, so the scratch pass is skipped and Adagrad adds its rows in place (one index_add_ per table
+instead of gather, add, copy). Same update, fewer passes over the rows.
+
 `RowAdam` (option): Adam on dense parameters, lazy Adam on touched rows (moments of untouched
 rows do not decay), bias correction from a device step counter.
 """
@@ -38,6 +42,19 @@ class _RowOptimizer:
         self._dense_step(dense_grads)
         for k, (idx, g) in enumerate(rows):
             self._row_step(k, idx, self.coalesce(k, idx, g))
+
+    @torch.no_grad()
+    def step_unique(self, dense_grads: list[Tensor], rows: list[tuple[Tensor, Tensor]]) -> None:
+        """Like `step`, but every idx holds distinct rows and g their summed gradient (consumed)."""
+        self._dense_step_inplace(dense_grads)
+        for k, (idx, g) in enumerate(rows):
+            self._unique_row_step(k, idx, g)
+
+    def _dense_step_inplace(self, grads: list[Tensor]) -> None:
+        self._dense_step(grads)
+
+    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
+        self._row_step(k, idx, g)
 
     def state_dict(self) -> dict:
         return {
@@ -82,6 +99,18 @@ class IndexedAdagradM(_RowOptimizer):
         else:
             torch._foreach_add_(self.dense, d)
 
+    def _dense_step_inplace(self, grads: list[Tensor]) -> None:
+        # the same update in fewer passes over the weights (no temporary d): on a CPU the large
+        # GRU matrices are memory-bound here
+        for p, g, acc, k in zip(self.dense, grads, self.acc, range(len(self.dense))):
+            acc.addcmul_(g, g)
+            denom = acc.add(self.eps).sqrt_()
+            if self.momentum > 0:
+                vel = self.vel[k].mul_(self.momentum).addcdiv_(g, denom, value=-self.lr)
+                p.add_(vel)
+            else:
+                p.addcdiv_(g, denom, value=-self.lr)
+
     def _row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
         table, acc = self.tables[k], self.tacc[k]
         a = acc.index_select(0, idx).addcmul_(g, g)
@@ -92,6 +121,21 @@ class IndexedAdagradM(_RowOptimizer):
             d = vel.index_select(0, idx).mul_(self.momentum).add_(d)
             vel.index_copy_(0, idx, d)
         table.index_copy_(0, idx, table.index_select(0, idx).add_(d))
+
+    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
+        # distinct rows: every write is an in-place index_add_ (on the CPU markedly cheaper than
+        # index_copy_, and no gather of the table itself)
+        acc = self.tacc[k]
+        acc.index_add_(0, idx, g * g)
+        denom = acc.index_select(0, idx).add_(self.eps).sqrt_()
+        if self.momentum > 0:
+            vel = self.tvel[k]
+            v_old = vel.index_select(0, idx)
+            d = torch.addcdiv(v_old * self.momentum, g, denom, value=-self.lr)  # mu v - lr g / denom
+            vel.index_add_(0, idx, d - v_old)
+        else:
+            d = g.div_(denom).mul_(-self.lr)
+        self.tables[k].index_add_(0, idx, d)
 
 
 class RowAdam(_RowOptimizer):
@@ -111,6 +155,10 @@ class RowAdam(_RowOptimizer):
     def step(self, dense_grads, rows) -> None:
         self.t.add_(1.0)
         super().step(dense_grads, rows)
+
+    def step_unique(self, dense_grads, rows) -> None:
+        self.t.add_(1.0)
+        super().step_unique(dense_grads, rows)
 
     def _scale(self) -> tuple[Tensor, Tensor]:
         """(-lr / (1 - b1^t), 1 / sqrt(1 - b2^t)) as device scalars."""

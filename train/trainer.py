@@ -10,6 +10,9 @@ progress update every `SYNC_EVERY` steps (loss summed on the device) and the end
 Item tables are updated row-wise: the step gathers the rows it touches (input rows, target and
 sample output rows; in shared mode input and output rows in ONE lookup of W_y) as leaf tensors,
 differentiates with respect to them and the dense weights, and hands both to the optimiser.
+
+On the CPU the step is `gru4rec.train.cpu_step.CpuStep` (same maths, written out without autograd,
+distinct sampled columns); `fast_cpu=False` keeps the autograd step there (the tests' reference).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gru4rec.data import SESSION, fingerprint, validate_events
 from gru4rec.errors import UserError
 from gru4rec.items import INDEX, ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
+from gru4rec.train.cpu_step import CpuStep
 from gru4rec.train.dwell import boost
 from gru4rec.train.losses import row_loss_sum
 from gru4rec.train.optim import make_optimizer
@@ -83,7 +87,14 @@ class Trainer:
     """Owns the device-side state of a run: model, optimiser, sample store, schedule, counters."""
 
     def __init__(
-        self, model: GRU4Rec, cfg: TrainConfig, sched: Schedule, supp: np.ndarray, device, seed: int
+        self,
+        model: GRU4Rec,
+        cfg: TrainConfig,
+        sched: Schedule,
+        supp: np.ndarray,
+        device,
+        seed: int,
+        fast_cpu: bool = True,
     ):
         self.model, self.cfg, self.sched, self.dev = model.train(), cfg, sched, torch.device(device)
         dev, B, S = self.dev, sched.n_slots, cfg.n_sample
@@ -112,10 +123,21 @@ class Trainer:
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)  # sum of row losses
         self.use_graph = dev.type == "cuda" and cfg.cuda_graph and self.n_full > WARMUP_STEPS
         self.graph = None
+        self.cpu_step = (
+            CpuStep(model, cfg, self.opt, self.dense, self.log_q_in, self.log_q_smp)
+            if dev.type == "cpu" and fast_cpu
+            else None
+        )
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, inp, tgt, keep, smp, hidden):
         """Forward, loss, backward and optimiser update for R rows; returns (row-loss sum, new states)."""
+        if self.cpu_step is not None:
+            return self.cpu_step(inp, tgt, keep, smp, hidden)
+        return self._reference_step(inp, tgt, keep, smp, hidden)
+
+    def _reference_step(self, inp, tgt, keep, smp, hidden):
+        """The autograd step (GPU, CUDA graph body): gathered rows as leaves, then the optimiser."""
         cfg, model = self.cfg, self.model
         R = inp.shape[0]
         out_idx = tgt if smp is None else torch.cat([tgt, smp])

@@ -1,0 +1,143 @@
+"""The CPU step (hand-written backward, distinct sampled columns) against the autograd step.
+
+The reference is the trainer's autograd step (`fast_cpu=False`, the GPU's maths run eagerly on the
+CPU). Both run the same schedule, sample store and dropout masks (same seeds); in float64 any
+difference is rounding, so whole epochs must agree to ~1e-9 on every weight and optimiser state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gru4rec.items import ItemMap
+from gru4rec.model import GRU4Rec
+from gru4rec.synth import generate
+from gru4rec.train.losses import row_loss_sum
+from gru4rec.train.params import from_dict
+from gru4rec.train.trainer import Trainer, model_config, prepare, train
+
+BASE = dict(
+    layers=[12],
+    batch_size=8,
+    n_sample=24,
+    learning_rate=0.1,
+    momentum=0.2,
+    sample_alpha=0.75,  # popular items drawn several times per step: duplicate columns get exercised
+    sample_store_size=24 * 7,  # the store is redrawn mid-epoch
+    n_epochs=1,
+)
+LOSSES = {
+    "xe+logq": {"loss": "cross-entropy", "logq": 1.0},
+    "xe": {"loss": "cross-entropy", "logq": 0.0},
+    "bpr-max": {"loss": "bpr-max", "logq": 0.0, "elu_param": 0.5, "bpreg": 0.9},
+    "top1-max": {"loss": "top1-max", "logq": 0.0, "elu_param": 1.0},
+    "bpr": {"loss": "bpr", "logq": 0.0, "elu_param": 0.0},
+    "top1": {"loss": "top1", "logq": 0.0, "elu_param": 0.0},
+}
+MODES = {
+    "shared": {},
+    "separate": {"constrained_embedding": False, "embedding": 10},
+    "onehot-2layers": {"constrained_embedding": False, "layers": [12, 10]},
+    "shared-2layers": {"layers": [12, 10]},
+}
+DROPOUT = {"off": {}, "on": {"dropout_p_embed": 0.25, "dropout_p_hidden": 0.3}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return generate(150, 40, 5)[0]
+
+
+def _run_epoch(events, params: dict, fast: bool, dtype=torch.float64, seed: int = 3) -> Trainer:
+    cfg = from_dict(params)
+    items = ItemMap.from_events(events)
+    sched, supp = prepare(events, items, cfg)
+    model = GRU4Rec(model_config(cfg, len(items)), seed=seed).to(dtype)
+    tr = Trainer(model, cfg, sched, supp, "cpu", seed, fast_cpu=fast)
+    assert (tr.cpu_step is not None) == fast
+    tr.hidden = [h.to(dtype) for h in tr.hidden]
+    torch.manual_seed(seed)  # dropout masks come from the global generator, in forward order
+    tr.stats = tr.run_epoch()
+    return tr
+
+
+def _assert_same_state(a: Trainer, b: Trainer, rtol: float, atol: float) -> None:
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    for key in sa:
+        va, vb = sa[key], sb[key]
+        for x, y in zip(va if isinstance(va, list) else [va], vb if isinstance(vb, list) else [vb]):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, k=key: f"optimiser {k}: {m}")
+
+
+# every loss with dropout off and on (shared mode, the presets' mode); every other input mode and
+# two layers with dropout on for one softmax and one ranking loss
+CASES = [(loss, "shared", drop) for loss in LOSSES for drop in DROPOUT] + [
+    (loss, mode, "on") for mode in MODES if mode != "shared" for loss in ("xe+logq", "bpr-max")
+]
+
+
+@pytest.mark.parametrize("loss,mode,drop", CASES)
+def test_cpu_step_equals_autograd_step_float64(tiny, loss, mode, drop):
+    p = {**BASE, **LOSSES[loss], **MODES[mode], **DROPOUT[drop]}
+    ref = _run_epoch(tiny, p, fast=False)
+    fast = _run_epoch(tiny, p, fast=True)
+    assert ref.stats.steps == fast.stats.steps > 40  # full steps, the shrinking tail and a redraw
+    assert fast.stats.loss == pytest.approx(ref.stats.loss, rel=1e-10)
+    _assert_same_state(fast, ref, rtol=1e-9, atol=1e-11)
+    # the run did move the weights (an update that does nothing would also "agree")
+    init = GRU4Rec(model_config(from_dict(p), fast.model.cfg.n_items), seed=3).double()
+    assert not torch.allclose(init.Wy, fast.model.Wy) and not torch.allclose(
+        init.W_ih[-1], fast.model.W_ih[-1]
+    )
+
+
+@pytest.mark.parametrize("loss", ["xe+logq", "bpr-max"])
+def test_cpu_step_equals_autograd_step_float32_adam_and_no_samples(tiny, loss):
+    for extra in ({}, {"optimizer": "adam", "momentum": 0.0, "learning_rate": 0.01}, {"n_sample": 0}):
+        p = {**BASE, **LOSSES[loss], **DROPOUT["on"], **extra}
+        ref = _run_epoch(tiny, p, fast=False, dtype=torch.float32)
+        fast = _run_epoch(tiny, p, fast=True, dtype=torch.float32)
+        assert fast.stats.loss == pytest.approx(ref.stats.loss, rel=1e-4), extra
+        _assert_same_state(fast, ref, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max", "bpr", "top1"])
+def test_weighted_columns_equal_repeated_columns(loss):
+    """col_weight k on a column == that column repeated k times (the exact, expanded loss)."""
+    g = torch.Generator().manual_seed(0)
+    R, U = 4, 6
+    s = torch.randn(R, R + U, generator=g, dtype=torch.float64) * 1.5
+    counts = torch.tensor([1, 3, 1, 2, 5, 1])
+    w = torch.cat([torch.ones(R, dtype=torch.int64), counts]).double()
+    expanded = torch.cat([s[:, :R], s[:, R:].repeat_interleave(counts, dim=1)], 1)
+    q = torch.randn(R + U, generator=g, dtype=torch.float64)
+    q_exp = torch.cat([q[:R], q[R:].repeat_interleave(counts)])
+    kw = dict(bpreg=0.9, elu_param=0.5)
+    if loss == "cross-entropy":
+        got = row_loss_sum(loss, s, logq_cols=q, col_weight=w, **kw)
+        ref = row_loss_sum(loss, expanded, logq_cols=q_exp, **kw)
+    else:
+        got = row_loss_sum(loss, s, col_weight=w, **kw)
+        ref = row_loss_sum(loss, expanded, **kw)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_cpu_training_is_deterministic_and_learns(tiny):
+    p = {**BASE, **LOSSES["xe+logq"], **DROPOUT["on"], "n_epochs": 2}
+    a = train(tiny, p, device="cpu", seed=5, progress=False)
+    b = train(tiny, p, device="cpu", seed=5, progress=False)
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    hist = a.info["history"]
+    assert hist[1]["loss"] < hist[0]["loss"]
