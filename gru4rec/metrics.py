@@ -68,6 +68,42 @@ class RankAccumulator:
             self.hits[k] += float(hit.sum())
             self.rr[k] += float((hit / r).sum())
 
+    def merge(self, other: RankAccumulator) -> RankAccumulator:
+        """Add another accumulator's counts and sums into this one (a shard's, a worker's); returns self.
+
+        Sums, not averages, are added, so merging the parts of a run gives its single-process
+        figures: hits exactly, reciprocal ranks up to float64 summation order (~1e-16 relative)."""
+        if other.cutoffs != self.cutoffs:
+            raise ValueError(f"cannot merge accumulators with cut-offs {self.cutoffs} and {other.cutoffs}")
+        self.n += other.n
+        for k in self.cutoffs:
+            self.hits[k] += other.hits[k]
+            self.rr[k] += other.rr[k]
+        return self
+
+    def state(self) -> dict:
+        """Plain-data form (JSON/Arrow friendly) to send an accumulator between processes."""
+        return {
+            "cutoffs": list(self.cutoffs),
+            "n": self.n,
+            "hits": [self.hits[k] for k in self.cutoffs],
+            "rr": [self.rr[k] for k in self.cutoffs],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> RankAccumulator:
+        cutoffs = tuple(int(k) for k in state["cutoffs"])
+        if list(cutoffs) != sorted(set(cutoffs)) or not len(cutoffs) == len(state["hits"]) == len(
+            state["rr"]
+        ):
+            raise ValueError("malformed accumulator state")
+        return cls(
+            cutoffs,
+            int(state["n"]),
+            dict(zip(cutoffs, map(float, state["hits"]))),
+            dict(zip(cutoffs, map(float, state["rr"]))),
+        )
+
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for k in self.cutoffs:
