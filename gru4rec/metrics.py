@@ -10,9 +10,12 @@ Recall@k = mean(rank <= k); MRR@k = mean(1[rank <= k] / rank), micro-averaged ov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are ranked: scoring workers need only numpy
+    import torch
 
 TIE_MODES = ("standard", "conservative", "median")
 DEFAULT_CUTOFFS = (1, 5, 10, 20)
@@ -20,6 +23,8 @@ DEFAULT_CUTOFFS = (1, 5, 10, 20)
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, mode: str = "standard") -> torch.Tensor:
     """Rank of each row's target among all columns of `scores` [B, N]; float (median may be x.5)."""
+    import torch
+
     target_scores = scores.gather(1, targets.view(-1, 1))
     greater = (scores > target_scores).sum(1)
     if mode == "standard":
@@ -61,7 +66,9 @@ class RankAccumulator:
             self.rr.setdefault(k, 0.0)
 
     def add(self, ranks) -> None:
-        r = np.asarray(ranks.detach().cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+        r = np.asarray(
+            ranks.detach().cpu() if hasattr(ranks, "detach") else ranks, dtype=np.float64
+        )  # a tensor
         self.n += r.size
         for k in self.cutoffs:
             hit = r <= k
