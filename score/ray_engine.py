@@ -450,9 +450,11 @@ def score_ray(
     tf32: bool = False,
     options: RayOptions | None = None,
     progress: bool = False,
+    recorder=None,
 ) -> dict:
     """Score `sessions` (Parquet file, folder or glob) on Ray; returns the metrics-JSON dict of
-    `score.scorer.score`, plus `engine` (workers, shards, runtime) and job wall time in `latency`."""
+    `score.scorer.score`, plus `engine` (workers, shards, runtime) and job wall time in `latency`.
+    A `recorder` (LatencyRecorder) receives every worker's step times."""
     from gru4rec.bundle import load_bundle
     from gru4rec.io import check_output_file
     from gru4rec.score.ort_backend import PROVIDERS
@@ -506,7 +508,7 @@ def score_ray(
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         ray_version = ray.__version__
-    latency = _latency(rows, totals, wall, cfg, workers, worker_provider)
+    latency = _latency(rows, totals, wall, cfg, workers, worker_provider, recorder)
     report = build_report(totals, cfg, latency)
     report["model"] = str(model)
     report["latency"]["tf32"] = bool(tf32) and worker_provider == "cuda"
@@ -624,12 +626,12 @@ def _bundle_bytes(bundle) -> dict[str, bytes]:
     return {name: Path(path).read_bytes() for name, path in names.items()}
 
 
-def _latency(rows, totals, wall: float, cfg, workers: int, provider: str) -> dict:
+def _latency(rows, totals, wall: float, cfg, workers: int, provider: str, recorder=None) -> dict:
     """Per-step percentiles over the union of all workers' steps; throughput over the job's wall time."""
     from gru4rec.score.latency import LatencyRecorder, cpu_name
     from gru4rec.score.ort_backend import gpu_name
 
-    rec = LatencyRecorder()
+    rec = recorder if recorder is not None else LatencyRecorder()
     for r in rows:
         rec.add_steps(np.asarray(r["step_s"], dtype=np.float64))
         for phase in ("load", "replay", "write"):

@@ -194,3 +194,21 @@ def test_frame_source_chunks_whole_sessions():
     lengths = events.group_by("session_id").len()["len"]
     assert (src.stats.n_sessions, src.stats.n_multi_sessions) == (lengths.len(), int((lengths >= 2).sum()))
     assert os.environ.get("GRU4REC_RAY_KILL_FIRST_ATTEMPT") is None
+
+
+def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_path, run):
+    config = tmp_path / "nightly.toml"
+    config.write_text(
+        f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "latest"}"\n'
+        f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 64\n'
+        'engine = "ray"\nworkers = 2\n'
+    )
+    code, _, err = run("eval", "nightly", "--config", config)
+    assert code == 0, err
+    report = json.loads((tmp_path / "latest" / "metrics.json").read_text())
+    local = score(synthetic["onnx"], synthetic["whole"], provider="cpu", config=ScoreConfig(batch_size=64))
+    assert report["engine"]["name"] == "ray" and report["engine"]["workers"] == 2
+    assert_same_run(local, report)
+    config.write_text(config.read_text().replace('engine = "ray"\n', ""))
+    code, _, err = run("eval", "nightly", "--config", config)
+    assert code == 2 and "workers need engine" in err and err.count("\n") == 1
