@@ -40,6 +40,7 @@ test-all: install
 bench: install
 	$(CLI) bench train --out bench/results/train-latest.json
 	$(CLI) bench score --out bench/results/score-latest.json
+	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 
 lint: install
 	$(PY) -m ruff check gru4rec train export score eval tests bench

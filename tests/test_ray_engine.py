@@ -212,3 +212,17 @@ def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_p
     config.write_text(config.read_text().replace('engine = "ray"\n', ""))
     code, _, err = run("eval", "nightly", "--config", config)
     assert code == 2 and "workers need engine" in err and err.count("\n") == 1
+
+
+def test_bad_events_found_by_a_worker_are_one_error_line(ray_cluster, synthetic, tmp_path, run):
+    """A NaN time is invisible in Parquet footers: the worker's validation reports it, as local does."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    events = pl.read_parquet(synthetic["whole"]).with_columns(pl.col("time").cast(pl.Float64))
+    events[:100].write_parquet(folder / "a.parquet")
+    events[100:].with_columns(pl.when(pl.int_range(pl.len()) == 7).then(float("nan")).otherwise(pl.col("time"))
+                              .alias("time")).write_parquet(folder / "b.parquet")  # fmt: skip
+    code, _, err = run("score", "--model", synthetic["onnx"], "--sessions", folder, "--engine", "ray",
+                       "--out", tmp_path / "recs")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "NaN" in err, err
+    assert not (tmp_path / "recs").exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]
