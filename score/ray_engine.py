@@ -255,7 +255,11 @@ class ShardScorer:
         import pyarrow as pa
 
         frame = pl.from_arrow(block)
-        rows = [self._score(int(shard), part) for (shard,), part in frame.group_by("_shard")]
+        try:
+            rows = [self._score(int(shard), part) for (shard,), part in frame.group_by("_shard")]
+        except UserError as e:  # bad data: sent back as a row (Ray would wrap and retry an exception)
+            rows = [{"shard": -1, "totals": "", "n_predictions": 0, "step_s": [], "load_s": 0.0,
+                     "replay_s": 0.0, "write_s": 0.0, "pid": os.getpid(), "error": str(e)}]  # fmt: skip
         return pa.Table.from_pylist(rows, schema=_result_schema())
 
     def _score(self, shard: int, part) -> dict:
@@ -310,6 +314,7 @@ def _result_schema():
             ("replay_s", pa.float64()),
             ("write_s", pa.float64()),
             ("pid", pa.int64()),
+            ("error", pa.string()),  # a UserError of the worker (bad data), else null
         ]
     )
 
@@ -537,10 +542,10 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
     from ray.data import ActorPoolStrategy, DataContext
     from ray.data.context import ShuffleStrategy
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's notices are not the user's business
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts shards, events/s and the ETA
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     files = [{"path": f.path, "index": f.index, "columns": list(f.columns)} for f in inputs]
     bar = _ShardProgress(progress, n_shards, n_input_rows)
     t0 = time.perf_counter()
@@ -589,16 +594,12 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
                 max_task_retries=MAX_RETRIES,
             )
         rows: list[dict] = []
-        try:
-            for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    rows.append(row)
-                    bar.shard_done(row)
-        except Exception as e:
-            user = _user_error(e)
-            if user is not None:
-                raise UserError(str(user)) from None
-            raise
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row.get("error"):
+                    raise UserError(row["error"])
+                rows.append(row)
+                bar.shard_done(row)
     shards = [int(r["shard"]) for r in rows]
     if len(set(shards)) != len(shards):
         raise RuntimeError(f"a shard came back more than once: {sorted(shards)}")
@@ -606,17 +607,6 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
         raise RuntimeError("no shard came back")
     phases = {"read_shuffle_s": t1 - t0, "score_s": time.perf_counter() - t1}
     return sorted(rows, key=lambda r: r["shard"]), phases
-
-
-def _user_error(e: BaseException) -> BaseException | None:
-    """The UserError (bad data found by a worker) inside a Ray exception chain, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
-    return None
 
 
 def _bundle_bytes(bundle) -> dict[str, bytes]:
