@@ -37,7 +37,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import warnings
@@ -54,7 +53,7 @@ from gru4rec.errors import UserError
 RAY_INSTALL = "pip install 'gru4rec[ray]'"
 PART = "part-{:05d}.parquet"
 MAX_RETRIES = 3  # restarts of a dead scorer actor, and retries of the shard it held
-CONNECT_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0  # the TCP check of --ray-address
 # Test hook: a path; the first scorer that creates this file exits abruptly mid-shard (after writing
 # its recommendations under the temporary name, before committing them), as a crashed worker would.
 KILL_ENV = "GRU4REC_RAY_KILL_FIRST_ATTEMPT"
@@ -347,26 +346,15 @@ def ray_runtime(ray, options: RayOptions) -> Iterator[str]:
         _reachable(address, options.connect_timeout_s)
     if address:
         kwargs.pop("include_dashboard")
-    result: dict = {}
-
-    def connect() -> None:
-        try:
-            result["ctx"] = ray.init(address=address, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - reported on the caller's thread
-            result["error"] = e
-
-    # ray.init has no timeout of its own; a daemon thread bounds the wait (a hung connect dies with us)
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(options.connect_timeout_s)
+    # No thread around ray.init to bound it: the local runtime's processes die with the thread that
+    # started them (PR_SET_PDEATHSIG). The TCP check above bounds the wait for a dead address.
     where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-    if thread.is_alive():
-        raise UserError(f"could not connect to {where} within {options.connect_timeout_s:.0f} s")
-    if "error" in result:
-        e = result["error"]
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         hint = f" (is `ray[client]` installed? {RAY_INSTALL})" if "ray[client]" in first else ""
-        raise UserError(f"could not connect to {where}: {first}{hint}")
+        raise UserError(f"could not connect to {where}: {first}{hint}") from None
     try:
         yield f"Ray cluster at {address}" if address else "local Ray runtime"
     finally:
