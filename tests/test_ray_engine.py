@@ -226,3 +226,19 @@ def test_bad_events_found_by_a_worker_are_one_error_line(ray_cluster, synthetic,
                        "--out", tmp_path / "recs")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "NaN" in err, err
     assert not (tmp_path / "recs").exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_its_own_local_runtime(synthetic, tmp_path):
+    """No Ray in the calling process: the CLI starts a local runtime for the run and stops it."""
+    local = score(synthetic["onnx"], synthetic["whole"], provider="cpu", config=ScoreConfig(batch_size=64))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gru4rec.cli", "score", "--model", synthetic["onnx"], "--sessions",
+         str(synthetic["folder"]), "--engine", "ray", "--workers", "1", "--batch-size", "64",
+         "--metrics", str(tmp_path / "m.json")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["engine"]["runtime"] == "local Ray runtime" and report["engine"]["workers"] == 1
+    assert_same_run(local, report)
