@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option(
             "local",
             "--engine",
-            help="local: this process | ray: shards scored on a Ray cluster (--sessions: Parquet file, folder or glob; --out: a folder, one file per shard). Needs gru4rec[ray].",
+            help="local: this process | ray: shards scored on a Ray cluster (--sessions: Parquet file, folder or glob; --out: a folder, one file per shard). Needs gru4rec\\[ray].",
         ),
         ray_address: str | None = typer.Option(
             None,
