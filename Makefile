@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e '.[dev,mlflow]'
+	$(PY) -m pip install -q -e '.[dev,mlflow,ray]'
 	touch $(STAMP)
 
 demo: install
@@ -41,6 +41,7 @@ bench: install
 	$(CLI) bench train --out bench/results/train-latest.json
 	$(CLI) bench score --out bench/results/score-latest.json
 	$(CLI) bench score-memory --out bench/results/score-memory.json
+	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 
 lint: install
 	$(PY) -m ruff check gru4rec train export score eval tests bench

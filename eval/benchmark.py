@@ -47,13 +47,16 @@ from gru4rec.errors import UserError
 from gru4rec.eval import baselines
 from gru4rec.eval.baselines.base import evaluate, prepare_test, prepare_train
 from gru4rec.eval.config import (
+    ENGINE_KEYS,
     MAX_CUTOFF,
     REQUIRED,
+    EngineSpec,
     Table,
     array_of_tables,
     check_cuda,
     check_top_level,
     device,
+    engine,
     presets,
     training,
 )
@@ -108,13 +111,14 @@ class BenchmarkConfig:
     device: str = "auto"
     score_batch_size: int = 512
     seed: int = 42
+    engine: EngineSpec = field(default_factory=EngineSpec)
     source: str = "benchmark config"  # the config file, for messages
     mlflow: Any = None  # gru4rec.eval.tracking.MlflowSpec, from [benchmark.mlflow]
 
 
 # ---------------------------------------------------------------- the config
 
-BENCHMARK_KEYS = ("tie_modes", "max_k", "device", "score_batch_size", "seed", "mlflow")
+BENCHMARK_KEYS = ("tie_modes", "max_k", "device", "score_batch_size", "seed", "mlflow", *ENGINE_KEYS)
 DATASET_KEYS = ("name", "train", "test")
 MODEL_KEYS = ("kind", "name", "datasets", "options", "onnx", "checkpoint", "preset", "params")
 GRU4REC_ONLY = ("onnx", "checkpoint", "preset", "params")
@@ -136,6 +140,7 @@ def load_config(path: str | Path) -> BenchmarkConfig:
         device=device(top),
         score_batch_size=top.integer("score_batch_size", 512, 1),
         seed=top.integer("seed", 42, 0, 2**32 - 1),
+        engine=engine(top),
         source=str(path),
     )  # fmt: skip
     if top.has("mlflow"):
@@ -270,15 +275,22 @@ def export_onnx(checkpoint: Path, out: Path, top_k: int = 20) -> Path:
 
 
 def score_onnx(
-    onnx: Path, test: Path, cutoffs: tuple[int, ...], mode: str, batch_size: int, provider: str = "auto"
-) -> tuple[dict, np.ndarray]:
+    onnx: Path, test: Path, cutoffs: tuple[int, ...], mode: str, batch_size: int, provider: str = "auto",
+    engine: EngineSpec | None = None,
+) -> tuple[dict, np.ndarray]:  # fmt: skip
     """The score stage's report for `onnx` on `test`, plus the per-step latency samples (ms)."""
     from gru4rec.score.latency import LatencyRecorder
     from gru4rec.score.scorer import ScoreConfig, score
 
     rec = LatencyRecorder()
     cfg = ScoreConfig(cutoffs=cutoffs, tie_mode=mode, batch_size=batch_size)
-    report = score(onnx, test, config=cfg, recorder=rec, provider=provider)
+    if engine is not None and engine.name == "ray":
+        from gru4rec.score.ray_engine import RayOptions, score_ray
+
+        options = RayOptions(address=engine.ray_address, workers=engine.workers)
+        report = score_ray(onnx, test, config=cfg, provider=provider, options=options, recorder=rec)
+    else:
+        report = score(onnx, test, config=cfg, recorder=rec, provider=provider)
     steps = np.concatenate(rec.steps) * 1e3 if rec.steps else np.zeros(0)
     return report, steps
 
@@ -319,7 +331,9 @@ def _gru4rec_row(spec: ModelSpec, ds: DatasetSpec, train_events, test_events, cf
     if onnx is not None:
         provider = ort_provider()  # once: "auto" would repeat its CPU-fallback notice for every tie mode
         for i, mode in enumerate(cfg.tie_modes):
-            report, steps = score_onnx(onnx, ds.test, cutoffs, mode, cfg.score_batch_size, provider)
+            report, steps = score_onnx(
+                onnx, ds.test, cutoffs, mode, cfg.score_batch_size, provider, cfg.engine
+            )
             metrics[mode] = report["metrics"]
             if i == 0:
                 row["latency"], row["step_ms"] = report["latency"], steps

@@ -245,3 +245,33 @@ def presets() -> tuple[str, ...]:
     from gru4rec.train.presets import PRESETS
 
     return tuple(PRESETS)
+
+
+# `engine = "ray"` in [nightly] / [benchmark]: score on Ray (score/ray_engine.py) instead of in-process.
+ENGINE_KEYS = ("engine", "ray_address", "workers")
+
+
+@dataclass
+class EngineSpec:
+    name: str = "local"  # local | ray
+    ray_address: str | None = None  # None: a local Ray runtime for the run
+    workers: int | None = None  # None: the engine's default (every CPU or GPU of the cluster)
+
+
+def engine(table: Table) -> EngineSpec:
+    """engine, ray_address and workers of a table; "ray" needs the gru4rec[ray] extra, checked now."""
+    spec = EngineSpec(
+        name=table.string("engine", "local", ("local", "ray")),
+        ray_address=table.string("ray_address", None),
+        workers=table.integer("workers", None, 1),
+    )
+    if spec.name != "ray" and (spec.ray_address is not None or spec.workers is not None):
+        raise table.error('ray_address and workers need engine = "ray"')
+    if spec.name == "ray":
+        from gru4rec.score.ray_engine import import_ray
+
+        try:
+            import_ray()
+        except UserError as e:
+            raise table.error(f'engine = "ray": {e}') from None
+    return spec

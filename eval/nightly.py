@@ -64,12 +64,15 @@ import polars as pl
 from gru4rec.errors import UserError
 from gru4rec.eval.benchmark import read_toml
 from gru4rec.eval.config import (
+    ENGINE_KEYS,
     MAX_CUTOFF,
     REQUIRED,
+    EngineSpec,
     Table,
     check_cuda,
     check_top_level,
     device,
+    engine,
     presets,
     training,
 )
@@ -162,6 +165,7 @@ class NightlyConfig:
     tie_mode: str = "standard"
     cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS
     batch_size: int = 512
+    engine: EngineSpec = field(default_factory=EngineSpec)
     train: TrainSpec | None = None
     tolerances: Tolerances = field(default_factory=Tolerances)
     window: WindowSpec | None = None
@@ -173,7 +177,7 @@ class NightlyConfig:
 # ---------------------------------------------------------------- the config
 
 NIGHTLY_KEYS = ("history", "out", "test", "model", "metrics_json", "tie_mode", "cutoffs", "batch_size",
-                "train", "tolerances", "window", "champion", "mlflow")  # fmt: skip
+                "train", "tolerances", "window", "champion", "mlflow", *ENGINE_KEYS)  # fmt: skip
 TRAIN_KEYS = ("train", "preset", "params", "device", "seed", "top_k")
 WINDOW_KEYS = tuple(f.name for f in fields(WindowSpec))
 CHAMPION_KEYS = ("model", "promote")
@@ -211,6 +215,7 @@ def load_config(path: str | Path) -> NightlyConfig:
         tie_mode=top.string("tie_mode", "standard", TIE_MODES),
         cutoffs=tuple(top.integers("cutoffs", DEFAULT_CUTOFFS, 1, MAX_CUTOFF)),
         batch_size=top.integer("batch_size", 512, 1),
+        engine=engine(top),
         train=train,
         tolerances=tolerances,
         window=window,
@@ -669,7 +674,7 @@ def _measure(cfg: NightlyConfig, test: Path | None, train_events: pl.DataFrame |
         model = export_onnx(model, cfg.out / "model.onnx", top_k=cfg.train.top_k if cfg.train else 20)
         _check_catalog(cfg, model)
     console.print(f"nightly: scoring {test} with {model}", markup=False, highlight=False)
-    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size, engine=cfg.engine)
     report["model"] = str(model)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
     return report, str(model)

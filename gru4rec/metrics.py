@@ -15,9 +15,12 @@ training popularity (count / largest count) of the k recommended items.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are ranked: scoring workers need only numpy
+    import torch
 
 TIE_MODES = ("standard", "conservative", "median")
 DEFAULT_CUTOFFS = (1, 5, 10, 20)
@@ -25,6 +28,8 @@ DEFAULT_CUTOFFS = (1, 5, 10, 20)
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, mode: str = "standard") -> torch.Tensor:
     """Rank of each row's target among all columns of `scores` [B, N]; float (median may be x.5)."""
+    import torch
+
     target_scores = scores.gather(1, targets.view(-1, 1))
     greater = (scores > target_scores).sum(1)
     if mode == "standard":
@@ -68,13 +73,51 @@ class RankAccumulator:
             self.dcg.setdefault(k, 0.0)
 
     def add(self, ranks) -> None:
-        r = np.asarray(ranks.detach().cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+        r = np.asarray(
+            ranks.detach().cpu() if hasattr(ranks, "detach") else ranks, dtype=np.float64
+        )  # a tensor
         self.n += r.size
         for k in self.cutoffs:
             hit = r <= k
             self.hits[k] += float(hit.sum())
             self.rr[k] += float((hit / r).sum())
             self.dcg[k] += float((hit / np.log2(r + 1)).sum())
+
+    def merge(self, other: RankAccumulator) -> RankAccumulator:
+        """Add another accumulator's counts and sums into this one (a shard's, a worker's); returns self.
+
+        Sums, not averages, are added, so merging the parts of a run gives its single-process
+        figures: hits exactly, reciprocal ranks up to float64 summation order (~1e-16 relative)."""
+        if other.cutoffs != self.cutoffs:
+            raise ValueError(f"cannot merge accumulators with cut-offs {self.cutoffs} and {other.cutoffs}")
+        self.n += other.n
+        for k in self.cutoffs:
+            self.hits[k] += other.hits[k]
+            self.rr[k] += other.rr[k]
+        return self
+
+    def state(self) -> dict:
+        """Plain-data form (JSON/Arrow friendly) to send an accumulator between processes."""
+        return {
+            "cutoffs": list(self.cutoffs),
+            "n": self.n,
+            "hits": [self.hits[k] for k in self.cutoffs],
+            "rr": [self.rr[k] for k in self.cutoffs],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> RankAccumulator:
+        cutoffs = tuple(int(k) for k in state["cutoffs"])
+        if list(cutoffs) != sorted(set(cutoffs)) or not len(cutoffs) == len(state["hits"]) == len(
+            state["rr"]
+        ):
+            raise ValueError("malformed accumulator state")
+        return cls(
+            cutoffs,
+            int(state["n"]),
+            dict(zip(cutoffs, map(float, state["hits"]))),
+            dict(zip(cutoffs, map(float, state["rr"]))),
+        )
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}

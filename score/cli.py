@@ -83,6 +83,34 @@ def register(app: typer.Typer) -> None:
         train: Path | None = typer.Option(
             None, "--train", help="Training events, for popularity@k (with --beyond-accuracy)."
         ),
+        engine: str = typer.Option(
+            "local",
+            "--engine",
+            help="local: this process | ray: shards scored on a Ray cluster (--sessions: Parquet file, folder or glob; --out: a folder, one file per shard). Needs gru4rec\\[ray].",
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="--engine ray: auto | host:port | ray://host:10001 of a running cluster \\[default: start a local Ray runtime for the run].",
+        ),
+        workers: int | None = typer.Option(
+            None,
+            "--workers",
+            help="--engine ray: scorer actors \\[default: one per GPU, else one per --cpus-per-worker CPUs of the cluster].",
+        ),
+        gpus_per_worker: float | None = typer.Option(
+            None,
+            "--gpus-per-worker",
+            help="--engine ray: GPUs per scorer (ORT CUDA EP) \\[default: 1 where the cluster has GPUs, else 0: CPU EP].",
+        ),
+        cpus_per_worker: float = typer.Option(
+            1.0, "--cpus-per-worker", help="--engine ray: CPUs reserved per scorer (its ORT threads)."
+        ),
+        shards: int | None = typer.Option(
+            None,
+            "--shards",
+            help="--engine ray: sessions are cut into this many shards by a stable hash of the session id \\[default: max(16, 4 x workers)].",
+        ),
     ) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
         from gru4rec.data import Keys
@@ -98,8 +126,32 @@ def register(app: typer.Typer) -> None:
             chunk_events=chunk_events,
             beyond_accuracy=beyond_accuracy,
         )
-        report = score(model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32,
-                       progress=True, train=train)  # fmt: skip
+        if engine == "ray":
+            from gru4rec.score.ray_engine import RayOptions, score_ray
+
+            if beyond_accuracy or train is not None:
+                raise UserError("--beyond-accuracy and --train: only with --engine local")
+            opts = RayOptions(ray_address, workers, gpus_per_worker, cpus_per_worker, shards)
+            report = score_ray(model, sessions, out, metrics, cfg, provider, tf32, opts, progress=True)
+        elif engine == "local":
+            ray_only = {"--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
+                        "--shards": shards, "--cpus-per-worker": None if cpus_per_worker == 1.0 else cpus_per_worker}  # fmt: skip
+            given = [name for name, value in ray_only.items() if value is not None]
+            if given:
+                raise UserError(f"{', '.join(given)}: only with --engine ray")
+            report = score(
+                model,
+                sessions,
+                out=out,
+                metrics=metrics,
+                config=cfg,
+                provider=provider,
+                tf32=tf32,
+                progress=True,
+                train=train,
+            )
+        else:
+            raise UserError(f"--engine must be local or ray, got {engine!r}")
         print_report(report)
         for path, what in ((out, "recommendations"), (metrics, "metrics")):
             if path is not None:
@@ -133,6 +185,13 @@ def print_report(report: dict) -> None:
     console.print(
         f"{m['n']:,} predictions in {report['n_scored_sessions']:,} sessions, tie mode {report['tie_mode']}"
     )
+    if "engine" in report:  # --engine ray
+        e = report["engine"]
+        console.print(
+            f"ray: {e['workers']} worker(s), {e['shards']} shards, {e['runtime']}; job wall time "
+            f"{report['latency']['wall_s']:.1f} s ({report['latency']['events_per_s']:,.0f} scored events/s); "
+            f"replay figures below are summed over the workers"
+        )
     console.print(table)
     if report["n_skipped_sessions"]:
         console.print(f"skipped {report['n_skipped_sessions']:,} session(s) with fewer than 2 known events")

@@ -134,6 +134,110 @@ def check_outputs(model, sessions, out, metrics, cfg: ScoreConfig) -> None:
             check_output_file(path, inputs=(sessions, *model_files))
 
 
+@dataclass
+class ReplayTotals:
+    """What replaying some sessions adds up to: the rank accumulator and the event/session counts.
+
+    Counts and sums only, so the totals of disjoint parts (the shards of a distributed run) merge
+    into exactly what one process computes over the whole."""
+
+    acc: RankAccumulator
+    n_events: int = 0
+    n_sessions: int = 0
+    n_scored_sessions: int = 0
+    n_unknown_dropped: int = 0
+
+    COUNTS = ("n_events", "n_sessions", "n_scored_sessions", "n_unknown_dropped")
+
+    def merge(self, other: ReplayTotals) -> ReplayTotals:
+        self.acc.merge(other.acc)
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def state(self) -> dict:
+        return {"acc": self.acc.state(), **{name: getattr(self, name) for name in self.COUNTS}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ReplayTotals:
+        return cls(RankAccumulator.from_state(state["acc"]), **{n: int(state[n]) for n in cls.COUNTS})
+
+
+def replay_source(
+    backend: StepBackend,
+    items: ItemMap,
+    source: SessionSource,
+    cfg: ScoreConfig,
+    writer=None,
+    recorder: LatencyRecorder | None = None,
+    on_step=None,
+    beyond: BeyondAccuracy | None = None,
+    digest: EventsDigest | None = None,
+) -> ReplayTotals:
+    """Replay every chunk of `source` through `backend`; recommendations go to `writer` (a RecsWriter)
+    when given, top-k lists to `beyond`, events to `digest`. A source where no session has 2 known
+    events gives empty totals, not an error."""
+    items.check_kind(source.item_kind, source.path)
+    rec = recorder if recorder is not None else LatencyRecorder()
+    totals = ReplayTotals(RankAccumulator(tuple(cfg.cutoffs)), source.stats.n_events, source.stats.n_sessions)
+    if source.stats.n_multi_sessions == 0:
+        return totals
+    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
+    backend.start(batch)
+    chunks = source.chunks()
+    while True:
+        with rec.phase("load"):  # reading, item mapping and planning count as loading
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            if digest is not None:
+                digest.update(chunk)
+            events, dropped = items.translate(chunk)
+            totals.n_unknown_dropped += dropped
+            plan = plan_chunk(events, batch)
+        if plan is None:
+            continue
+        with rec.phase("replay"):
+            fetch = writer is not None or beyond is not None
+            res = replay(backend, plan, fetch_topk=fetch, on_step=on_step)
+        rec.add_steps(res.step_seconds, plan.width)
+        ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
+        totals.acc.add(ranks)
+        if beyond is not None:
+            beyond.add(res.topk_idx)
+        totals.n_scored_sessions += int(plan.schedule.reset.sum())
+        if writer is not None:
+            with rec.phase("write"):
+                writer.write(recs_frame(res, items, ranks, cfg.k))
+    return totals
+
+
+def check_scored(totals: ReplayTotals, what) -> None:
+    if totals.acc.n == 0:
+        raise UserError(
+            f"{what}: nothing to score: after dropping {totals.n_unknown_dropped} event(s) of items unknown "
+            "to the model, no session has 2 or more events"
+        )
+
+
+def build_report(totals: ReplayTotals, cfg: ScoreConfig, latency: dict) -> dict:
+    """The metrics-JSON dict (without `model`) of replay totals and a latency dict."""
+    acc = totals.acc
+    return {
+        "metrics": acc.result(),
+        "tie_mode": cfg.tie_mode,
+        "cutoffs": list(acc.cutoffs),
+        "n_events": totals.n_events,
+        "n_sessions": totals.n_sessions,
+        "n_scored_sessions": totals.n_scored_sessions,
+        # sessions left with fewer than 2 events (from the start, or once unknown items are dropped)
+        "n_skipped_sessions": totals.n_sessions - totals.n_scored_sessions,
+        "n_predictions": acc.n,
+        "n_unknown_dropped": totals.n_unknown_dropped,
+        "latency": latency,
+    }
+
+
 def score_source(
     backend: StepBackend,
     items: ItemMap,
@@ -147,11 +251,7 @@ def score_source(
     cfg.check(backend.n_items, backend.top_k)
     if len(items) != backend.n_items:
         raise UserError(f"item map has {len(items)} items but the model scores {backend.n_items}")
-    items.check_kind(source.item_kind, source.path)
     rec = recorder or LatencyRecorder()
-    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
-    backend.start(batch)
-    acc = RankAccumulator(tuple(cfg.cutoffs))
     beyond = None
     if cfg.beyond_accuracy:
         ks = tuple(k for k in cfg.cutoffs if k <= backend.top_k)
@@ -159,60 +259,24 @@ def score_source(
             raise UserError(f"--beyond-accuracy needs a cut-off up to the model's top-k {backend.top_k}")
         beyond = BeyondAccuracy(backend.n_items, ks, cfg.popularity)
     digest = EventsDigest()
-    n_dropped = n_scored_sessions = 0
     bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
     with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
-        chunks = source.chunks()
-        while True:
-            with rec.phase("load"):  # reading, item mapping and planning count as loading
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                digest.update(chunk)
-                events, dropped = items.translate(chunk)
-                n_dropped += dropped
-                plan = plan_chunk(events, batch)
-            if plan is None:
-                continue
-            with rec.phase("replay"):
-                res = replay(
-                    backend, plan, fetch_topk=writer is not None or beyond is not None, on_step=bar.advance
-                )
-            rec.add_steps(res.step_seconds, plan.width)
-            ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
-            acc.add(ranks)
-            if beyond is not None:
-                beyond.add(res.topk_idx)
-            n_scored_sessions += int(plan.schedule.reset.sum())
-            if writer is not None:
-                with rec.phase("write"):
-                    writer.write(recs_frame(res, items, ranks, cfg.k))
-        if acc.n == 0:
-            raise UserError(
-                f"{source.path}: nothing to score: after dropping {n_dropped} event(s) of items unknown to the "
-                "model, no session has 2 or more events"
-            )
-    return {
-        "metrics": acc.result() | (beyond.result() if beyond is not None else {}),
-        "tie_mode": cfg.tie_mode,
-        "cutoffs": list(acc.cutoffs),
-        "n_events": source.stats.n_events,
-        "n_sessions": source.stats.n_sessions,
-        "n_scored_sessions": n_scored_sessions,
-        # sessions left with fewer than 2 events (from the start, or once unknown items are dropped)
-        "n_skipped_sessions": source.stats.n_sessions - n_scored_sessions,
-        "n_predictions": acc.n,
-        "n_unknown_dropped": n_dropped,
-        "test_fingerprint": digest.hexdigest(),
-        "latency": rec.report(
-            acc.n,
-            n_scored_sessions,
-            provider=backend.name,
-            batch_size=batch,
-            device=backend.device,
-            mode=cfg.latency_mode,
-        ),
-    }
+        totals = replay_source(backend, items, source, cfg, writer, rec, bar.advance, beyond, digest)
+        check_scored(totals, source.path)
+    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
+    latency = rec.report(
+        totals.acc.n,
+        totals.n_scored_sessions,
+        provider=backend.name,
+        batch_size=batch,
+        device=backend.device,
+        mode=cfg.latency_mode,
+    )
+    report = build_report(totals, cfg, latency)
+    if beyond is not None:
+        report["metrics"] |= beyond.result()
+    report["test_fingerprint"] = digest.hexdigest()
+    return report
 
 
 def item_popularity(items: ItemMap, train: str | Path, keys: Keys = Keys()) -> np.ndarray:

@@ -100,3 +100,29 @@ def test_hand_values_and_empty():
     empty = RankAccumulator((5,)).result()
     assert empty["n"] == 0 and math.isnan(empty["recall@5"])
     assert RankAccumulator((20, 5, 5)).cutoffs == (5, 20)
+
+
+@pytest.mark.parametrize("mode", TIE_MODES)
+def test_merged_accumulators_equal_one_pass_over_everything(mode):
+    """Accumulators of disjoint parts, merged (also through their plain-data state), give the loop's
+    metrics over the whole: sums are merged, not averages."""
+    rng = np.random.default_rng(4)
+    g, e = rng.integers(0, 40, 3000), rng.integers(1, 4, 3000)
+    ranks = ranks_from_counts(g, e, mode)
+    cutoffs = (1, 5, 10, 20)
+    cuts = np.sort(rng.choice(np.arange(1, 3000), 6, replace=False))
+    parts = []
+    for part in np.split(ranks, cuts):
+        acc = RankAccumulator(cutoffs)
+        acc.add(part)
+        parts.append(RankAccumulator.from_state(acc.state()))
+    merged = parts[0]
+    for acc in parts[1:]:
+        merged.merge(acc)
+    expected = loop_metrics(ranks.tolist(), cutoffs)
+    got = merged.result()
+    assert got["n"] == 3000
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12, rel=0), key
+    with pytest.raises(ValueError):
+        merged.merge(RankAccumulator((1, 5)))

@@ -1,0 +1,685 @@
+"""`score --engine ray`: the same replay, sharded over a Ray cluster (or a local Ray runtime).
+
+    gru4rec-cli score --model m.onnx --sessions 'events/**/*.parquet' --engine ray --workers 4 \\
+        --out recs/ --metrics metrics.json
+
+How the work is cut and put back together:
+  1. Read (Ray Data tasks, on the workers): every Parquet file is read row group by row group; each
+     event gets its shard, a stable hash of its session id (gru4rec.sharding: the same on every
+     machine and run, for integer and string ids), and its position in the input (file number, row),
+     which breaks ties in time exactly as the single-process reader does (file order).
+  2. Shard (Ray Data's sort shuffle, `sort("_shard", boundaries=...)`): block i holds exactly shard
+     i, so every session is whole in one block; nothing passes through the driver. The shuffled blocks
+     are materialised in the object store before any scorer starts, so the scorers' reserved CPUs
+     cannot starve the shuffle.
+  3. Score (a Ray Data actor pool, one scorer per worker, the ONNX bundle loaded once per actor): each
+     shard is validated, sorted and replayed by `score.scorer.replay_source`, the code of
+     `--engine local`, with ONNX Runtime's CUDA EP (IOBinding) on a GPU worker, the CPU EP otherwise.
+     Its recommendations go to `part-SSSSS.parquet` through a temporary name committed when the shard
+     completes; its totals (counts and sums, never averages) and step times come back as one row.
+  4. Merge (driver): the shard totals add up to the single-process figures (RankAccumulator.merge),
+     latency percentiles are taken over the union of all step times, and the recs folder, written
+     beside --out under a temporary name, is renamed into place only when every shard is in.
+
+Faults: an actor that dies (its process crashes, its node goes) is restarted by Ray and its shard
+retried (MAX_RETRIES times); a retried shard rewrites its own part file, and the driver checks that
+every shard came back exactly once and that the shards' events add up to the input's row count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gru4rec.bundle import companion_paths
+from gru4rec.data import ITEM, OFFICIAL_KEYS, SESSION, TIME, Keys
+from gru4rec.errors import UserError
+
+RAY_INSTALL = "pip install 'gru4rec[ray]'"
+PART = "part-{:05d}.parquet"
+MAX_RETRIES = 3  # restarts of a dead scorer actor, and retries of the shard it held
+CONNECT_TIMEOUT_S = 10.0  # the TCP check of --ray-address
+# Test hook: a path; the first scorer that creates this file exits abruptly mid-shard (after writing
+# its recommendations under the temporary name, before committing them), as a crashed worker would.
+KILL_ENV = "GRU4REC_RAY_KILL_FIRST_ATTEMPT"
+_ROW_BITS = 40  # input position = file number << 40 | row in file (1e12 rows per file)
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local Ray runtime for the run
+    workers: int | None = None  # None: every GPU (or every cpus_per_worker CPUs) of the cluster
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    shards: int | None = None  # None: max(16, 4 x workers)
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+    def check(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if not self.cpus_per_worker > 0:
+            raise UserError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.shards is not None and not 1 <= self.shards <= 99_999:
+            raise UserError(f"--shards must be between 1 and 99999, got {self.shards}")
+
+
+def import_ray():
+    """The ray module, or the one-line install instruction as a UserError."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError(f"--engine ray needs Ray, which is not installed here: {RAY_INSTALL}") from None
+    return ray
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    index: int  # position in the sorted file list: ties in time are broken by (file, row)
+    columns: tuple[str, str, str]  # the file's session, item and time columns
+    n_rows: int
+
+
+def input_files(sessions: str | Path) -> list[Path]:
+    """A Parquet file, a folder of them (recursively, hidden and _-prefixed entries skipped) or a glob
+    pattern ('events/**/*.parquet'), sorted by path (the order that breaks ties in time)."""
+    text = str(sessions)
+    path = Path(text)
+    if glob.has_magic(text):
+        files = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+        if not files:
+            raise UserError(f"{text}: no file matches")
+    elif path.is_dir():
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part[:1] in "._" for part in p.relative_to(path).parts)
+        ]
+        files = [p for p in files if p.suffix.lower() in (".parquet", ".pq")]
+        if not files:
+            raise UserError(f"{path}: folder holds no Parquet file")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"{path}: file not found")
+    other = [p for p in files if p.suffix.lower() not in (".parquet", ".pq")]
+    if other:
+        raise UserError(
+            f"{other[0]}: --engine ray reads Parquet files; convert it (gru4rec-cli data ...) or use --engine local"
+        )
+    return sorted(files, key=str)
+
+
+def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
+    """Key columns, dtypes and null counts of every file from its Parquet footer, before any work."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    official = {dst: src for src, dst in OFFICIAL_KEYS.items()}
+    named = {SESSION: keys.session, ITEM: keys.item, TIME: keys.time}
+    if len(set(named.values())) < 3:
+        raise UserError("--session-key, --item-key and --time-key must name three different columns")
+    out = []
+    for i, f in enumerate(files):
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:
+            raise UserError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+        schema = pf.schema_arrow
+        cols = {}
+        for dst, src in named.items():
+            if src in schema.names:
+                cols[dst] = src
+            elif src == dst and official[dst] in schema.names:
+                cols[dst] = official[dst]
+            else:
+                raise UserError(f"{f}: missing column {src} (have: {', '.join(schema.names)[:200]})")
+        kinds = {dst: schema.field(src).type for dst, src in cols.items()}
+        s, it, t = kinds[SESSION], kinds[ITEM], kinds[TIME]
+        if not (pa.types.is_integer(s) or pa.types.is_string(s) or pa.types.is_large_string(s)):
+            raise UserError(
+                f"{f}: column '{cols[SESSION]}' must hold integer or string session ids, found {s}"
+            )
+        if not pa.types.is_integer(it):
+            raise UserError(f"{f}: column '{cols[ITEM]}' must hold integer ids, found {it}")
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)):
+            raise UserError(f"{f}: column '{cols[TIME]}' must be numeric seconds or a datetime, found {t}")
+        meta = pf.metadata
+        index = {name: j for j, name in enumerate(schema.names)}
+        for src in cols.values():
+            if src not in index or meta.num_row_groups == 0:
+                continue
+            nulls = 0
+            for g in range(meta.num_row_groups):
+                col = meta.row_group(g).column(index[src])
+                stats = col.statistics
+                if stats is not None and stats.has_null_count:
+                    nulls += stats.null_count
+            if nulls:
+                raise UserError(f"{f}: column '{src}' has {nulls} null value(s)")
+        out.append(InputFile(str(f.resolve()), i, (cols[SESSION], cols[ITEM], cols[TIME]), meta.num_rows))
+    if sum(f.n_rows for f in out) == 0:
+        raise UserError(f"{files[0] if len(files) == 1 else 'the input files'}: no events")
+    return out
+
+
+def _events_block(table, file_index: int, first_row: int, n_shards: int):
+    """A row group renamed to the canonical columns, with `_order` (input position) and `_shard`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from gru4rec.sharding import shard_of
+
+    session, item, time_ = (table.column(i) for i in range(3))
+    if pa.types.is_integer(session.type):
+        session = pc.cast(session, pa.int64())
+    else:
+        session = pc.cast(session, pa.large_string())
+    time_ = pc.cast(time_, pa.timestamp("us")) if pa.types.is_temporal(time_.type) else time_
+    if pa.types.is_integer(time_.type):
+        time_ = pc.cast(time_, pa.int64())
+    elif pa.types.is_floating(time_.type):
+        time_ = pc.cast(time_, pa.float64())
+    order = (
+        (np.int64(file_index) << np.int64(_ROW_BITS)) + first_row + np.arange(table.num_rows, dtype=np.int64)
+    )
+    return pa.table(
+        {
+            SESSION: session,
+            ITEM: pc.cast(item, pa.int64()),
+            TIME: time_,
+            "_order": order,
+            "_shard": shard_of(session, n_shards),
+        }
+    )
+
+
+def _read_files(batch, n_shards: int) -> Iterator:
+    """Ray Data map_batches function: file rows in, one events block per row group out."""
+    import pyarrow.parquet as pq
+
+    for row in batch.to_pylist():
+        pf = pq.ParquetFile(row["path"])
+        first = 0
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g, columns=list(row["columns"]))
+            table = table.select(list(row["columns"]))  # the order asked for, whatever the file's
+            yield _events_block(table, row["index"], first, n_shards)
+            first += table.num_rows
+
+
+# ---------------------------------------------------------------------------------------------- scorer
+class ShardScorer:
+    """One per Ray worker: loads the bundle once, then scores the shards of each block it is handed."""
+
+    def __init__(self, bundle_ref, cfg, provider: str, tf32: bool, threads: int, out_dir: str | None,
+                 source_name: str, kill_marker: str | None):  # fmt: skip
+        import ray
+
+        from gru4rec.bundle import load_bundle
+        from gru4rec.score.ort_backend import OrtBackend
+
+        files: dict[str, bytes] = ray.get(bundle_ref[0])
+        self._model_dir = tempfile.mkdtemp(prefix="gru4rec-model-")
+        for name, data in files.items():
+            Path(self._model_dir, name).write_bytes(data)
+        bundle = load_bundle(Path(self._model_dir, "m.onnx"))
+        self.items = bundle.items
+        self.backend = OrtBackend.from_bundle(
+            bundle, provider, tf32, threads=threads, with_topk=out_dir is not None
+        )
+        self.cfg, self.out_dir, self.source_name, self.kill_marker = cfg, out_dir, source_name, kill_marker
+
+    def __call__(self, block):
+        import polars as pl
+        import pyarrow as pa
+
+        frame = pl.from_arrow(block)
+        try:
+            rows = [self._score(int(shard), part) for (shard,), part in frame.group_by("_shard")]
+        except UserError as e:  # bad data: sent back as a row (Ray would wrap and retry an exception)
+            rows = [{"shard": -1, "totals": "", "n_predictions": 0, "step_s": [], "load_s": 0.0,
+                     "replay_s": 0.0, "write_s": 0.0, "pid": os.getpid(), "error": str(e)}]  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=_result_schema())
+
+    def _score(self, shard: int, part) -> dict:
+        from gru4rec.data import validate_events
+        from gru4rec.score.frame_source import FrameSource
+        from gru4rec.score.latency import LatencyRecorder
+        from gru4rec.score.outputs import open_recs
+        from gru4rec.score.scorer import replay_source
+
+        rec = LatencyRecorder()
+        with rec.phase("load"):
+            # file order first, then the stable (session, time) sort: ties in time keep input order
+            events = validate_events(part.sort("_order").drop("_order", "_shard"), self.source_name)
+            source = FrameSource(events, f"{self.source_name} (shard {shard})", self.cfg.chunk_events)
+        path = Path(self.out_dir, PART.format(shard)) if self.out_dir is not None else None
+        with open_recs(path) as writer:
+            totals = replay_source(self.backend, self.items, source, self.cfg, writer, rec)
+            self._maybe_die()
+        steps = np.concatenate(rec.steps) if rec.steps else np.zeros(0)
+        return {
+            "shard": shard,
+            "totals": json.dumps(totals.state()),
+            "n_predictions": totals.acc.n,
+            "step_s": steps.tolist(),
+            "load_s": rec.phases["load"],
+            "replay_s": rec.phases["replay"],
+            "write_s": rec.phases["write"],
+            "pid": os.getpid(),
+        }
+
+    def _maybe_die(self) -> None:
+        if not self.kill_marker:
+            return
+        try:
+            fd = os.open(self.kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
+
+
+def _result_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("shard", pa.int32()),
+            ("totals", pa.string()),
+            ("n_predictions", pa.int64()),
+            ("step_s", pa.list_(pa.float64())),
+            ("load_s", pa.float64()),
+            ("replay_s", pa.float64()),
+            ("write_s", pa.float64()),
+            ("pid", pa.int64()),
+            ("error", pa.string()),  # a UserError of the worker (bad data), else null
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+def _reachable(address: str, timeout: float) -> None:
+    """A TCP connect to host:port first: Ray's own connect retries for minutes on a dead address."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout, 10.0)).close()
+    except OSError as e:
+        raise UserError(
+            f"--ray-address {address}: cannot reach the Ray cluster ({e.strerror or e})"
+        ) from None
+
+
+@contextlib.contextmanager
+def ray_runtime(ray, options: RayOptions) -> Iterator[str]:
+    """Connect to `options.address` or start a local runtime (stopped afterwards); an already
+    initialised Ray (a notebook, a test) is used as it is. Yields a description of the runtime."""
+    if ray.is_initialized():
+        yield "existing Ray runtime"
+        return
+    address = options.address
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address and address != "auto":
+        _reachable(address, options.connect_timeout_s)
+    if address:
+        kwargs.pop("include_dashboard")
+    # No thread around ray.init to bound it: the local runtime's processes die with the thread that
+    # started them (PR_SET_PDEATHSIG). The TCP check above bounds the wait for a dead address.
+    where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = f" (is `ray[client]` installed? {RAY_INSTALL})" if "ray[client]" in first else ""
+        raise UserError(f"could not connect to {where}: {first}{hint}") from None
+    try:
+        yield f"Ray cluster at {address}" if address else "local Ray runtime"
+    finally:
+        ray.shutdown()
+
+
+def _plan_resources(ray, options: RayOptions, provider: str) -> tuple[int, float, str, int]:
+    """(workers, GPUs per worker, worker provider, shards) from the options and the cluster's resources."""
+    res = ray.cluster_resources()
+    n_gpu, n_cpu = float(res.get("GPU", 0)), float(res.get("CPU", 0))
+    gpus = options.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if n_gpu >= 1 and provider != "cpu" else 0.0
+    if provider == "cuda" and gpus == 0:
+        raise UserError("--provider cuda with --engine ray needs GPU workers: set --gpus-per-worker (e.g. 1)")
+    if provider == "cpu" and gpus > 0:
+        raise UserError("--provider cpu and --gpus-per-worker > 0 contradict each other")
+    if gpus > n_gpu:
+        raise UserError(f"--gpus-per-worker {gpus:g}: the Ray cluster has {n_gpu:g} GPU(s)")
+    if options.cpus_per_worker > n_cpu:
+        raise UserError(
+            f"--cpus-per-worker {options.cpus_per_worker:g}: the Ray cluster has {n_cpu:g} CPU(s)"
+        )
+    workers = options.workers
+    if workers is None:
+        workers = int(n_gpu // gpus) if gpus > 0 else int(n_cpu // options.cpus_per_worker)
+    workers = max(1, workers)
+    shards = options.shards or max(16, 4 * workers)
+    return workers, gpus, ("cuda" if gpus > 0 else "cpu"), shards
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def check_recs_dir(out: Path, inputs: list[Path], model_files) -> Path:
+    """--out of a distributed run is a folder of part files: new, or a previous recs folder (replaced)."""
+    from gru4rec.io import check_output_dir
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"{out}: --out of --engine ray is a folder (one Parquet file per shard); a file is there"
+        )
+    if out.is_dir():
+        stray = [p.name for p in out.iterdir() if not _is_part(p.name)]
+        if stray:
+            raise UserError(
+                f"{out}: folder exists and holds files that are not recommendations ({stray[0]}); name a new "
+                "folder or an earlier recs folder of --engine ray (which is replaced)"
+            )
+    resolved = out.resolve()
+    for f in (*inputs, *model_files):
+        if resolved == Path(f).resolve() or resolved in Path(f).resolve().parents:
+            raise UserError(f"{out}: output folder would overwrite or hold an input file ({f})")
+    check_output_dir(out.parent)
+    return out
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit()
+
+
+def _commit_dir(tmp: Path, out: Path, shards: set[int]) -> None:
+    """Check the temporary folder holds exactly one part per shard, then rename it to `out`."""
+    for p in tmp.iterdir():  # temporary files of attempts that died before their commit
+        if not _is_part(p.name):
+            p.unlink()
+    found = {int(p.name[5:-8]) for p in tmp.iterdir()}
+    if found != shards:
+        raise RuntimeError(f"recs folder has parts {sorted(found ^ shards)[:5]} that do not match the shards")
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def score_ray(
+    model: str | Path,
+    sessions: str | Path,
+    out: str | Path | None = None,
+    metrics: str | Path | None = None,
+    config=None,
+    provider: str = "auto",
+    tf32: bool = False,
+    options: RayOptions | None = None,
+    progress: bool = False,
+    recorder=None,
+) -> dict:
+    """Score `sessions` (Parquet file, folder or glob) on Ray; returns the metrics-JSON dict of
+    `score.scorer.score`, plus `engine` (workers, shards, runtime) and job wall time in `latency`.
+    A `recorder` (LatencyRecorder) receives every worker's step times."""
+    from gru4rec.bundle import load_bundle
+    from gru4rec.io import check_output_file
+    from gru4rec.score.ort_backend import PROVIDERS
+    from gru4rec.score.outputs import write_metrics_json
+    from gru4rec.score.scorer import ReplayTotals, ScoreConfig, build_report, check_scored
+
+    ray = import_ray()
+    cfg = config or ScoreConfig()
+    opts = options or RayOptions()
+    opts.check()
+    if provider not in PROVIDERS:
+        raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if out is None and cfg.k is not None:
+        raise UserError("--k sets the recommendations per event written to --out; add --out")
+    model_files = (Path(model), *companion_paths(model))
+    files = input_files(sessions)
+    if out is not None:
+        out = check_recs_dir(Path(out), files, model_files)
+    if metrics is not None:
+        check_output_file(metrics, inputs=(*files, *model_files))
+        if out is not None and Path(metrics).resolve().is_relative_to(Path(out).resolve()):
+            raise UserError("--metrics must not be inside the --out folder")
+    inputs = inspect_inputs(files, cfg.keys)
+    bundle = load_bundle(model)
+    cfg.check(bundle.n_items, bundle.top_k)
+    n_input_rows = sum(f.n_rows for f in inputs)
+
+    t0 = time.perf_counter()
+    with ray_runtime(ray, opts) as runtime:
+        workers, gpus, worker_provider, n_shards = _plan_resources(ray, opts, provider)
+        tmp = None
+        if out is not None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+        try:
+            rows, phases = _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n_shards,
+                        tmp, str(sessions), n_input_rows, progress)  # fmt: skip
+            totals = ReplayTotals.from_state(json.loads(rows[0]["totals"]))
+            for row in rows[1:]:
+                totals.merge(ReplayTotals.from_state(json.loads(row["totals"])))
+            if totals.n_events != n_input_rows:
+                raise RuntimeError(f"shards hold {totals.n_events} events, the input {n_input_rows}")
+            check_scored(totals, sessions)
+            wall = time.perf_counter() - t0
+            if tmp is not None:
+                _commit_dir(tmp, out, {int(r["shard"]) for r in rows})
+                tmp = None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        ray_version = ray.__version__
+    latency = _latency(rows, totals, wall, cfg, workers, worker_provider, recorder)
+    report = build_report(totals, cfg, latency)
+    report["model"] = str(model)
+    report["latency"]["tf32"] = bool(tf32) and worker_provider == "cuda"
+    report["engine"] = {
+        "name": "ray",
+        "runtime": runtime,
+        "address": opts.address,
+        "workers": workers,
+        "gpus_per_worker": gpus,
+        "cpus_per_worker": opts.cpus_per_worker,
+        "shards": n_shards,
+        "shards_with_events": len(rows),
+        "input_files": len(inputs),
+        "worker_processes": len({int(r["pid"]) for r in rows}),
+        "ray_version": ray_version,
+        **phases,  # the job's wall time split: Ray Data read + hash shuffle, then the scorer pool
+    }
+    if metrics is not None:
+        write_metrics_json(metrics, report)
+    return report
+
+
+def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n_shards, tmp, source_name,
+         n_input_rows, progress) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+    """Read and shard with Ray Data, score with an actor pool; one result row per shard with events."""
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data.context import ShuffleStrategy
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's notices are not the user's business
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours below counts shards, events/s and the ETA
+    ctx.print_on_execution_start = False
+    files = [{"path": f.path, "index": f.index, "columns": list(f.columns)} for f in inputs]
+    bar = _ShardProgress(progress, n_shards, n_input_rows)
+    t0 = time.perf_counter()
+    with bar:
+        bar.stage("reading and sharding")
+        ds = ray.data.from_items(files, override_num_blocks=len(files))
+        ds = ds.map_batches(
+            _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards}
+        )
+        # A range sort on the shard with one boundary per shard: block i holds exactly shard i, so every
+        # session is whole in one block. Materialised before the scorers start, so their reserved CPUs
+        # cannot starve the shuffle; the sort shuffle runs as plain tasks on Ray's pooled workers (the
+        # hash shuffle starts aggregator actors for every run, a minute on a small machine).
+        previous = ctx.shuffle_strategy
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        try:
+            shuffled = ds.sort("_shard", boundaries=list(range(1, n_shards))).materialize()
+        finally:
+            ctx.shuffle_strategy = previous
+        t1 = time.perf_counter()
+        bar.stage("scoring shards")
+        bundle_ref = [ray.put(_bundle_bytes(bundle))]  # in a list: Ray must not resolve it for us
+        threads = max(1, int(opts.cpus_per_worker))
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # Ray marks **ray_remote_args as deprecated; no other spelling yet
+            scored = shuffled.map_batches(
+                ShardScorer,
+                batch_size=None,
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=workers),
+                num_cpus=opts.cpus_per_worker,
+                num_gpus=gpus or None,
+                fn_constructor_args=(
+                    bundle_ref,
+                    cfg,
+                    worker_provider,
+                    tf32,
+                    threads,
+                    str(tmp) if tmp is not None else None,
+                    source_name,
+                    os.environ.get(KILL_ENV),
+                ),  # fmt: skip
+                max_restarts=MAX_RETRIES,
+                max_task_retries=MAX_RETRIES,
+            )
+        rows: list[dict] = []
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row.get("error"):
+                    raise UserError(row["error"])
+                rows.append(row)
+                bar.shard_done(row)
+    shards = [int(r["shard"]) for r in rows]
+    if len(set(shards)) != len(shards):
+        raise RuntimeError(f"a shard came back more than once: {sorted(shards)}")
+    if not rows:
+        raise RuntimeError("no shard came back")
+    phases = {"read_shuffle_s": t1 - t0, "score_s": time.perf_counter() - t1}
+    return sorted(rows, key=lambda r: r["shard"]), phases
+
+
+def _bundle_bytes(bundle) -> dict[str, bytes]:
+    """The bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
+    eval_path, sidecar = companion_paths(bundle.onnx_path)
+    names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (bundle.onnx_path, eval_path, sidecar)))
+    return {name: Path(path).read_bytes() for name, path in names.items()}
+
+
+def _latency(rows, totals, wall: float, cfg, workers: int, provider: str, recorder=None) -> dict:
+    """Per-step percentiles over the union of all workers' steps; throughput over the job's wall time."""
+    from gru4rec.score.latency import LatencyRecorder, cpu_name
+    from gru4rec.score.ort_backend import gpu_name
+
+    rec = recorder if recorder is not None else LatencyRecorder()
+    for r in rows:
+        rec.add_steps(np.asarray(r["step_s"], dtype=np.float64))
+        for phase in ("load", "replay", "write"):
+            rec.phases[phase] += r[f"{phase}_s"]
+    lat = rec.report(
+        totals.acc.n,
+        totals.n_scored_sessions,
+        provider=f"ort-{provider}",
+        batch_size=1 if cfg.latency_mode == "online" else cfg.batch_size,
+        device=gpu_name() if provider == "cuda" else cpu_name(),
+        mode=cfg.latency_mode,
+    )
+    # load_s/replay_s/write_s above are summed over the workers (worker-seconds); the job's
+    # throughput is over its wall time (start of reading to the last shard), Ray's overhead included
+    lat["wall_s"] = wall
+    lat["events_per_s"] = totals.acc.n / wall if wall > 0 else float("nan")
+    lat["sessions_per_s"] = totals.n_scored_sessions / wall if wall > 0 else float("nan")
+    lat["workers"] = workers
+    return lat
+
+
+class _ShardProgress:
+    """rich progress on stderr: shards done / total, scored events/s and ETA (off when not a terminal)."""
+
+    def __init__(self, enabled: bool, n_shards: int, n_events: int):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.n_shards, self.n_events, self._bar, self._done, self._predictions = (
+            n_shards,
+            n_events,
+            None,
+            0,
+            0,
+        )
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("shards · {task.fields[rate]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("reading", total=None, rate="")
+        self._t0 = time.perf_counter()
+        return self
+
+    def stage(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+            if text.startswith(
+                "scoring"
+            ):  # shards that hold no event never come back: the total is an upper bound
+                self._bar.update(self._task, total=self.n_shards, completed=0)
+                self._t0 = time.perf_counter()
+
+    def shard_done(self, row: dict) -> None:
+        self._done += 1
+        self._predictions += int(row["n_predictions"])
+        if self._bar is not None:
+            rate = self._predictions / max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.update(self._task, completed=self._done, rate=f"{rate:,.0f} events/s")
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
