@@ -114,9 +114,9 @@ def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
     )
     args = ["score", "--model", model, "--sessions", sessions, "--metrics", metrics, "--provider", "cpu"]
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True
-    )
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scoring {sessions} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     wall = time.perf_counter() - t0
     rss_kib = int(proc.stdout.strip().splitlines()[-1])
     report = json.loads(metrics.read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from gru4rec.data import SESSION
+from gru4rec.data import ITEM, SESSION
 from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SourceStats
 
 
@@ -34,6 +34,14 @@ class FrameSource:
         chunk = starts // max(1, chunk_events)
         first = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]]) if len(starts) else np.zeros(0, int)
         self._bounds = [int(b) for b in starts[first]] + [events.height]
+
+    @property
+    def item_kind(self) -> str:
+        return "str" if self.events[ITEM].dtype == pl.String else "int"
+
+    @property
+    def session_dtype(self) -> pl.DataType:
+        return self.events[SESSION].dtype
 
     def chunks(self):
         for lo, hi in zip(self._bounds[:-1], self._bounds[1:]):

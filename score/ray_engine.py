@@ -29,7 +29,7 @@ every shard came back exactly once and that the shards' events add up to the inp
 from __future__ import annotations
 
 import contextlib
-import glob
+import dataclasses
 import json
 import logging
 import os
@@ -100,33 +100,17 @@ class InputFile:
 
 
 def input_files(sessions: str | Path) -> list[Path]:
-    """A Parquet file, a folder of them (recursively, hidden and _-prefixed entries skipped) or a glob
-    pattern ('events/**/*.parquet'), sorted by path (the order that breaks ties in time)."""
-    text = str(sessions)
-    path = Path(text)
-    if glob.has_magic(text):
-        files = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
-        if not files:
-            raise UserError(f"{text}: no file matches")
-    elif path.is_dir():
-        files = [
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(part[:1] in "._" for part in p.relative_to(path).parts)
-        ]
-        files = [p for p in files if p.suffix.lower() in (".parquet", ".pq")]
-        if not files:
-            raise UserError(f"{path}: folder holds no Parquet file")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UserError(f"{path}: file not found")
+    """The Parquet files of a file, folder or glob, as the core reader resolves them (sorted by path:
+    the order that breaks ties in time)."""
+    from gru4rec.data import event_files
+
+    files = event_files(str(sessions))
     other = [p for p in files if p.suffix.lower() not in (".parquet", ".pq")]
     if other:
         raise UserError(
             f"{other[0]}: --engine ray reads Parquet files; convert it (gru4rec-cli data ...) or use --engine local"
         )
-    return sorted(files, key=str)
+    return files
 
 
 def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
@@ -155,12 +139,12 @@ def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
                 raise UserError(f"{f}: missing column {src} (have: {', '.join(schema.names)[:200]})")
         kinds = {dst: schema.field(src).type for dst, src in cols.items()}
         s, it, t = kinds[SESSION], kinds[ITEM], kinds[TIME]
-        if not (pa.types.is_integer(s) or pa.types.is_string(s) or pa.types.is_large_string(s)):
+        if not (pa.types.is_integer(s) or _is_text(s)):
             raise UserError(
                 f"{f}: column '{cols[SESSION]}' must hold integer or string session ids, found {s}"
             )
-        if not pa.types.is_integer(it):
-            raise UserError(f"{f}: column '{cols[ITEM]}' must hold integer ids, found {it}")
+        if not (pa.types.is_integer(it) or _is_text(it)):
+            raise UserError(f"{f}: column '{cols[ITEM]}' must hold integer or string ids, found {it}")
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)):
             raise UserError(f"{f}: column '{cols[TIME]}' must be numeric seconds or a datetime, found {t}")
         meta = pf.metadata
@@ -182,6 +166,29 @@ def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
     return out
 
 
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _ids(column):
+    """Integer ids as int64, text ids (also dictionary-encoded) as large strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(column.type):
+        return pc.cast(column, pa.int64())
+    if pa.types.is_dictionary(column.type):
+        column = (
+            column.dictionary_decode()
+            if hasattr(column, "dictionary_decode")
+            else pc.cast(column, column.type.value_type)
+        )
+    return pc.cast(column, pa.large_string())
+
+
 def _events_block(table, file_index: int, first_row: int, n_shards: int):
     """A row group renamed to the canonical columns, with `_order` (input position) and `_shard`."""
     import pyarrow as pa
@@ -190,10 +197,7 @@ def _events_block(table, file_index: int, first_row: int, n_shards: int):
     from gru4rec.sharding import shard_of
 
     session, item, time_ = (table.column(i) for i in range(3))
-    if pa.types.is_integer(session.type):
-        session = pc.cast(session, pa.int64())
-    else:
-        session = pc.cast(session, pa.large_string())
+    session, item = _ids(session), _ids(item)
     time_ = pc.cast(time_, pa.timestamp("us")) if pa.types.is_temporal(time_.type) else time_
     if pa.types.is_integer(time_.type):
         time_ = pc.cast(time_, pa.int64())
@@ -205,7 +209,7 @@ def _events_block(table, file_index: int, first_row: int, n_shards: int):
     return pa.table(
         {
             SESSION: session,
-            ITEM: pc.cast(item, pa.int64()),
+            ITEM: item,
             TIME: time_,
             "_order": order,
             "_shard": shard_of(session, n_shards),
@@ -265,16 +269,20 @@ class ShardScorer:
         from gru4rec.data import validate_events
         from gru4rec.score.frame_source import FrameSource
         from gru4rec.score.latency import LatencyRecorder
-        from gru4rec.score.outputs import open_recs
+        from gru4rec.score.outputs import open_recs, recs_schema
         from gru4rec.score.scorer import replay_source
 
         rec = LatencyRecorder()
         with rec.phase("load"):
             # file order first, then the stable (session, time) sort: ties in time keep input order
-            events = validate_events(part.sort("_order").drop("_order", "_shard"), self.source_name)
+            events = validate_events(
+                part.sort("_order").drop("_order", "_shard"),
+                self.source_name,
+                time_unit=self.cfg.keys.time_unit,
+            )
             source = FrameSource(events, f"{self.source_name} (shard {shard})", self.cfg.chunk_events)
         path = Path(self.out_dir, PART.format(shard)) if self.out_dir is not None else None
-        with open_recs(path) as writer:
+        with open_recs(path, recs_schema(source.session_dtype, self.items.dtype)) as writer:
             totals = replay_source(self.backend, self.items, source, self.cfg, writer, rec)
             self._maybe_die()
         steps = np.concatenate(rec.steps) if rec.steps else np.zeros(0)
@@ -449,6 +457,7 @@ def score_ray(
     `score.scorer.score`, plus `engine` (workers, shards, runtime) and job wall time in `latency`.
     A `recorder` (LatencyRecorder) receives every worker's step times."""
     from gru4rec.bundle import load_bundle
+    from gru4rec.data import open_events
     from gru4rec.io import check_output_file
     from gru4rec.score.ort_backend import PROVIDERS
     from gru4rec.score.outputs import write_metrics_json
@@ -471,6 +480,9 @@ def score_ray(
         if out is not None and Path(metrics).resolve().is_relative_to(Path(out).resolve()):
             raise UserError("--metrics must not be inside the --out folder")
     inputs = inspect_inputs(files, cfg.keys)
+    # one time unit for every shard, fixed here as the local reader fixes it for every chunk
+    unit = open_events(sessions, cfg.keys).resolve_time_unit()
+    cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, time_unit=unit))
     bundle = load_bundle(model)
     cfg.check(bundle.n_items, bundle.top_k)
     n_input_rows = sum(f.n_rows for f in inputs)
