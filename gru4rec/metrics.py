@@ -94,6 +94,7 @@ class RankAccumulator:
         for k in self.cutoffs:
             self.hits[k] += other.hits[k]
             self.rr[k] += other.rr[k]
+            self.dcg[k] += other.dcg[k]
         return self
 
     def state(self) -> dict:
@@ -103,21 +104,16 @@ class RankAccumulator:
             "n": self.n,
             "hits": [self.hits[k] for k in self.cutoffs],
             "rr": [self.rr[k] for k in self.cutoffs],
+            "dcg": [self.dcg[k] for k in self.cutoffs],
         }
 
     @classmethod
     def from_state(cls, state: dict) -> RankAccumulator:
         cutoffs = tuple(int(k) for k in state["cutoffs"])
-        if list(cutoffs) != sorted(set(cutoffs)) or not len(cutoffs) == len(state["hits"]) == len(
-            state["rr"]
-        ):
+        sums = [state["hits"], state["rr"], state["dcg"]]
+        if list(cutoffs) != sorted(set(cutoffs)) or any(len(x) != len(cutoffs) for x in sums):
             raise ValueError("malformed accumulator state")
-        return cls(
-            cutoffs,
-            int(state["n"]),
-            dict(zip(cutoffs, map(float, state["hits"]))),
-            dict(zip(cutoffs, map(float, state["rr"]))),
-        )
+        return cls(cutoffs, int(state["n"]), *(dict(zip(cutoffs, map(float, x))) for x in sums))
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}

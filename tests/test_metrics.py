@@ -124,5 +124,8 @@ def test_merged_accumulators_equal_one_pass_over_everything(mode):
     assert got["n"] == 3000
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12, rel=0), key
+    for k in cutoffs:  # NDCG (one relevant item): 1/log2(rank + 1) within the cut-off, by a plain loop
+        ndcg = sum(1 / math.log2(r + 1) for r in ranks.tolist() if r <= k) / len(ranks)
+        assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-12, rel=0), k
     with pytest.raises(ValueError):
         merged.merge(RankAccumulator((1, 5)))
