@@ -84,6 +84,10 @@ def register(app: typer.Typer) -> None:
         valid_events = read_events(valid, keys) if valid is not None else None
         train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out, resume=resume)
 
+    from gru4rec.train import tune_cli
+
+    tune_cli.register(app)
+
 
 def register_bench(bench_app: typer.Typer) -> None:
     @bench_app.command("train")

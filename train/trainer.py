@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,8 +334,13 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     console=None,
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> ckpt_io.Checkpoint:
-    """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`."""
+    """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`.
+
+    `on_epoch(epoch, row)` is called after every epoch with that epoch's history row (loss, and the
+    validation metrics when `valid_events` is given); tuning reports the metric to its trial there,
+    and an exception it raises (a pruned trial) ends the run."""
     from gru4rec.evaluate import evaluate
 
     cfg = from_dict(params)
@@ -400,6 +406,8 @@ def train(
         ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
         if out is not None:
             ckpt_io.save(ck, out)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
     model.eval()
     total = time.perf_counter() - t_start
     last = history[-1] if history else {}
