@@ -473,11 +473,12 @@ def make_sampler(seed: int, worker: int, others_running: bool):
 
 
 def make_pruner(name: str, n_epochs: int):
-    """Pruning on the per-epoch validation metric; the first trials and epochs are never pruned."""
+    """Pruning on the per-epoch validation metric, from the first epoch on: GRU4Rec's ranking of
+    configurations after one epoch rarely changes much, and epochs are the whole cost of a trial."""
     import optuna
 
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "median":  # below the median of the completed trials at the same epoch (after 5 of them)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_epochs, reduction_factor=3)
     return optuna.pruners.NopPruner()
