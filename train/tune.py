@@ -158,7 +158,7 @@ def run_tune(o: TuneOptions, console=None) -> dict:
     t0 = time.perf_counter()
     interrupted = False
     try:
-        run_workers(job, console)
+        run_workers(job, console, storage)
     except KeyboardInterrupt:
         interrupted = True
         console.print("interrupted: the running trial is marked failed; re-run the command to resume")
@@ -393,17 +393,17 @@ def process_alive(pid: int, start: int | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the trials
-def run_workers(job: Job, console) -> None:
+def run_workers(job: Job, console, storage=None) -> None:
     """This process is worker 0; --n-jobs K adds K-1 spawned worker processes on the same study."""
     if job.n_jobs == 1:
-        run_worker(job, 0, console)
+        run_worker(job, 0, console, storage)
         return
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads / CUDA
     procs = [ctx.Process(target=_worker_process, args=(job, i), daemon=False) for i in range(1, job.n_jobs)]
     for p in procs:
         p.start()
     try:
-        run_worker(job, 0, console)
+        run_worker(job, 0, console, storage)
     finally:
         for p in procs:
             p.join()
@@ -425,13 +425,13 @@ def _worker_process(job: Job, worker: int) -> None:
         sys.exit(2)
 
 
-def run_worker(job: Job, worker: int, console) -> None:
+def run_worker(job: Job, worker: int, console, storage=None) -> None:
     import optuna
     import torch
 
     if job.threads is not None:
         torch.set_num_threads(job.threads)
-    storage = open_storage(job.storage_url)
+    storage = storage or open_storage(job.storage_url)  # a spawned worker opens its own
     running_at_start = _count(storage, job.study_name)[1]
     study = optuna.load_study(
         study_name=job.study_name,
