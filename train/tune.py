@@ -155,6 +155,22 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         train_events=search_train,
         valid_events=valid_events,
     )
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if job.threads is not None:  # for this process's trials and the final test; restored at the end
+        torch.set_num_threads(job.threads)
+    try:
+        return _search_and_report(
+            o, job, storage, study, space, url, train_events, devices, valid_note, console
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _search_and_report(
+    o, job, storage, study, space, url, train_events, devices, valid_note, console
+) -> dict:
     t0 = time.perf_counter()
     interrupted = False
     try:
@@ -165,7 +181,7 @@ def run_tune(o: TuneOptions, console=None) -> dict:
     from gru4rec.train.tune_report import ReportInfo, write_outputs
 
     info = ReportInfo(
-        study_name=study_name,
+        study_name=job.study_name,
         storage=redact(url),
         space=space,
         base_preset=o.preset,
@@ -177,6 +193,7 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         train_path=str(o.train),
         wall_s=time.perf_counter() - t0,
     )
+    out = Path(o.out)
     summary = write_outputs(study, out, info, console)
     if interrupted:
         summary["interrupted"] = True
@@ -429,7 +446,7 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
     import optuna
     import torch
 
-    if job.threads is not None:
+    if job.threads is not None and worker > 0:  # a spawned worker; run_tune sets this process's
         torch.set_num_threads(job.threads)
     storage = storage or open_storage(job.storage_url)  # a spawned worker opens its own
     running_at_start = _count(storage, job.study_name)[1]
@@ -449,6 +466,10 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
             break
         done, running = _count(storage, job.study_name)
         if done + running >= job.n_trials:
+            if not durations and worker == 0:
+                console.print(
+                    f"nothing to run: {done} finished and {running} running trial(s) reach the target {job.n_trials}"
+                )
             break
         t0 = time.perf_counter()
         objective.number = None
