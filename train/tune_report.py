@@ -252,24 +252,30 @@ def _top_trials(frame: pl.DataFrame, metric: str) -> list[str]:
 
 
 def _memory(frame: pl.DataFrame) -> list[str]:
+    """RSS (and GPU memory) at the start of each trial, per process: a leak grows it trial after trial.
+    The first trial of a process starts before the first model exists, so growth counts from the 2nd."""
     rss = frame.filter(pl.col("rss_mb_start").is_not_null()).sort("number")
     if rss.height < 2:
         return []
-    r = rss["rss_mb_start"]
     lines = [
         "## Memory across trials",
         "",
-        f"Host RSS at the start of each trial (after garbage collection), over {rss.height} trials: "
-        f"first {r[0]:.0f} MiB, last {r[-1]:.0f} MiB, max {r.max():.0f} MiB "
-        f"(growth from the 2nd trial to the last: {r[-1] - r[1]:+.0f} MiB).",
+        "Host RSS at the start of each trial (after garbage collection), per process; different batch "
+        "and layer sizes move it by some MiB, a leak would grow it trial after trial.",
+        "",
+        "| process | host | trials | 1st | 2nd | last | max | last - 2nd | GPU at start, 2nd / last | GPU peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    gpu = frame.filter(pl.col("gpu_mb_start").is_not_null()).sort("number")
-    if gpu.height >= 2:
-        g = gpu["gpu_mb_start"]
-        lines[-1] += (
-            f" GPU memory allocated at trial start: first {g[0]:.0f} MiB, last {g[-1]:.0f} MiB; "
-            f"peak during a trial up to {gpu['gpu_peak_mb'].max():.0f} MiB."
-        )
+    for (pid, host), g in rss.group_by(["pid", "host"], maintain_order=True):
+        r = g["rss_mb_start"]
+        second = r[1] if g.height > 1 else None
+        gpu = g["gpu_mb_start"].drop_nulls()
+        gpu_txt = f"{gpu[min(1, len(gpu) - 1)]:.0f} / {gpu[-1]:.0f} MiB" if len(gpu) else "-"
+        peak = g["gpu_peak_mb"].drop_nulls()
+        cells = [str(pid), str(host), str(g.height), f"{r[0]:.0f}", _fmt(second, 0), f"{r[-1]:.0f}",
+                 f"{r.max():.0f}", f"{r[-1] - second:+.0f}" if second is not None else "-", gpu_txt,
+                 f"{peak.max():.0f} MiB" if len(peak) else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
