@@ -68,3 +68,13 @@ def test_console_script_declared(wheel):
     info = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
     text = wheel.read(info).decode()
     assert "[console_scripts]" in text and "gru4rec-cli = gru4rec.cli:main" in text
+
+
+def test_search_spaces_ship_in_the_wheel(wheel):
+    """`tune --space xe|bpr-max` reads these data files beside gru4rec/train/space.py."""
+    names = wheel.namelist()
+    repo_spaces = sorted(p.name for p in (REPO / "train" / "spaces").glob("*.toml"))
+    assert repo_spaces == ["bpr-max.toml", "xe.toml"]
+    for name in repo_spaces:
+        assert f"gru4rec/train/spaces/{name}" in names, name
+        assert wheel.read(f"gru4rec/train/spaces/{name}") == (REPO / "train" / "spaces" / name).read_bytes()

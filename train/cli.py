@@ -109,6 +109,10 @@ def register(app: typer.Typer) -> None:
             print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
             raise typer.Exit(130) from None
 
+    from gru4rec.train import tune_cli
+
+    tune_cli.register(app)
+
 
 def _interrupted_line(e, argv: list[str]) -> str:
     """One line for Ctrl-C: which epoch --out holds, and the command that continues from it."""

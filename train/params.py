@@ -232,3 +232,17 @@ def from_dict(params: dict[str, Any] | TrainConfig) -> TrainConfig:
     if clean.get("embedding") == "layersize":
         clean["embedding"] = list(clean.get("layers", [100]))[0]
     return TrainConfig(**clean).validate()
+
+
+def convert(key: str, value: Any, source: str) -> Any:
+    """One parameter value as a TOML file holds it, checked and coerced; errors name `source`."""
+    _check_key(key, source)
+    try:
+        return _convert(key, value, from_text=False)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def param_type(key: str) -> type:
+    """The Python type of parameter `key` (int, float, bool, str, or list[int] for layers)."""
+    return _HINTS[key]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,11 +351,15 @@ def train(
     resume: bool = False,
     console=None,
     overwrite: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> ckpt_io.Checkpoint:
     """Train GRU4Rec; checkpoint to `out` after every epoch; `resume` continues from `out`.
 
     An existing `out` needs `resume` or `overwrite` (train/safety.py); Ctrl-C raises
-    `TrainingInterrupted` saying which epoch `out` holds."""
+    `TrainingInterrupted` saying which epoch `out` holds. `on_epoch(epoch, row)` is called after
+    every epoch with that epoch's history row (loss, and the validation metrics when `valid_events`
+    is given); tuning reports the metric to its trial there, and an exception it raises (a pruned
+    trial) ends the run."""
     from gru4rec.evaluate import evaluate
 
     cfg = from_dict(params)
@@ -428,6 +433,8 @@ def train(
                 with sigint_deferred():  # a Ctrl-C during the save lands after it: `saved` stays exact
                     ckpt_io.save(ck, out)
                     saved = epoch + 1
+            if on_epoch is not None:
+                on_epoch(epoch + 1, row)
     except KeyboardInterrupt:
         raise TrainingInterrupted(out, saved, epoch + 1, cfg.n_epochs) from None
     model.eval()

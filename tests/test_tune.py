@@ -1,0 +1,408 @@
+"""`gru4rec-cli tune` on tiny synthetic data, against a real Optuna SQLite study the tests open themselves.
+
+Each test trains real (tiny) models: 1 CPU thread per process (the shared CI cores are often
+oversubscribed, where torch's default thread pool is many times slower)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import polars as pl
+import pytest
+import tomli_w
+from optuna.trial import TrialState
+
+from gru4rec.synth import generate
+
+REPO = Path(__file__).resolve().parents[1]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# Tiny, fast model; learning rate categorical with one clearly better choice planted.
+TINY_FIXED = {
+    "loss": "cross-entropy",
+    "layers": 8,
+    "batch_size": 16,
+    "n_sample": 16,
+    "sample_store_size": 20_000,
+    "eval_batch_size": 64,
+    "embedding_mode": "shared",
+}
+GOOD_LR, BAD_LR = 0.1, 0.0002
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tune-data")
+    train, test = generate(600, 80, seed=3)
+    paths = {"train": folder / "train.parquet", "valid": folder / "valid.parquet"}
+    train.write_parquet(paths["train"])
+    test.write_parquet(paths["valid"])
+    return paths
+
+
+def space_file(folder: Path, n_epochs: int, search: dict | None = None, name: str = "tiny") -> Path:
+    search = search or {
+        "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+        "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+    }
+    path = folder / f"{name}.toml"
+    path.write_text(tomli_w.dumps({"fixed": {**TINY_FIXED, "n_epochs": n_epochs}, "search": search}))
+    return path
+
+
+def tune_args(data, out: Path, space: Path, n_trials: int, *extra: str) -> list[str]:
+    return ["tune", data["train"], "--valid", data["valid"], "--out", out, "--space", space,
+            "--n-trials", str(n_trials), "--device", "cpu", "--threads", "1", "--seed", "5", *extra]  # fmt: skip
+
+
+def load(out: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def popen(args: list) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gru4rec.cli", *map(str, args)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def trials_in(out: Path, name: str = "tiny") -> list:
+    try:
+        return load(out, name).get_trials(deepcopy=False)
+    except Exception:  # the study does not exist yet, or the file is being created
+        return []
+
+
+# ------------------------------------------------------------------------------------------------
+def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=2)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 6, "--pruner", "none"))
+    assert code == 0, err
+    trials = load(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 6
+    good = [t.value for t in trials if t.params["learning_rate"] == GOOD_LR]
+    bad = [t.value for t in trials if t.params["learning_rate"] == BAD_LR]
+    assert good and bad, "the seeded search should have tried both learning rates"
+    assert min(good) > max(bad)  # the planted region is real ...
+    best = max(trials, key=lambda t: t.value)
+    assert best.params["learning_rate"] == GOOD_LR  # ... and the search reports it
+    frame = pl.read_parquet(out / "trials.parquet")
+    assert frame.height == 6 and set(frame["state"]) == {"COMPLETE"}
+    assert frame.filter(pl.col("number") == best.number)["value"][0] == best.value
+    assert "## Best trial" in (out / "report.md").read_text()
+    assert (out / "plots" / "history.png").stat().st_size > 0
+
+    # best.toml through the train command (another process) gives the reported metric again
+    model = tmp_path / "m.pt"
+    proc = popen(["train", data["train"], "--valid", data["valid"], "--params", out / "best.toml",
+                  "--out", model, "--seed", "5", "--device", "cpu", "--threads", "1", "--quiet"])  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    from gru4rec import checkpoint as ckpt_io
+
+    history = ckpt_io.load(model).info["history"]
+    assert len(history) == 2
+    assert abs(history[-1]["mrr@20"] - best.value) < 1e-6
+
+
+def test_resume_after_kill_counts_every_trial_once(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=3)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 4, "--pruner", "none")
+    proc = popen(args)
+    try:
+        # kill -9 in the middle of the second trial: one finished, one running
+        def mid_second_trial() -> bool:
+            t = trials_in(out)
+            return sum(x.state == TrialState.COMPLETE for x in t) == 1 and any(
+                x.state == TrialState.RUNNING and len(x.intermediate_values) >= 1 for x in t
+            )
+
+        wait_for(mid_second_trial, 180, "the second trial to be running")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    before = load(out).get_trials(deepcopy=False)
+    killed = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert len(killed) == 1 and sum(t.state == TrialState.COMPLETE for t in before) == 1
+
+    code, _, err = run(*args)
+    assert code == 0, err
+    assert f"#{killed[0]} as failed" in err
+    after = load(out).get_trials(deepcopy=False)
+    states = {t.number: t.state for t in after}
+    assert states[killed[0]] == TrialState.FAIL
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 4  # exactly the target
+    assert TrialState.RUNNING not in states.values()
+    assert len(after) == 5  # 4 complete + the killed one
+
+    code, _, err = run(*args)  # a third run has nothing to do and starts no trial
+    assert code == 0, err
+    assert len(load(out).get_trials(deepcopy=False)) == 5
+
+
+def test_two_processes_share_one_sqlite_study(data, tmp_path):
+    space = space_file(tmp_path, n_epochs=2)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 8, "--pruner", "none")
+    first = popen(args)
+    # the second joins once the first has created the study and started trial 0
+    wait_for(lambda: len(trials_in(out)) >= 1, 180, "the first process to start a trial")
+    second = popen(args)
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, [e for _, e in outs]
+    trials = load(out).get_trials(deepcopy=False)
+    numbers = sorted(t.number for t in trials)
+    assert numbers == list(range(len(trials)))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert 8 <= len(trials) <= 9  # the target, plus at most one started by both at the same moment
+    by_pid: dict[int, set[int]] = {}
+    for t in trials:
+        by_pid.setdefault(t.user_attrs["pid"], set()).add(t.number)
+    assert set(by_pid) == {first.pid, second.pid}  # both worked on it
+    # every trial a process reported is in the study, under its pid, and no number was reported twice
+    for proc, (_, err) in zip((first, second), outs):
+        reported = [int(line.split()[1]) for line in err.splitlines() if line.startswith("trial ")]
+        assert sorted(reported) == sorted(by_pid[proc.pid])
+
+
+def test_pruning_stops_bad_trials_early(data, tmp_path, run):
+    n_epochs, n_trials = 4, 10
+    space = space_file(tmp_path, n_epochs=n_epochs)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, n_trials, "--pruner", "median"))
+    assert code == 0, err
+    trials = load(out).get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned, "some trial should have been pruned"
+    frame = pl.read_parquet(out / "trials.parquet")
+    epochs = dict(zip(frame["number"], frame["epochs"]))
+    for t in pruned:
+        last = max(t.intermediate_values)
+        assert epochs[t.number] == last < n_epochs  # stopped before the end
+        # the median rule, recomputed: its best epoch so far is below the median of the trials
+        # completed before it at that epoch (and at least 5 had completed)
+        earlier = [u.intermediate_values[last] for u in complete if u.number < t.number]
+        assert len(earlier) >= 5
+        assert max(t.intermediate_values.values()) < np.percentile(earlier, 50)
+    assert all(epochs[t.number] == n_epochs for t in complete)
+    assert sum(epochs.values()) < n_trials * n_epochs
+    assert sum("pruned after epoch" in line for line in err.splitlines()) == len(pruned)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def study_dir(data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A study with one finished trial, which the bad-input tests must leave exactly as it is."""
+    folder = tmp_path_factory.mktemp("tune-study")
+    space = space_file(folder, n_epochs=1)
+    out = folder / "out"
+    args = tune_args(data, out, space, 1, "--pruner", "none")
+    proc = popen(args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out, space, args
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+BAD_SPACES = {
+    "unknown parameter": ({"learnin_rate": {"type": "float", "low": 0.01, "high": 0.1}}, "learnin_rate"),
+    "empty range": ({"learning_rate": {"type": "float", "low": 0.2, "high": 0.1}}, "empty range"),
+    "single value": ({"learning_rate": {"type": "float", "low": 0.1, "high": 0.1}}, "single value"),
+    "unknown key": ({"learning_rate": {"type": "float", "low": 0.01, "hihg": 0.1}}, "hihg"),
+    "step": (
+        {"dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.2}},
+        "does not divide",
+    ),
+    "invalid end": ({"dropout_p_hidden": {"type": "float", "low": 0.0, "high": 1.0}}, "dropout_p_hidden"),
+    "type": ({"momentum": {"type": "int", "low": 0, "high": 1}}, "does not fit"),
+    "not searchable": ({"n_epochs": {"type": "int", "low": 1, "high": 3}}, "cannot be searched"),
+    "empty choices": ({"learning_rate": {"type": "categorical", "choices": []}}, "non-empty"),
+    "bad mode": (
+        {"embedding_mode": {"type": "categorical", "choices": ["shared", "tied"]}},
+        "embedding_mode",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_bad_space_is_one_error_line_and_the_study_is_untouched(case, study_dir, data, tmp_path, run):
+    out, _, _ = study_dir
+    before = _digest(out / "study.db")
+    search, needle = BAD_SPACES[case]
+    bad = tmp_path / "bad.toml"
+    fixed = {k: v for k, v in {**TINY_FIXED, "n_epochs": 1}.items() if k not in search}
+    bad.write_text(tomli_w.dumps({"fixed": fixed, "search": search}))
+    code, _, err = run(*tune_args(data, out, bad, 1, "--study", "tiny"))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert _digest(out / "study.db") == before
+
+
+def test_another_space_under_the_same_study_name_is_refused(study_dir, data, tmp_path, run):
+    out, _, _ = study_dir
+    before = _digest(out / "study.db")
+    (tmp_path / "o").mkdir()
+    search = {"learning_rate": {"type": "float", "low": 0.01, "high": 0.2}}
+    other = space_file(tmp_path / "o", n_epochs=1, search=search)
+    code, _, err = run(*tune_args(data, out, other, 2))
+    assert code == 2 and err.startswith("error:") and "another search space" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert _digest(out / "study.db") == before
+    # a -p that fixes a searched parameter is another space too
+    code, _, err = run(*tune_args(data, out, study_dir[1], 2, "-p", "learning_rate=0.1"))
+    assert code == 2 and "another search space" in err, err
+    assert _digest(out / "study.db") == before
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--storage", "sqlite:////nonexistent-dir/sub/x.db"], "cannot be opened"),
+        (["--storage", "nosuchdb://x"], "cannot be opened"),
+        (["--metric", "ndcg@20"], "--metric"),
+        (["--pruner", "sometimes"], "--pruner"),
+        (["--space", "no-such-space"], "no-such-space"),
+        (["-p", "learning_rate=fast"], "learning_rate"),
+        (["--preset", "nope"], "preset"),
+    ],
+)
+def test_bad_options(extra, needle, study_dir, data, run):
+    out, space, _ = study_dir
+    before = _digest(out / "study.db")
+    args = tune_args(data, out, space, 1)
+    if "--space" in extra:
+        args = args[: args.index("--space")] + args[args.index("--space") + 2 :]
+    code, _, err = run(*args, *extra)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert _digest(out / "study.db") == before
+
+
+# ------------------------------------------------------------------------------------------------ spaces
+OFFICIAL = {  # paramspaces/gru4rec_{xe,bprmax}_standard_parspace.json of the official repository
+    "layers": ("int", 64, 512, 32),
+    "batch_size": ("int", 32, 256, 16),
+    "learning_rate": ("float", 0.01, 0.25, 0.005),
+    "dropout_p_embed": ("float", 0.0, 0.5, 0.05),
+    "dropout_p_hidden": ("float", 0.0, 0.7, 0.05),
+    "momentum": ("float", 0.0, 0.9, 0.05),
+    "sample_alpha": ("float", 0.0, 1.0, 0.1),
+}
+
+
+@pytest.mark.parametrize("name", ["xe", "bpr-max"])
+def test_shipped_spaces_are_the_official_ones(name):
+    from gru4rec.train.presets import PRESETS
+    from gru4rec.train.space import load_space
+
+    space = load_space(name)
+    dims = {d.name: d for d in space.dims}
+    expected = dict(OFFICIAL)
+    if name == "bpr-max":
+        expected["bpreg"] = ("float", 0.0, 2.0, 0.05)
+    for key, (kind, low, high, step) in expected.items():
+        d = dims.pop(key)
+        assert (d.kind, d.low, d.high, d.step, d.log) == (kind, low, high, step, False), key
+    if name == "bpr-max":
+        assert sorted(dims.pop("elu_param").choices) == [0.0, 0.5, 1.0]
+    assert not dims
+    assert space.fixed["n_sample"] == 2048 and space.fixed["n_epochs"] == 10
+    assert space.fixed["logq"] == (1.0 if name == "xe" else 0.0)
+    space.check(PRESETS["rsc15"] if name == "xe" else PRESETS["diginetica"])
+
+
+def test_embedding_mode_maps_to_the_official_modes():
+    from gru4rec.train.params import from_dict
+    from gru4rec.train.space import parse_space
+
+    space = parse_space(
+        {"fixed": {"layers": 32}, "search": {"embedding_mode": {"type": "categorical", "choices": ["shared", "separate", "onehot"]}}},
+        name="m", source="m",
+    )  # fmt: skip
+    got = {m: from_dict(space.params({"embedding_mode": m})) for m in ("shared", "separate", "onehot")}
+    assert (got["shared"].constrained_embedding, got["shared"].embedding) == (True, 0)
+    assert (got["separate"].constrained_embedding, got["separate"].embedding) == (False, 32)
+    assert (got["onehot"].constrained_embedding, got["onehot"].embedding) == (False, 0)
+
+
+# ------------------------------------------------------------------------------------------------ slow
+@pytest.mark.slow
+def test_host_memory_is_flat_across_30_trials(data, tmp_path, run):
+    """Same shapes every trial (only dropout searched), so RSS differences would be leaks: a leaked
+    sample store alone (1M int64 = 8 MB) would add 200 MB over 25 trials."""
+    fixed_shapes = {"dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}}
+    space = space_file(tmp_path, n_epochs=1, search=fixed_shapes)
+    text = space.read_text().replace("sample_store_size = 20000", "sample_store_size = 1000000")
+    space.write_text(text)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 30, "--pruner", "none"))
+    assert code == 0, err
+    rss = pl.read_parquet(out / "trials.parquet").sort("number")["rss_mb_start"].to_list()
+    assert len(rss) == 30 and all(r is not None for r in rss)
+    growth = rss[-1] - rss[4]
+    print(json.dumps({"rss_mb_first": rss[0], "rss_mb_5th": rss[4], "rss_mb_last": rss[-1], "max": max(rss)}))
+    assert growth < 15, rss
+
+
+@pytest.mark.slow
+def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
+    """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints."""
+    from gru4rec import checkpoint as ckpt_io
+    from gru4rec.data import read_events
+    from gru4rec.evaluate import evaluate
+
+    space = space_file(tmp_path, n_epochs=1)
+    out = tmp_path / "out"
+    code, _, err = run(
+        *tune_args(data, out, space, 2, "--final-test", data["valid"], "--preset", "demo", "-p", "n_epochs=1")
+    )
+    assert code == 0, err
+    final = json.loads((out / "final" / "final.json").read_text())
+    assert [r["model"] for r in final["runs"]] == ["tuned", "preset demo"]
+    test = read_events(data["valid"])
+    for r, stem in zip(final["runs"], ("tuned", "preset-demo")):
+        ck = ckpt_io.load(out / "final" / f"{stem}.pt")
+        ref = evaluate(ck.model, ck.items, test, cutoffs=(20,), device="cpu")
+        assert abs(ref["recall@20"] - r["recall@20"]) < 1e-5 and abs(ref["mrr@20"] - r["mrr@20"]) < 1e-5
+    assert "## Final test" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_n_jobs_runs_worker_processes_on_the_study(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 6, "--n-jobs", "2", "--pruner", "none"))
+    assert code == 0, err
+    trials = load(out).get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in trials) and 6 <= len(trials) <= 7
+    assert len({t.user_attrs["pid"] for t in trials}) == 2

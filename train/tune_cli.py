@@ -1,0 +1,121 @@
+"""`gru4rec-cli tune`: the command line of train/tune.py (torch and optuna are imported inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+EPILOG = (
+    "Outputs in DIR: best.toml (gru4rec-cli train TRAIN --params best.toml), trials.parquet, report.md "
+    "with plots/, study.db (the default storage) and, with --final-test, final/. Re-running the same "
+    "command resumes the study; a trial interrupted by a crash or kill is marked failed and not counted."
+)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tune", epilog=EPILOG)
+    def tune_cmd(
+        train_path: Path = typer.Argument(
+            ..., metavar="TRAIN", help="Training events (Parquet, TSV or CSV)."
+        ),
+        out: Path = typer.Option(..., "--out", help="Output folder DIR (created if needed)."),
+        valid: Path = typer.Option(
+            None,
+            "--valid",
+            help="Validation events. Default: the last --valid-days of TRAIN, cut as `data split` cuts train_tr/train_valid.",
+        ),
+        valid_days: float = typer.Option(
+            1.0,
+            "--valid-days",
+            help="Without --valid: validation = sessions ending in the last N days of TRAIN.",
+        ),
+        space: str = typer.Option(
+            "xe",
+            "--space",
+            help="Search space: xe, bpr-max (the official ones) or a TOML file of the same form.",
+        ),
+        preset: str = typer.Option(
+            None,
+            "--preset",
+            help="Preset for the parameters the space leaves alone; with --final-test it is also trained and scored for comparison.",
+        ),
+        param: list[str] = typer.Option(
+            [],
+            "-p",
+            "--param",
+            help="Fix a parameter for every trial (repeatable): -p key=value, also embedding_mode=shared|separate|onehot; a searched one leaves the search.",
+        ),
+        n_trials: int = typer.Option(
+            100, "--n-trials", help="Target number of finished (complete + pruned) trials in the study."
+        ),
+        timeout: float = typer.Option(None, "--timeout", help="Start no new trial after this many seconds."),
+        metric: str = typer.Option(
+            "mrr@20", "--metric", help="Validation metric to maximise: mrr@20 or recall@20."
+        ),
+        storage: str = typer.Option(
+            None,
+            "--storage",
+            help="Optuna RDB storage URL (e.g. postgresql://user@host/db) shared by several processes or machines; default: sqlite in DIR.",
+        ),
+        study: str = typer.Option(None, "--study", help="Study name (default: the space's name)."),
+        pruner: str = typer.Option(
+            "median", "--pruner", help="Prune on the per-epoch validation metric: median, hyperband or none."
+        ),
+        device: str = typer.Option("auto", "--device", help="auto (GPU when present), cuda or cpu."),
+        seed: int = typer.Option(
+            42,
+            "--seed",
+            min=0,
+            max=2**32 - 1,
+            help="Random seed of every trial's training and of the sampler.",
+        ),
+        n_jobs: int = typer.Option(
+            1,
+            "--n-jobs",
+            help="Trials at once: extra worker processes on the same study (one per GPU in turn; on the CPU each gets cores/K threads).",
+        ),
+        threads: int = typer.Option(
+            None, "--threads", min=1, help="CPU threads per worker (default: cores / n-jobs)."
+        ),
+        final_test: Path = typer.Option(
+            None,
+            "--final-test",
+            help="Test events: retrain the best parameters (and --preset) on the whole TRAIN, export to ONNX and score.",
+        ),
+        session_key: str = typer.Option(
+            "session_id", "--session-key", help="Session id column in the input files."
+        ),
+        item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
+        time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    ) -> None:
+        """Search hyperparameters with Optuna (pruning, resumable, parallel); write best.toml and a report."""
+        from gru4rec.data import Keys
+        from gru4rec.train.tune import TuneOptions, run_tune
+
+        opts = TuneOptions(
+            train=train_path,
+            out=out,
+            valid=valid,
+            space=space,
+            preset=preset,
+            params=list(param),
+            n_trials=n_trials,
+            timeout=timeout,
+            metric=metric.strip().lower(),
+            storage=storage,
+            study=study,
+            pruner=pruner.strip().lower(),
+            device=device,
+            seed=seed,
+            n_jobs=n_jobs,
+            threads=threads,
+            final_test=final_test,
+            valid_days=valid_days,
+            keys=Keys(session_key, item_key, time_key),
+            progress=not quiet,
+        )
+        summary = run_tune(opts)
+        if summary.get("interrupted"):
+            raise typer.Exit(130)
