@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from gru4rec.data import Keys, fingerprint, read_events, validate_events
+from gru4rec.data import Keys, check_same_id_types, fingerprint, read_events
 from gru4rec.errors import UserError
 from gru4rec.train.space import SearchSpace, load_space, parse_fixed_pairs
 
@@ -118,16 +118,15 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         check_output_file(out / name, inputs=inputs)
     devices = _devices(o.device, o.n_jobs)
 
-    train_events = validate_events(read_events(o.train, o.keys), "training data")
+    train_events = read_events(o.train, o.keys)
     if o.valid is not None:
-        valid_events = validate_events(read_events(o.valid, o.keys), "validation data")
+        valid_events = read_events(o.valid, o.keys)
+        check_same_id_types(train_events, valid_events, str(o.train), str(o.valid))
         search_train, valid_note = train_events, f"validation set {o.valid}"
     else:
         search_train, valid_events, valid_note = split_validation(train_events, o.valid_days)
     if o.final_test is not None:
-        validate_events(
-            read_events(o.final_test, o.keys), "test data"
-        )  # a bad file fails now, not after hours
+        check_same_id_types(train_events, read_events(o.final_test, o.keys), str(o.train), str(o.final_test))
 
     url = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(url)

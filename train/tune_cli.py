@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
     @app.command("tune", epilog=EPILOG)
     def tune_cmd(
         train_path: Path = typer.Argument(
-            ..., metavar="TRAIN", help="Training events (Parquet, TSV or CSV)."
+            ...,
+            metavar="TRAIN",
+            help="Training events: a Parquet, TSV or CSV file, a folder (hive welcome) or a quoted glob.",
         ),
         out: Path = typer.Option(..., "--out", help="Output folder DIR (created if needed)."),
         valid: Path = typer.Option(
@@ -88,6 +90,9 @@ def register(app: typer.Typer) -> None:
         ),
         item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
         time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
+        time_unit: str = typer.Option(
+            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     ) -> None:
         """Search hyperparameters with Optuna (pruning, resumable, parallel); write best.toml and a report."""
@@ -113,7 +118,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             final_test=final_test,
             valid_days=valid_days,
-            keys=Keys(session_key, item_key, time_key),
+            keys=Keys(session_key, item_key, time_key, time_unit),
             progress=not quiet,
         )
         summary = run_tune(opts)
