@@ -406,3 +406,23 @@ def test_n_jobs_runs_worker_processes_on_the_study(data, tmp_path, run):
     trials = load(out).get_trials(deepcopy=False)
     assert all(t.state == TrialState.COMPLETE for t in trials) and 6 <= len(trials) <= 7
     assert len({t.user_attrs["pid"] for t in trials}) == 2
+
+
+def test_tune_logs_to_mlflow_with_the_nightly_keys(data, tmp_path, run):
+    """A real MLflow SQLite store, read back with MlflowClient: the best trial's parameters, its
+    validation metric under the nightly's key style (mrr@20 -> mrr_at_20), tags and the outputs."""
+    from mlflow import MlflowClient
+
+    space = space_file(tmp_path, n_epochs=1)
+    out, db = tmp_path / "out", tmp_path / "mlruns.db"
+    code, _, err = run(*tune_args(data, out, space, 3, "--pruner", "none", "--mlflow-uri", f"sqlite:///{db}"))
+    assert code == 0, err
+    best = max(load(out).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("gru4rec-tune").experiment_id])
+    assert mlrun.data.metrics["valid_mrr_at_20"] == pytest.approx(best.value, abs=1e-12)
+    assert mlrun.data.metrics["complete"] == 3
+    assert float(mlrun.data.params["learning_rate"]) == best.params["learning_rate"]
+    assert mlrun.data.tags["gru4rec.kind"] == "tune" and mlrun.data.tags["gru4rec.study"] == "tiny"
+    logged = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"report.md", "best.toml", "trials.parquet"} <= logged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -93,6 +94,15 @@ def register(app: typer.Typer) -> None:
         time_unit: str = typer.Option(
             "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
         ),
+        mlflow_uri: str = typer.Option(
+            None,
+            "--mlflow-uri",
+            help="Also log the search to MLflow (any tracking URI, e.g. sqlite:///mlruns.db), with the "
+            "keys eval nightly uses; needs gru4rec\\[mlflow]. A tracking failure is a warning.",
+        ),
+        mlflow_experiment: str = typer.Option(
+            "gru4rec-tune", "--mlflow-experiment", help="MLflow experiment of --mlflow-uri."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     ) -> None:
         """Search hyperparameters with Optuna (pruning, resumable, parallel); write best.toml and a report."""
@@ -121,6 +131,22 @@ def register(app: typer.Typer) -> None:
             keys=Keys(session_key, item_key, time_key, time_unit),
             progress=not quiet,
         )
+        spec = None
+        if mlflow_uri is not None:
+            from gru4rec.errors import UserError
+            from gru4rec.eval.tracking import INSTALL, MlflowSpec
+
+            try:
+                import mlflow  # noqa: F401
+            except ImportError:
+                raise UserError(f"--mlflow-uri needs MLflow, which is not installed: {INSTALL}") from None
+            spec = MlflowSpec(mlflow_uri, mlflow_experiment)
         summary = run_tune(opts)
         if summary.get("interrupted"):
             raise typer.Exit(130)
+        if spec is not None:
+            from gru4rec.train.tune_report import track
+
+            error = track(spec, out, summary, opts.metric, study or Path(str(space)).stem)
+            if error is not None:
+                print(f"warning: {error}", file=sys.stderr)

@@ -285,3 +285,21 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
+
+
+def track(spec, out: Path, summary: dict, metric: str, study: str) -> str | None:
+    """Log the tuning run to MLflow with the nightly's keys (recall_at_20, ...): the best trial's
+    parameters, its validation metric, the final-test figures of each model, and the outputs as
+    artifacts. Returns the tracking error (one line) or None."""
+    from gru4rec.eval.tracking import TrackedRun, log_runs
+
+    best = summary.get("best") or {}
+    metrics: dict[str, Any] = {f"valid_{metric}": best.get("value"), **summary["counts"]}
+    for row in summary.get("final") or []:
+        prefix = "" if row["model"].startswith("tuned") else "preset_"
+        metrics.update({f"{prefix}{k}": v for k, v in row.items() if "@" in k})
+    tags = {"gru4rec.kind": "tune", "gru4rec.study": study, "gru4rec.best_trial": best.get("number")}
+    artifacts = [out / n for n in ("report.md", "best.toml", "trials.parquet")]
+    artifacts += sorted((out / "plots").glob("*.png"))
+    run = TrackedRun(f"tune {study}", dict(best.get("config") or {}), metrics, tags, artifacts)
+    return log_runs(spec, [run])[1]
