@@ -162,3 +162,10 @@ def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted):
     (ref_grad,) = torch.autograd.grad(ref / R, x)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(ds, ref_grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    from gru4rec.train.cpu_alloc import keep_freed_memory
+
+    assert keep_freed_memory() and keep_freed_memory()  # accepted, and idempotent

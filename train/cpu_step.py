@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from gru4rec.model import GRU4Rec
-from gru4rec.train.losses import row_loss_sum
+from gru4rec.train.cpu_alloc import keep_freed_memory
+from gru4rec.train.losses import _FLOOR, row_loss_sum
 from gru4rec.train.params import TrainConfig
 
 
@@ -33,18 +34,22 @@ def _mask(like: Tensor, p: float) -> Tensor | None:
     return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
-def _unique(idx: Tensor, n_items: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(sorted distinct values, inverse, counts) of item indices, as torch.unique gives them.
+def _unique(idx: Tensor, n_items: int, inverse: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(sorted distinct values, inverse or None, counts) of item indices, as torch.unique gives them.
 
     For a catalogue not much larger than the index list a count table (O(N + n), no sort) is several
-    times faster than torch.unique's sort; for large catalogues the sort is cheaper.
+    times faster than torch.unique's sort; for large catalogues the sort is cheaper. index_select,
+    not t[idx]: on the CPU advanced indexing is several times slower for the same gather.
     """
     if n_items > 16 * len(idx):
-        return torch.unique(idx, return_inverse=True, return_counts=True)
+        uniq, inv, counts = torch.unique(idx, return_inverse=True, return_counts=True)
+        return uniq, inv, counts
     counts = torch.bincount(idx, minlength=n_items)
     uniq = torch.nonzero(counts).squeeze(1)
+    if not inverse:
+        return uniq, None, counts.index_select(0, uniq)
     slot = torch.cumsum(counts > 0, 0).sub_(1)  # item -> its position in uniq
-    return uniq, slot[idx], counts[uniq]
+    return uniq, slot.index_select(0, idx), counts.index_select(0, uniq)
 
 
 def _coalesce(idx: Tensor, grad_rows: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
@@ -64,6 +69,7 @@ class CpuStep:
         self.table_pos = {id(t): k for k, t in enumerate(opt.tables)}
         self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
+        keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (cpu_alloc)
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
@@ -145,27 +151,76 @@ class CpuStep:
             dy = dy * in_mask
         return dy
 
-    def _score_grad(self, scores: Tensor, tgt: Tensor, smp_u: Tensor | None, w: Tensor | None):
-        """(sum of row losses, d loss / d scores) for the [R, R + U] score matrix."""
+    def _col_bias(self, tgt: Tensor, smp_u: Tensor | None, w: Tensor | None) -> Tensor | None:
+        """Cross-entropy's per-column logit shift, -logq log q + log w, or None (a [C] vector).
+
+        Folded into the output layer's bias before the GEMM, so the [R, C] logits come out of one
+        addmm instead of addmm + two passes (same sum, summed in another order).
+        """
+        cfg, bias = self.cfg, None
+        if cfg.logq > 0:
+            q = self.log_q_in.index_select(0, tgt)
+            if smp_u is not None:
+                q = torch.cat([q, self.log_q_smp.index_select(0, smp_u)])
+            bias = q.to(self.model.Wy.dtype).mul_(-cfg.logq)
+        if w is not None:
+            bias = torch.log(w) if bias is None else bias.add_(torch.log(w))
+        return bias
+
+    def _xe_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy's closed form from the shifted logits: softmax minus the one-hot target."""
+        mx = z.amax(1, keepdim=True)
+        diag = torch.diagonal(z).sum()
+        p = z.sub_(mx).exp_()  # in place: z is this step's own buffer; one exp serves loss and grad
+        total = p.sum(1, keepdim=True)
+        loss = total.log().add_(mx).sum() - diag
+        p.mul_(total.reciprocal_().mul_(self.scale))  # softmax x 1/batch in one pass
+        torch.diagonal(p).sub_(self.scale)
+        return loss, p
+
+    def _bpr_max_grad(self, scores: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+        """bpr-max (losses.bpr_max) and its gradient, written out (the autograd graph of the [R, C]
+        loss is the diginetica preset's largest cost).
+
+        With s the negative softmax (diagonal 0, columns weighted), g = sigmoid(t - o), P = sum s g,
+        B = sum s o^2 per row, the loss is -log(P + floor) + bpreg B and
+        dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c), c = bpreg B - P / (P + floor),
+        plus -(P - sum s g^2) / (P + floor) on the positive (the diagonal). The row max only shifts
+        the softmax, so it carries no gradient.
+        """
+        cfg, alpha = self.cfg, self.cfg.elu_param
+        o = torch.nn.functional.elu(scores, alpha=alpha) if alpha > 0 else scores
+        t = torch.diagonal(o).unsqueeze(1)
+        s = o.clone()
+        torch.diagonal(s).zero_()
+        s.sub_(s.amax(1, keepdim=True)).exp_()
+        if w is not None:
+            s.mul_(w)
+        torch.diagonal(s).zero_()
+        s.div_(s.sum(1, keepdim=True))
+        g = torch.sub(t, o).sigmoid_()
+        sg = s * g
+        P = sg.sum(1, keepdim=True)
+        oo = o * o
+        B = (s * oo).sum(1, keepdim=True)
+        loss = (torch.log(P + _FLOOR).neg_() + cfg.bpreg * B).sum()
+        inv = (P + _FLOOR).reciprocal_()
+        sgg = sg.mul_(g)  # s g^2
+        diag = (P - sgg.sum(1, keepdim=True)).mul_(inv).squeeze(1)
+        c = (cfg.bpreg * B).sub_(P * inv)
+        # G = s * bpreg (o^2 + 2o) - inv * s g^2 - c s
+        G = oo.add_(o, alpha=2.0).mul_(s).mul_(cfg.bpreg)
+        G.sub_(sgg.mul_(inv)).sub_(s.mul_(c))
+        torch.diagonal(G).sub_(diag)
+        if alpha > 0:  # ELU backward from its output: 1 where x > 0, else o + alpha
+            G = torch.where(scores > 0, G, G * (o + alpha))
+        return loss, G.mul_(self.scale)
+
+    def _score_grad(self, scores: Tensor, w: Tensor | None):
+        """(sum of row losses, d loss / d scores) for the [R, R + U] score matrix (ranking losses)."""
         cfg = self.cfg
-        if cfg.loss == "cross-entropy":  # closed form: softmax minus the one-hot target
-            z = scores
-            if cfg.logq > 0:
-                q = (
-                    self.log_q_in[tgt]
-                    if smp_u is None
-                    else torch.cat([self.log_q_in[tgt], self.log_q_smp[smp_u]])
-                )
-                z = z - cfg.logq * q
-            if w is not None:
-                z = z + torch.log(w)
-            mx = z.amax(1, keepdim=True)
-            p = (z - mx).exp_()  # one exp pass serves the loss and its gradient
-            total = p.sum(1, keepdim=True)
-            loss = (total.log().add_(mx).squeeze(1) - torch.diagonal(z)).sum()
-            p.div_(total)
-            torch.diagonal(p).sub_(1.0)
-            return loss, p.mul_(self.scale)
+        if cfg.loss == "bpr-max":
+            return self._bpr_max_grad(scores, w)
         with torch.enable_grad():
             s = scores.detach().requires_grad_()
             loss = row_loss_sum(cfg.loss, s, bpreg=cfg.bpreg, elu_param=cfg.elu_param, col_weight=w)
@@ -179,7 +234,7 @@ class CpuStep:
         in_table = m.input_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
         if smp is not None:
-            smp_u, _, counts = _unique(smp, N)
+            smp_u, _, counts = _unique(smp, N, inverse=False)
             cols = torch.cat([tgt, smp_u])
             w = torch.cat([counts.new_ones(R), counts]).to(m.Wy.dtype)
         else:
@@ -187,10 +242,14 @@ class CpuStep:
 
         x_rows = in_table.index_select(0, inp)
         w_rows = m.Wy.index_select(0, cols)
-        b_rows = m.By.index_select(0, cols)
+        b_rows = m.By.index_select(0, cols).squeeze(1)
         out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden])
-        scores = torch.addmm(b_rows.T, out, w_rows.T)
-        loss, ds = self._score_grad(scores, tgt, smp_u, w)
+        if self.cfg.loss == "cross-entropy":
+            bias = self._col_bias(tgt, smp_u, w)
+            logits = torch.addmm(b_rows if bias is None else bias.add_(b_rows), out, w_rows.T)
+            loss, ds = self._xe_grad(logits)
+        else:
+            loss, ds = self._score_grad(torch.addmm(b_rows, out, w_rows.T), w)
 
         grads: dict[int, Tensor] = {}
         d_out = ds @ w_rows
@@ -202,7 +261,10 @@ class CpuStep:
         rows: list = [None] * len(self.opt.tables)
         rows[self.table_pos[id(m.By)]] = _coalesce(cols, d_brows, N)
         if self.mode == "shared":  # input and output roles of a W_y row are summed
-            rows[self.table_pos[id(m.Wy)]] = _coalesce(torch.cat([inp, cols]), torch.cat([d_x, d_wrows]), N)
+            uniq, inv, _ = _unique(torch.cat([inp, cols]), N)
+            g = d_x.new_zeros((len(uniq), d_x.shape[1]))
+            g.index_add_(0, inv[R:], d_wrows).index_add_(0, inv[:R], d_x)  # no [R + C, H] concat
+            rows[self.table_pos[id(m.Wy)]] = (uniq, g)
         else:
             rows[self.table_pos[id(m.Wy)]] = _coalesce(cols, d_wrows, N)
             rows[self.table_pos[id(in_table)]] = _coalesce(inp, d_x, N)
