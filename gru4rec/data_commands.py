@@ -9,33 +9,11 @@ from typing import Annotated
 
 import typer
 
+from gru4rec.cli_options import EVENTS_HELP, ItemKey, SessionKey, TimeKey, TimeUnit
 from gru4rec.data import Keys
 
 data_app = typer.Typer(
     help="Data: synthetic sessions, preprocessing protocols, statistics.", no_args_is_help=True
-)
-
-SessionKey = Annotated[
-    str, typer.Option("--session-key", help="Name of the session id column in the input file.")
-]
-ItemKey = Annotated[str, typer.Option("--item-key", help="Name of the item id column in the input file.")]
-TimeKey = Annotated[
-    str,
-    typer.Option(
-        "--time-key",
-        help="Name of the time column: numbers (see --time-unit), a datetime/date, or ISO-8601 text.",
-    ),
-]
-TimeUnit = Annotated[
-    str,
-    typer.Option(
-        "--time-unit",
-        help="Unit of a numeric time column: s, ms, us, ns, or auto (epoch ms/us/ns are recognised by "
-        "magnitude, converted and said on stderr).",
-    ),
-]
-EVENTS_HELP = (
-    "Events: a Parquet, TSV or CSV file, a folder of them (hive key=value folders welcome) or a quoted glob."
 )
 
 

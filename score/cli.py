@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from gru4rec.data import ITEM, SESSION, TIME
+from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
 from gru4rec.errors import UserError
 
 
@@ -68,12 +68,10 @@ def register(app: typer.Typer) -> None:
         chunk_events: int = typer.Option(
             1_000_000, "--chunk-events", help="Events read per chunk (whole sessions); bounds memory use."
         ),
-        session_key: str = typer.Option(SESSION, "--session-key", help="Session id column in --sessions."),
-        item_key: str = typer.Option(ITEM, "--item-key", help="Item id column in --sessions."),
-        time_key: str = typer.Option(TIME, "--time-key", help="Timestamp column in --sessions."),
-        time_unit: str = typer.Option(
-            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
-        ),
+        session_key: SessionKey = "session_id",
+        item_key: ItemKey = "item_id",
+        time_key: TimeKey = "time",
+        time_unit: TimeUnit = "auto",
         beyond_accuracy: bool = typer.Option(
             False,
             "--beyond-accuracy",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+
 
 def _params_epilog() -> str:
     from rich.markup import escape
@@ -63,14 +65,10 @@ def register(app: typer.Typer) -> None:
             "--dwell-boost",
             help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap); default: off.",
         ),
-        session_key: str = typer.Option(
-            "session_id", "--session-key", help="Session id column in the input files."
-        ),
-        item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
-        time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
-        time_unit: str = typer.Option(
-            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
-        ),
+        session_key: SessionKey = "session_id",
+        item_key: ItemKey = "item_id",
+        time_key: TimeKey = "time",
+        time_unit: TimeUnit = "auto",
         threads: int = typer.Option(
             None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
         ),

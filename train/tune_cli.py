@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+
 EPILOG = (
     "Outputs in DIR: best.toml (gru4rec-cli train TRAIN --params best.toml), trials.parquet, report.md "
     "with plots/, study.db (the default storage) and, with --final-test, final/. Re-running the same "
@@ -86,14 +88,10 @@ def register(app: typer.Typer) -> None:
             "--final-test",
             help="Test events: retrain the best parameters (and --preset) on the whole TRAIN, export to ONNX and score.",
         ),
-        session_key: str = typer.Option(
-            "session_id", "--session-key", help="Session id column in the input files."
-        ),
-        item_key: str = typer.Option("item_id", "--item-key", help="Item id column in the input files."),
-        time_key: str = typer.Option("time", "--time-key", help="Timestamp column in the input files."),
-        time_unit: str = typer.Option(
-            "auto", "--time-unit", help="Unit of a numeric time column: s, ms, us, ns or auto (by magnitude)."
-        ),
+        session_key: SessionKey = "session_id",
+        item_key: ItemKey = "item_id",
+        time_key: TimeKey = "time",
+        time_unit: TimeUnit = "auto",
         mlflow_uri: str = typer.Option(
             None,
             "--mlflow-uri",
