@@ -41,24 +41,20 @@ class SessionSource:
         self.lf = self.events.scan()
         self._check_sample_and_nulls()
         self.events.resolve_time_unit()  # one unit for every chunk
-        lengths = self._collect(self.lf.group_by(SESSION).agg(pl.len().alias("n")).sort(SESSION))
-        n = lengths["n"].to_numpy()
-        self.stats = SourceStats(
-            n_events=int(n.sum()),
-            n_sessions=len(n),
-            n_multi_sessions=int((n >= 2).sum()),
-            max_length=int(n.max()),
-        )
+        if self.session_dtype == pl.Int64:
+            self.ranges, self.stats = self._bucket_ranges(chunk_events)
+        else:  # text ids have no cheap order-preserving buckets: exact per-session counts
+            self.ranges, self.stats = self._exact_ranges(chunk_events)
         if self.stats.n_multi_sessions == 0:
             raise UserError(
                 f"{self.path}: every session has a single event; nothing to score (need >= 2 per session)"
             )
-        self.ranges = _id_ranges(lengths[SESSION], n, chunk_events)
 
     def chunks(self) -> Iterator[pl.DataFrame]:
         for lo, hi in self.ranges:
             df = self._collect(self.lf.filter(pl.col(SESSION).is_between(pl.lit(lo), pl.lit(hi))))
-            yield self.events.validate(df)
+            if df.height:
+                yield self.events.validate(df)
 
     @property
     def item_kind(self) -> str:
@@ -70,6 +66,36 @@ class SessionSource:
         return pl.String if id_dtype(self.lf.collect_schema()[SESSION]) == "str" else pl.Int64
 
     # ----------------------------------------------------------------------------------------------
+    def _exact_ranges(self, chunk_events: int) -> tuple[list[tuple], SourceStats]:
+        """Ranges from the event count of every session (memory grows with the number of sessions)."""
+        lengths = self._collect(self.lf.group_by(SESSION).agg(pl.len().alias("n")).sort(SESSION))
+        n = lengths["n"].to_numpy()
+        return _id_ranges(lengths[SESSION], n, chunk_events), _stats(n)
+
+    def _bucket_ranges(self, chunk_events: int) -> tuple[list[tuple], SourceStats]:
+        """Integer ids: events counted per bucket of equal id width (a few thousand buckets, not one
+        row per session), consecutive buckets merged into ranges of about `chunk_events` events; the
+        session statistics are then counted one range at a time. Memory is bounded by a range."""
+        top = self._collect(
+            self.lf.select(pl.col(SESSION).min().alias("lo"), pl.col(SESSION).max().alias("hi"), pl.len())
+        ).row(0, named=True)
+        lo, hi, n_events = int(top["lo"]), int(top["hi"]), int(top["len"])
+        n_buckets = min(hi - lo + 1, max(4096, 64 * -(-n_events // chunk_events)))
+        width = -(-(hi - lo + 1) // n_buckets)
+        bucket = (pl.col(SESSION) // width).alias("b")  # floor division: no id - lo overflow
+        counts = self._collect(self.lf.group_by(bucket).agg(pl.len().alias("n")).sort("b"))
+        # each bucket holds the ids [b * width, b * width + width - 1], clipped to the ids present
+        first = pl.Series([max(lo, int(b) * width) for b in counts["b"]])
+        ranges = _id_ranges(first, counts["n"].to_numpy(), chunk_events)
+        ranges = [(a, min(hi, (b // width) * width + width - 1)) for a, b in ranges]
+        parts = [
+            self._collect(
+                self.lf.filter(pl.col(SESSION).is_between(a, b)).group_by(SESSION).len().select("len")
+            )["len"].to_numpy()
+            for a, b in ranges
+        ]
+        return ranges, _stats(np.concatenate(parts))
+
     def _check_sample_and_nulls(self) -> None:
         # Dtype and emptiness errors come from the shared validator, on the first rows only.
         self.events.validate(self._collect(self.lf.head(1000)))
@@ -81,6 +107,15 @@ class SessionSource:
 
     def _collect(self, lf: pl.LazyFrame) -> pl.DataFrame:
         return self.events.collect(lf, streaming=True)
+
+
+def _stats(n: np.ndarray) -> SourceStats:
+    return SourceStats(
+        n_events=int(n.sum()),
+        n_sessions=len(n),
+        n_multi_sessions=int((n >= 2).sum()),
+        max_length=int(n.max()),
+    )
 
 
 def _id_ranges(ids: pl.Series, lengths: np.ndarray, chunk_events: int) -> list[tuple]:

@@ -348,3 +348,27 @@ def test_split_says_what_it_dropped_and_why(tmp_path, run):
     test = pl.read_parquet(tmp_path / "o" / "test.parquet")
     assert test.rows() == [(50, 1, 1_000_000), (50, 2, 1_000_002)]
     assert "dropped 3 events (0 whole sessions) - test: events of items unseen in training" in out
+
+
+@pytest.mark.parametrize("chunk_events", [1, 7, 100, 10**6])
+def test_chunks_hold_whole_sessions_and_stats_are_exact(tmp_path, chunk_events):
+    """Integer ids are cut into chunks by id buckets (no per-session table up front): every session
+    lands whole in exactly one chunk, in id order, and the statistics equal a plain count."""
+    from gru4rec.score.source import SessionSource
+
+    rng = np.random.default_rng(1)
+    ids = np.concatenate([rng.integers(-(2**40), 2**40, 60), rng.integers(0, 50, 40), [2**62, -(2**62)]])
+    lengths = rng.integers(1, 6, len(np.unique(ids)))
+    sessions = np.repeat(np.unique(ids), lengths)
+    df = pl.DataFrame(
+        {"session_id": sessions, "item_id": np.arange(len(sessions)) % 9, "time": np.arange(len(sessions))}
+    )
+    df.sample(fraction=1.0, shuffle=True, seed=3).write_parquet(tmp_path / "s.parquet")
+    source = SessionSource(tmp_path / "s.parquet", chunk_events=chunk_events)
+    seen: list[int] = []
+    for chunk in source.chunks():
+        seen += chunk["session_id"].unique(maintain_order=True).to_list()
+    assert sorted(seen) == sorted(set(seen)) == sorted(np.unique(ids).tolist())  # whole, once each
+    n = np.bincount(np.searchsorted(np.unique(ids), sessions))
+    assert source.stats.n_events == len(sessions) and source.stats.n_sessions == len(n)
+    assert source.stats.n_multi_sessions == int((n >= 2).sum()) and source.stats.max_length == int(n.max())
