@@ -65,7 +65,12 @@ def prepare_rsc15(
     from gru4rec.prepare import read_rsc15_clicks, rsc15_protocol
 
     _split_to(
-        outdir, raw_clicks, "RSC15 protocol", "clicks", lambda: read_rsc15_clicks(raw_clicks), rsc15_protocol
+        outdir,
+        raw_clicks,
+        "RSC15 protocol",
+        "clicks",
+        lambda: read_rsc15_clicks(raw_clicks),
+        lambda ev: (rsc15_protocol(ev), None),
     )
 
 
@@ -132,8 +137,7 @@ def _split_to(outdir: Path, source: Path, title: str, noun: str, read, cut) -> N
         step(f"reading {noun}")
         events = read()
         step(f"filtering and splitting {events.height:,} {noun}")
-        frames = cut(events)
-        frames, drops = frames if isinstance(frames, tuple) else (frames, None)
+        frames, drops = cut(events)
         step("writing")
         _write(outdir, frames, title=title, owned=SPLIT_FILES, drops=drops)
 

@@ -182,7 +182,7 @@ def replay_source(
     totals = ReplayTotals(RankAccumulator(tuple(cfg.cutoffs)), source.stats.n_events, source.stats.n_sessions)
     if source.stats.n_multi_sessions == 0:
         return totals
-    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
+    batch = replay_batch(cfg, source)
     backend.start(batch)
     chunks = source.chunks()
     while True:
@@ -210,6 +210,11 @@ def replay_source(
             with rec.phase("write"):
                 writer.write(recs_frame(res, items, ranks, cfg.k))
     return totals
+
+
+def replay_batch(cfg: ScoreConfig, source) -> int:
+    """Slots of the replay: 1 online, else the batch size, never more than the sessions to score."""
+    return 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
 
 
 def check_scored(totals: ReplayTotals, what) -> None:
@@ -263,7 +268,7 @@ def score_source(
     with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
         totals = replay_source(backend, items, source, cfg, writer, rec, bar.advance, beyond, digest)
         check_scored(totals, source.path)
-    batch = 1 if cfg.latency_mode == "online" else min(cfg.batch_size, source.stats.n_multi_sessions)
+    batch = replay_batch(cfg, source)
     latency = rec.report(
         totals.acc.n,
         totals.n_scored_sessions,

@@ -68,3 +68,15 @@ def run(capsys):
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on one torch thread: a second thread only adds synchronisation (and stalls badly
+    on a busy machine). Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

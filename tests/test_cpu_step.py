@@ -44,12 +44,7 @@ MODES = {
 DROPOUT = {"off": {}, "on": {"dropout_p_embed": 0.25, "dropout_p_hidden": 0.3}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

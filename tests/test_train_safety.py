@@ -13,7 +13,6 @@ import time
 
 import polars as pl
 import pytest
-import torch
 from conftest import REPO
 from rich.console import Console
 
@@ -25,12 +24,7 @@ from gru4rec.train.trainer import train
 P = ["-p", "layers=8", "-p", "n_sample=16", "-p", "batch_size=8", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
