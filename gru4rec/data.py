@@ -169,7 +169,7 @@ def open_events(source: str | Path, keys: Keys = Keys(), keep_file=None) -> Even
     fmt = _one_format(files)
     schemas = [(f, _schema(f, fmt)) for f in files]
     columns = list(schemas[0][1])
-    names = _key_columns(columns, keys, files[0])
+    names = key_columns(columns, keys, files[0])
     for f, schema in schemas[1:]:
         for src in names.values():
             a, b = schemas[0][1].get(src), schema.get(src)
@@ -428,7 +428,7 @@ def _hive_columns(files: list[Path]) -> list[str]:
     return keys if all(sum("=" in p for p in f.parent.parts) == len(keys) for f in files) else []
 
 
-def _key_columns(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
+def key_columns(columns: list[str], keys: Keys, path: Path) -> dict[str, str]:
     """Canonical name -> the file's column that holds it. An explicitly named key must exist; the
     defaults fall back to the official SessionId/ItemId/Time headers."""
     named = {SESSION: keys.session, ITEM: keys.item, TIME: keys.time}

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from gru4rec.bundle import companion_paths
-from gru4rec.data import ITEM, OFFICIAL_KEYS, SESSION, TIME, Keys
+from gru4rec.data import ITEM, SESSION, TIME, Keys
 from gru4rec.errors import UserError
 
 RAY_INSTALL = "pip install 'gru4rec[ray]'"
@@ -118,10 +118,8 @@ def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    official = {dst: src for src, dst in OFFICIAL_KEYS.items()}
-    named = {SESSION: keys.session, ITEM: keys.item, TIME: keys.time}
-    if len(set(named.values())) < 3:
-        raise UserError("--session-key, --item-key and --time-key must name three different columns")
+    from gru4rec.data import key_columns
+
     out = []
     for i, f in enumerate(files):
         try:
@@ -129,14 +127,7 @@ def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
         except Exception as e:
             raise UserError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
         schema = pf.schema_arrow
-        cols = {}
-        for dst, src in named.items():
-            if src in schema.names:
-                cols[dst] = src
-            elif src == dst and official[dst] in schema.names:
-                cols[dst] = official[dst]
-            else:
-                raise UserError(f"{f}: missing column {src} (have: {', '.join(schema.names)[:200]})")
+        cols = key_columns(schema.names, keys, f)  # the core's rule: named keys, else official headers
         kinds = {dst: schema.field(src).type for dst, src in cols.items()}
         s, it, t = kinds[SESSION], kinds[ITEM], kinds[TIME]
         if not (pa.types.is_integer(s) or _is_text(s)):
