@@ -12,6 +12,9 @@ What a figure is compared with:
     a shared machine; against the fastest run ever (or one lucky previous run) the check would
     ratchet down to the luckiest measurement and then fail at random. The recent median follows
     the usual speed, so one fast or slow run moves it little, while a real slowdown stands out.
+    A latency past its tolerance is timed again (`latency_confirm` times, default 2, after a
+    pause) and the best measurement counts: a stall of the machine slows one measurement, a
+    slower model every one. With `metrics_json` there is nothing to time again.
 A figure regresses when it is worse than its reference by more than `abs + rel·|reference|`
 (numpy's isclose rule: set either tolerance to 0 to use only the other). Only runs on the same test
 data (by content) in the same tie mode are compared.
@@ -55,6 +58,7 @@ import json
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,7 @@ LATENCY_FIGURES = ("ms_per_1k_events", "full_step_ms_p50", "full_step_ms_p95", "
 STEP_COUNT = {"full_step_ms_p50": "n_full_steps", "full_step_ms_p95": "n_full_steps"}
 METRIC_NAME = re.compile(r"(recall|mrr|ndcg)@([1-9][0-9]*)")
 UNKNOWN_SHARE = "unknown_share"
+CONFIRM_PAUSE_S = 1.0  # between a latency alarm and its re-measurement: let a passing stall pass
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Tolerances:
     latency_window: int = 5
     compare_best: bool = True
     min_latency_steps: int = 30  # a latency gate over fewer replay steps is refused, not trusted
+    latency_confirm: int = 2  # a latency past its tolerance is timed again this often; the best counts
     max_unknown_share: float = 0.5  # test events of items the model does not know, at most
 
     def allowed(self, figure: str, reference: float) -> float:
@@ -134,7 +140,8 @@ class Tolerances:
             + (" and the best run" if self.compare_best else "")
             + f"; latency ({', '.join(self.latency)}) may rise by {self.latency_rise_abs_ms:g} ms + "
             f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs "
-            f"(each from at least {self.min_latency_steps} replay steps); at most "
+            f"(each from at least {self.min_latency_steps} replay steps; a rise is timed again up to "
+            f"{self.latency_confirm} times, the best counts); at most "
             f"{self.max_unknown_share:.0%} of the test events may be of items the model does not know."
         )
 
@@ -261,6 +268,7 @@ def _tolerances(t: Table) -> Tolerances:
         latency_window=t.integer("latency_window", 5, 1),
         compare_best=t.boolean("compare_best", True),
         min_latency_steps=t.integer("min_latency_steps", 30, 1),
+        latency_confirm=t.integer("latency_confirm", 2, 0),
         max_unknown_share=_share(t, "max_unknown_share", 0.5),
     )
 
@@ -476,23 +484,20 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
         check_latency_steps({"latency": planned_steps(test, cfg.batch_size)}, cfg.tolerances,
                             f"{cfg.source}: scoring {test} at batch_size {cfg.batch_size} (before any training)")  # fmt: skip
     report, model = _measure(cfg, test, train_events)
-    row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
-    comparable = _comparable(history, row)
-    regressions, table = compare(comparable, row, cfg.tolerances)
-    if window is not None and cfg.champion is not None:
-        # Each day's sessions differ: with a champion scored on the same sessions, that comparison
-        # is the gate, and the earlier days are the trend (shown, not enforced).
-        regressions = []
-        for entry in table:
-            entry.pop("regressed", None)
-    regressions += unknown_share_check(row, cfg.tolerances, table)
-    rows = [row]
-    champion_row = None
-    if cfg.champion is not None:
-        champion_row, lost = _versus_champion(cfg, test, window, now, row, table)
-        regressions += lost
-        if champion_row is not None:
-            rows.append(champion_row)
+    champion_report = _score_champion(cfg, test)
+    for attempt in range(cfg.tolerances.latency_confirm + 1):
+        row, champion_row, regressions, table = _judge(cfg, history, report, champion_report, model, now,
+                                                       test, window)  # fmt: skip
+        slow = [e["name"] for e in table if e.get("regressed") and e["name"] in cfg.tolerances.latency]
+        if not slow or cfg.metrics_json is not None or attempt == cfg.tolerances.latency_confirm:
+            break
+        # A stall of the machine (another job, a page-cache flush) slows one measurement, a slower
+        # model slows every one: time again and keep the best, as timeit does, before crying wolf.
+        report, champion_report = _time_again(cfg, test, model, report, champion_report, slow, attempt)
+    row["latency_attempts"] = attempt + 1
+    if attempt:
+        write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
+    rows = [row] + ([champion_row] if champion_row is not None else [])
     row["status"] = "regression" if regressions else "ok"
     # which figures regressed: the trend plots circle those series only
     row["regressed"] = ",".join(e["name"] for e in table if e.get("regressed"))
@@ -503,6 +508,7 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
         promoted = promote_bundle(Path(model), cfg.champion.model)
         row["status"] = "promoted"
     key = ("as_of", "role") if window is not None else None
+    n_comparable = _comparable(history, row).height
     history = upsert_runs(cfg.history, history, rows, key)
     summary = {
         "current": row,
@@ -512,7 +518,7 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
         "table": table,
         "window": window.info() if window is not None else None,
         "n_runs": history.height,
-        "n_comparable": comparable.height,
+        "n_comparable": n_comparable,
         "tolerances": cfg.tolerances.describe(),
         "report": str(cfg.out / "report.md"),
         "model_settings": model_settings(model, cfg),
@@ -598,20 +604,74 @@ def _cut(cfg: NightlyConfig, as_of: str | None):
     return test, window.train, window
 
 
-def _versus_champion(cfg: NightlyConfig, test: Path, window, now, row: dict, table: list[dict]):
-    """Score the champion on the same test sessions; (its row, reasons the challenger lost)."""
+def _judge(cfg: NightlyConfig, history: pl.DataFrame, report: dict, champion_report: dict | None,
+           model: str, now, test, window):  # fmt: skip
+    """(row, champion row, regressions, comparison table) of one measurement."""
+    row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
+    regressions, table = compare(_comparable(history, row), row, cfg.tolerances)
+    if window is not None and cfg.champion is not None:
+        # Each day's sessions differ: with a champion scored on the same sessions, that comparison
+        # is the gate, and the earlier days are the trend (shown, not enforced).
+        regressions = []
+        for entry in table:
+            entry.pop("regressed", None)
+    regressions += unknown_share_check(row, cfg.tolerances, table)
+    champion_row = None
+    if champion_report is not None:
+        champion_row, lost = _versus_champion(cfg, champion_report, now, test, window, row, table)
+        regressions += lost
+    return row, champion_row, regressions, table
+
+
+def _time_again(cfg: NightlyConfig, test: Path, model: str, report: dict, champion_report: dict | None,
+                slow: list[str], attempt: int) -> tuple[dict, dict | None]:  # fmt: skip
+    """Score again (after a pause) and keep each latency figure's best measurement so far."""
+    from rich.console import Console
+
+    from gru4rec.eval.benchmark import score_onnx
+
+    n = cfg.tolerances.latency_confirm
+    Console(stderr=True).print(
+        f"nightly: {', '.join(slow)} past the tolerance; timing again to confirm ({attempt + 1}/{n})",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    time.sleep(CONFIRM_PAUSE_S)
+    args = (test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
+    report = best_latency(report, score_onnx(Path(model), *args, engine=cfg.engine)[0])
+    if champion_report is not None:  # both sides timed as often: the comparison stays fair
+        champion_report = best_latency(champion_report, score_onnx(cfg.champion.model, *args)[0])
+    return report, champion_report
+
+
+def best_latency(report: dict, again: dict) -> dict:
+    """`report` with each latency figure the lower of its two measurements (metrics are unchanged:
+    the same model on the same data scores the same ranks)."""
+    latency = dict(report.get("latency") or {})
+    for key in LATENCY_FIGURES:
+        a, b = latency.get(key), (again.get("latency") or {}).get(key)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not math.isnan(b):
+            latency[key] = b if math.isnan(a) else min(a, b)
+    return {**report, "latency": latency}
+
+
+def _score_champion(cfg: NightlyConfig, test: Path | None) -> dict | None:
+    """The champion's metrics JSON on the same test sessions (None: no champion, or none installed yet)."""
+    if cfg.champion is None or not cfg.champion.model.is_file():
+        return None  # no champion yet: a passing challenger is installed as the first one
     from rich.console import Console
 
     from gru4rec.eval.benchmark import score_onnx
 
     champ = cfg.champion.model
-    if not champ.is_file():
-        return None, []  # no champion yet: a passing challenger is installed as the first one
-    Console(stderr=True).print(
-        f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
-    )
+    Console(stderr=True).print(f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False)
     report, _ = score_onnx(champ, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
     report["model"] = str(champ)
+    return report
+
+
+def _versus_champion(cfg: NightlyConfig, report: dict, now, test: Path, window, row: dict, table: list[dict]):
+    """The champion's row from its `report` on the same sessions; (its row, reasons the challenger lost)."""
+    champ = cfg.champion.model
     champion_row = _row(cfg, report, str(champ), now, test, window, role="champion")
     champion_row["status"] = "champion"
     tol = cfg.tolerances
