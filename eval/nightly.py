@@ -663,7 +663,9 @@ def _score_champion(cfg: NightlyConfig, test: Path | None) -> dict | None:
     from gru4rec.eval.benchmark import score_onnx
 
     champ = cfg.champion.model
-    Console(stderr=True).print(f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False)
+    Console(stderr=True).print(
+        f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
+    )
     report, _ = score_onnx(champ, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
     report["model"] = str(champ)
     return report
