@@ -24,6 +24,8 @@ from gru4rec.provenance import git_commit
 
 SIZES = (1_000_000, 10_000_000)
 N_FILES = 16
+GOAL_RSS_RATIO = 1.2  # peak RSS at the largest size over the smallest, at most
+GOAL_SPEED_LOSS = 0.10  # events/s at the largest size may be this much lower, at most
 
 
 def run_bench(out: Path | None, sizes: tuple[int, ...] = SIZES, workdir: Path | None = None) -> dict:
@@ -110,7 +112,14 @@ def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
         "from gru4rec.cli import main\n"
         "try:\n    main(sys.argv[1:])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM is this process's own peak. ru_maxrss is not: Linux carries the high-water mark of
+        # the memory image exec replaced, i.e. of the parent that forked us (this benchmark, holding
+        # the 10M-event test set), into the child's figure.
+        "try:\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    print(int(status.split('VmHWM:')[1].split()[0]))\n"
+        "except (OSError, IndexError):\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     args = ["score", "--model", model, "--sessions", sessions, "--metrics", metrics, "--provider", "cpu"]
     t0 = time.perf_counter()
@@ -125,7 +134,8 @@ def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
         "n_predictions": report["n_predictions"],
         "recall@20": report["metrics"]["recall@20"],
         "wall_s": wall,
-        "events_per_s": report["n_events"] / wall,
+        "events_per_s": report["n_events"] / wall,  # the whole command: start, reading, replay
+        "replay_events_per_s": report["latency"]["events_per_s"],  # scored events per replay second
         "peak_rss_mib": rss_kib / 1024,
     }
 
@@ -138,8 +148,12 @@ def _ratios(runs: list[dict], sizes: tuple[int, ...]) -> dict:
     for layout in {r["layout"] for r in runs}:
         a = next(r for r in runs if r["layout"] == layout and r["target_events"] == small)
         b = next(r for r in runs if r["layout"] == layout and r["target_events"] == large)
+        rss = b["peak_rss_mib"] / a["peak_rss_mib"]
+        speed = b["events_per_s"] / a["events_per_s"]
         out[layout] = {
-            "rss_large_over_small": b["peak_rss_mib"] / a["peak_rss_mib"],
-            "events_per_s_large_over_small": b["events_per_s"] / a["events_per_s"],
+            "rss_large_over_small": rss,
+            "events_per_s_large_over_small": speed,
+            "replay_events_per_s_large_over_small": b["replay_events_per_s"] / a["replay_events_per_s"],
+            "goal_met": rss <= GOAL_RSS_RATIO and speed >= 1 - GOAL_SPEED_LOSS,
         }
     return out

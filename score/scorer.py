@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gru4rec import allocator
 from gru4rec.bundle import companion_paths
 from gru4rec.data import Keys
 from gru4rec.errors import UserError
@@ -184,32 +185,50 @@ def replay_source(
         return totals
     batch = replay_batch(cfg, source)
     backend.start(batch)
+    for chunk in _timed_chunks(source, rec):
+        if digest is not None:
+            digest.update(chunk)
+        _replay_chunk(chunk, backend, items, cfg, batch, totals, writer, rec, on_step, beyond)
+        # Drop this chunk (and give its pages back) before the next is read: two chunks alive at
+        # once would double the peak.
+        del chunk
+        allocator.release()
+    return totals
+
+
+def _timed_chunks(source: SessionSource, rec: LatencyRecorder):
+    """The source's chunks, reading counted as loading."""
     chunks = source.chunks()
     while True:
-        with rec.phase("load"):  # reading, item mapping and planning count as loading
+        with rec.phase("load"):
             chunk = next(chunks, None)
-            if chunk is None:
-                break
-            if digest is not None:
-                digest.update(chunk)
-            events, dropped = items.translate(chunk)
-            totals.n_unknown_dropped += dropped
-            plan = plan_chunk(events, batch)
-        if plan is None:
-            continue
-        with rec.phase("replay"):
-            fetch = writer is not None or beyond is not None
-            res = replay(backend, plan, fetch_topk=fetch, on_step=on_step)
-        rec.add_steps(res.step_seconds, plan.width)
-        ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
-        totals.acc.add(ranks)
-        if beyond is not None:
-            beyond.add(res.topk_idx)
-        totals.n_scored_sessions += int(plan.schedule.reset.sum())
-        if writer is not None:
-            with rec.phase("write"):
-                writer.write(recs_frame(res, items, ranks, cfg.k))
-    return totals
+        if chunk is None:
+            return
+        yield chunk
+        del chunk
+
+
+def _replay_chunk(chunk, backend, items: ItemMap, cfg: ScoreConfig, batch: int, totals: ReplayTotals,
+                  writer, rec: LatencyRecorder, on_step, beyond) -> None:  # fmt: skip
+    """Replay one chunk into `totals`; everything built for it is freed on return."""
+    with rec.phase("load"):  # item mapping and planning count as loading
+        events, dropped = items.translate(chunk)
+        totals.n_unknown_dropped += dropped
+        plan = plan_chunk(events, batch)
+        del events
+    if plan is None:
+        return
+    with rec.phase("replay"):
+        res = replay(backend, plan, fetch_topk=writer is not None or beyond is not None, on_step=on_step)
+    rec.add_steps(res.step_seconds, plan.width)
+    ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
+    totals.acc.add(ranks)
+    if beyond is not None:
+        beyond.add(res.topk_idx)
+    totals.n_scored_sessions += int(plan.schedule.reset.sum())
+    if writer is not None:
+        with rec.phase("write"):
+            writer.write(recs_frame(res, items, ranks, cfg.k))
 
 
 def replay_batch(cfg: ScoreConfig, source) -> int:

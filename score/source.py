@@ -54,7 +54,9 @@ class SessionSource:
         for lo, hi in self.ranges:
             df = self._collect(self.lf.filter(pl.col(SESSION).is_between(pl.lit(lo), pl.lit(hi))))
             if df.height:
-                yield self.events.validate(df)
+                df = self.events.validate(df)
+                yield df
+            del df  # before the next range is read: one chunk alive at a time
 
     @property
     def item_kind(self) -> str:

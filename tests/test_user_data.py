@@ -4,6 +4,7 @@ single file, or hand-computed values."""
 
 from __future__ import annotations
 
+import os
 import json
 
 import numpy as np
@@ -372,3 +373,47 @@ def test_chunks_hold_whole_sessions_and_stats_are_exact(tmp_path, chunk_events):
     n = np.bincount(np.searchsorted(np.unique(ids), sessions))
     assert source.stats.n_events == len(sessions) and source.stats.n_sessions == len(n)
     assert source.stats.n_multi_sessions == int((n >= 2).sum()) and source.stats.max_length == int(n.max())
+
+
+def test_one_chunk_alive_at_a_time(tmp_path):
+    """While the next chunk is read, nothing of the source may still hold the previous one (two
+    chunks at once would double the peak): checked at the moment each read starts."""
+    import gc
+    import weakref
+
+    from gru4rec.score.source import SessionSource
+
+    n = 400
+    df = pl.DataFrame({"session_id": np.repeat(np.arange(n), 3), "item_id": np.arange(3 * n) % 17,
+                       "time": np.arange(3 * n)})  # fmt: skip
+    df.write_parquet(tmp_path / "s.parquet")
+    source = SessionSource(tmp_path / "s.parquet", chunk_events=150)
+    previous = [lambda: None]
+    alive_at_read = []
+    collect = source._collect
+
+    def watched(lf):
+        gc.collect()
+        alive_at_read.append(previous[0]() is not None)
+        return collect(lf)
+
+    source._collect = watched
+    for chunk in source.chunks():
+        previous[0] = weakref.ref(chunk)
+        del chunk
+    assert len(alive_at_read) >= 8 and not any(alive_at_read)
+
+
+def test_importing_gru4rec_returns_freed_polars_pages(tmp_path):
+    """Polars keeps freed jemalloc pages mapped for good unless told otherwise before it loads;
+    importing gru4rec tells it (a user's own setting is kept)."""
+    import subprocess
+    import sys
+
+    code = "import os, gru4rec, polars; print(os.environ['_RJEM_MALLOC_CONF'])"
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("muzzy_decay_ms:0")  # appended last by Polars: it wins
+    mine = subprocess.run([sys.executable, "-c", code], env={**env, "_RJEM_MALLOC_CONF": "narenas:2"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "narenas:2" in mine.stdout and "muzzy_decay_ms:0" not in mine.stdout
