@@ -4,8 +4,8 @@ single file, or hand-computed values."""
 
 from __future__ import annotations
 
-import os
 import json
+import os
 
 import numpy as np
 import polars as pl
