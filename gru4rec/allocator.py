@@ -15,12 +15,19 @@ import ctypes.util
 import functools
 import os
 
-# Appended by Polars to its own settings, so these win; a user's own value is left alone.
+VAR = "_RJEM_MALLOC_CONF"  # Polars reads it when first imported, after its own settings: the last wins
 JEMALLOC_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
 def configure() -> None:
-    os.environ.setdefault("_RJEM_MALLOC_CONF", JEMALLOC_CONF)
+    """Append our jemalloc settings to the variable, unless they already end it. Appended, not set
+    by default: a parent that imported Polars first has written Polars' own defaults into it, and
+    its children (Ray workers, benchmark runs) inherit them. GRU4REC_JEMALLOC_CONF replaces ours
+    (empty: leave the variable alone)."""
+    ours = os.environ.get("GRU4REC_JEMALLOC_CONF", JEMALLOC_CONF)
+    current = os.environ.get(VAR, "")
+    if ours and not current.endswith(ours):
+        os.environ[VAR] = f"{current},{ours}" if current else ours
 
 
 def release() -> None:

@@ -405,15 +405,27 @@ def test_one_chunk_alive_at_a_time(tmp_path):
 
 
 def test_importing_gru4rec_returns_freed_polars_pages(tmp_path):
-    """Polars keeps freed jemalloc pages mapped for good unless told otherwise before it loads;
-    importing gru4rec tells it (a user's own setting is kept)."""
+    """Polars keeps freed jemalloc pages mapped unless told otherwise before it loads; importing
+    gru4rec tells it, also in a child whose parent imported Polars first (its defaults inherited),
+    and GRU4REC_JEMALLOC_CONF="" leaves the variable alone."""
     import subprocess
     import sys
 
-    code = "import os, gru4rec, polars; print(os.environ['_RJEM_MALLOC_CONF'])"
-    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("muzzy_decay_ms:0")  # appended last by Polars: it wins
-    mine = subprocess.run([sys.executable, "-c", code], env={**env, "_RJEM_MALLOC_CONF": "narenas:2"},
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    assert "narenas:2" in mine.stdout and "muzzy_decay_ms:0" not in mine.stdout
+    def conf(code: str, **env: str) -> str:
+        base = {
+            k: v for k, v in os.environ.items() if k not in ("_RJEM_MALLOC_CONF", "GRU4REC_JEMALLOC_CONF")
+        }
+        run = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        return run.stdout.strip()
+
+    show = "import os, gru4rec, polars; print(os.environ['_RJEM_MALLOC_CONF'])"
+    assert conf(show).endswith(",dirty_decay_ms:0,muzzy_decay_ms:0")  # after Polars' own: ours win
+    assert conf(show, _RJEM_MALLOC_CONF="narenas:2").endswith("narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0")
+    # a parent that imported Polars first: the child still ends with ours
+    parent = (
+        "import os, subprocess, sys, polars\n"
+        f"print(subprocess.run([sys.executable, '-c', {show!r}], capture_output=True, text=True).stdout)"
+    )
+    assert conf(parent).endswith("muzzy_decay_ms:0")
+    assert "decay_ms:0" not in conf(show, GRU4REC_JEMALLOC_CONF="")
