@@ -414,6 +414,16 @@ def _is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit()
 
 
+def _remove_tree(path: Path, timeout_s: float = 10.0) -> None:
+    """Remove a failed run's recs folder; again while a scorer that was mid-write puts a part back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def _commit_dir(tmp: Path, out: Path, shards: set[int]) -> None:
     """Check the temporary folder holds exactly one part per shard, then rename it to `out`."""
     for p in tmp.iterdir():  # temporary files of attempts that died before their commit
@@ -502,7 +512,7 @@ def score_ray(
                 tmp = None
         finally:
             if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_tree(tmp)
         ray_version = ray.__version__
     latency = _latency(rows, totals, wall, cfg, workers, worker_provider, recorder)
     report = build_report(totals, cfg, latency)
@@ -585,12 +595,21 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
                 max_task_retries=MAX_RETRIES,
             )
         rows: list[dict] = []
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                if row.get("error"):
-                    raise UserError(row["error"])
-                rows.append(row)
-                bar.shard_done(row)
+        batches = scored.iter_batches(batch_size=None, batch_format="pyarrow")
+        try:
+            for batch in batches:
+                for row in batch.to_pylist():
+                    if row.get("error"):
+                        raise UserError(row["error"])
+                    rows.append(row)
+                    bar.shard_done(row)
+        finally:
+            # On an error, stop the scorers now (closing the iterator shuts Ray Data's executor and
+            # its actor pool down): scorers still running would write parts into the recs folder
+            # the caller is about to remove.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
     shards = [int(r["shard"]) for r in rows]
     if len(set(shards)) != len(shards):
         raise RuntimeError(f"a shard came back more than once: {sorted(shards)}")
