@@ -175,7 +175,10 @@ def write_plots(study, out: Path, metric: str, complete: list) -> dict[str, str]
                 continue
         fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
         fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
-        with atomic_path(folder / f"{name}.png") as tmp:
+        with atomic_path(folder / f"{name}.png") as tmp, warnings.catch_warnings():
+            # Optuna's slice plot of many parameters asks for a tight layout it cannot fit; the
+            # bounding box below still fits the image to its contents
+            warnings.filterwarnings("ignore", message="Tight layout not applied")
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         made[name] = title
