@@ -133,7 +133,7 @@ def nightly_cmd(
 ) -> None:
     """Train/export/score as configured, append to the history, compare with earlier runs.
 
-    Metrics are compared with the previous and the best run; latency with the median of the last runs (latency_window, default 5), so one lucky fast run does not raise the bar.
+    Metrics are compared with the previous and the best run; latency with the median of the last runs (latency_window, default 5), so one lucky fast run does not raise the bar; a latency past its tolerance is timed again (latency_confirm, default 2) and the best measurement counts, so a stall of the machine is not a regression.
 
     Exit codes: 0 no regression; 1 regression (a metric dropped or a latency rose past the tolerances); 2 bad input or config, missing files or an unreadable history (all checked before any work).
 
