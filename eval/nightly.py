@@ -628,18 +628,15 @@ def _time_again(cfg: NightlyConfig, test: Path, model: str, report: dict, champi
     """Score again (after a pause) and keep each latency figure's best measurement so far."""
     from rich.console import Console
 
-    from gru4rec.eval.benchmark import score_onnx
-
     n = cfg.tolerances.latency_confirm
     Console(stderr=True).print(
         f"nightly: {', '.join(slow)} past the tolerance; timing again to confirm ({attempt + 1}/{n})",
         markup=False, highlight=False,
     )  # fmt: skip
     time.sleep(CONFIRM_PAUSE_S)
-    args = (test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
-    report = best_latency(report, score_onnx(Path(model), *args, engine=cfg.engine)[0])
+    report = best_latency(report, _score(cfg, Path(model), test, engine=cfg.engine))
     if champion_report is not None:  # both sides timed as often: the comparison stays fair
-        champion_report = best_latency(champion_report, score_onnx(cfg.champion.model, *args)[0])
+        champion_report = best_latency(champion_report, _score(cfg, cfg.champion.model, test))
     return report, champion_report
 
 
@@ -660,14 +657,19 @@ def _score_champion(cfg: NightlyConfig, test: Path | None) -> dict | None:
         return None  # no champion yet: a passing challenger is installed as the first one
     from rich.console import Console
 
-    from gru4rec.eval.benchmark import score_onnx
-
     champ = cfg.champion.model
     Console(stderr=True).print(
         f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
     )
-    report, _ = score_onnx(champ, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size)
-    report["model"] = str(champ)
+    return _score(cfg, champ, test)
+
+
+def _score(cfg: NightlyConfig, model: Path, test: Path, engine=None) -> dict:
+    """The score stage's metrics-JSON dict of `model` on `test` with the configured cut-offs and batch."""
+    from gru4rec.eval.benchmark import score_onnx
+
+    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size, engine=engine)
+    report["model"] = str(model)
     return report
 
 
@@ -720,7 +722,7 @@ def _measure(cfg: NightlyConfig, test: Path | None, train_events: pl.DataFrame |
     console = Console(stderr=True)
     if cfg.metrics_json is not None:
         return _read_metrics_json(cfg.metrics_json), str(cfg.model or cfg.metrics_json)
-    from gru4rec.eval.benchmark import export_onnx, score_onnx, train_gru4rec
+    from gru4rec.eval.benchmark import export_onnx, train_gru4rec
 
     model = cfg.model
     if cfg.train is not None:
@@ -736,8 +738,7 @@ def _measure(cfg: NightlyConfig, test: Path | None, train_events: pl.DataFrame |
         model = export_onnx(model, cfg.out / "model.onnx", top_k=cfg.train.top_k if cfg.train else 20)
         _check_catalog(cfg, model)
     console.print(f"nightly: scoring {test} with {model}", markup=False, highlight=False)
-    report, _ = score_onnx(model, test, cfg.cutoffs, cfg.tie_mode, cfg.batch_size, engine=cfg.engine)
-    report["model"] = str(model)
+    report = _score(cfg, model, test, engine=cfg.engine)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
     return report, str(model)
 

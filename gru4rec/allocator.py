@@ -1,11 +1,17 @@
-"""Give freed memory back to the OS, so a process that reads its input in chunks stays flat.
+"""How the process's allocators hand memory back to the OS (glibc and Polars' jemalloc; Linux).
 
-Two allocators hold a chunk's memory: Polars' jemalloc (frames) and glibc's malloc (NumPy arrays).
-Polars configures jemalloc to keep freed pages mapped for good (`muzzy_decay_ms:-1`), and glibc
+Scoring reads its input in chunks: two allocators hold a chunk's memory, Polars' jemalloc (frames)
+and glibc's malloc (NumPy arrays). Polars configures jemalloc to keep freed pages mapped, and glibc
 keeps freed heap pages until trimmed; either way the next chunk lands on new pages and the peak
-grows by about a chunk. `configure()` (before Polars is first imported) makes jemalloc return
-freed pages at once; `release()` (between chunks) trims glibc's heap. Measured by
+grows by about a chunk. `configure()` (before Polars is first imported) makes jemalloc return freed
+pages at once; `release()` (between chunks) trims glibc's heap. Measured by
 `gru4rec-cli bench score-memory`.
+
+Training on the CPU wants the opposite: a step allocates the same few-MB tensors every step, and
+glibc serves blocks above its mmap threshold with fresh mmap/munmap pairs, so every step would
+page-fault its working set back in (~5-10% of a step on the 2-core box). `keep_freed_memory()`
+raises the mmap and trim thresholds so those blocks stay in the heap for the next step; the cost is
+the step's peak working set (tens of MB) kept mapped. An explicit `release()` still trims.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 
 VAR = "_RJEM_MALLOC_CONF"  # Polars reads it when first imported, after its own settings: the last wins
 JEMALLOC_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_kept = False
 
 
 def configure() -> None:
@@ -31,16 +40,38 @@ def configure() -> None:
 
 
 def release() -> None:
-    """Return glibc's free heap pages to the OS (a no-op where malloc_trim does not exist)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    """Return glibc's free heap pages to the OS (a no-op without glibc)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def keep_freed_memory(mmap_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
+    """Once per process; returns whether glibc accepted the settings."""
+    global _kept
+    libc = _glibc()
+    if _kept or libc is None:
+        return _kept
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _kept = all(
+        libc.mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_THRESHOLD, min(mmap_threshold, 32 << 20)),  # glibc caps it at 32 MiB (64-bit)
+            (_M_TRIM_THRESHOLD, mmap_threshold),
+            (_M_TOP_PAD, top_pad),
+        )
+    )
+    return _kept
 
 
 @functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (macOS, musl)
+def _glibc():
+    """The C library when it is glibc (has mallopt and malloc_trim), else None (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
         return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+    except (OSError, AttributeError):
+        return None
+    return libc

@@ -161,6 +161,6 @@ def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted):
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_is_accepted_by_glibc():
-    from gru4rec.train.cpu_alloc import keep_freed_memory
+    from gru4rec.allocator import keep_freed_memory
 
     assert keep_freed_memory() and keep_freed_memory()  # accepted, and idempotent

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gru4rec.allocator import keep_freed_memory
 from gru4rec.model import GRU4Rec
-from gru4rec.train.cpu_alloc import keep_freed_memory
 from gru4rec.train.losses import _FLOOR, row_loss_sum
 from gru4rec.train.params import TrainConfig
 
@@ -69,7 +69,7 @@ class CpuStep:
         self.table_pos = {id(t): k for k, t in enumerate(opt.tables)}
         self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
-        keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (cpu_alloc)
+        keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
