@@ -85,3 +85,64 @@ def test_row_adam_by_hand():
     m0, v0 = (1 - b1) * 3.0, (1 - b2) * 9.0
     r0 = -lr / (1 - b1**2) * m0 / (math.sqrt(v0) / math.sqrt(1 - b2**2) + eps)
     assert table[:, 0].tolist() == pytest.approx([r0, 0.0, r2], rel=1e-10)
+
+
+def _adagrad_by_loop(w, acc, vel, idx, g, lr, mu, eps):
+    """The official update, one python float at a time (duplicates summed first)."""
+    summed: dict[int, list[float]] = {}
+    for r, row in zip(idx.tolist(), g.tolist()):
+        summed[r] = [a + b for a, b in zip(summed.get(r, [0.0] * len(row)), row)]
+    for r, grow in summed.items():
+        for j, gj in enumerate(grow):
+            acc[r][j] += gj * gj
+            d = -lr * gj / math.sqrt(acc[r][j] + eps)
+            vel[r][j] = mu * vel[r][j] + d if mu > 0 else d
+            w[r][j] += vel[r][j]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_step_parts_equals_the_update_by_loop(dtype, mu):
+    """The CPU step's entry (numba loops): parts with duplicates within and across them, several
+    steps, dense parameters of 1, 2 and 3 dimensions; against the update in python floats."""
+    lr, eps = 0.1, 1e-6
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(9, 3, generator=gen, dtype=dtype)
+    bias = torch.randn(9, 1, generator=gen, dtype=dtype)
+    dense = [torch.randn(s, generator=gen, dtype=dtype) for s in ((4,), (3, 5), (2, 2, 3))]
+    opt = IndexedAdagradM(dense, [table, bias], lr=lr, momentum=mu, eps=eps)
+    ref_t, ref_b = table.double().tolist(), bias.double().tolist()
+    ref_d = [p.double().reshape(1, -1).tolist() for p in dense]
+    st = {k: [[0.0] * len(r) for r in v] for k, v in (("t", ref_t), ("b", ref_b))}
+    sv = {k: [[0.0] * len(r) for r in v] for k, v in (("t", ref_t), ("b", ref_b))}
+    da = [[[0.0] * len(r[0])] for r in ref_d]
+    dv = [[[0.0] * len(r[0])] for r in ref_d]
+    for step in range(4):
+        ia, ib = torch.tensor([2, 5, 2, 7]) + step % 2, torch.tensor([5, 0, 8])
+        ga, gb = (torch.randn(len(i), 3, generator=gen, dtype=dtype) for i in (ia, ib))
+        gbias = torch.randn(len(ia), 1, generator=gen, dtype=dtype)
+        gd = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in dense]
+        opt.step_parts(gd, [[(ia, ga), (ib, gb)], [(ia, gbias)]])
+        _adagrad_by_loop(
+            ref_t, st["t"], sv["t"], torch.cat([ia, ib]), torch.cat([ga, gb]).double(), lr, mu, eps
+        )
+        _adagrad_by_loop(ref_b, st["b"], sv["b"], ia, gbias.double(), lr, mu, eps)
+        for k, g in enumerate(gd):
+            _adagrad_by_loop(
+                ref_d[k], da[k], dv[k], torch.tensor([0]), g.double().reshape(1, -1), lr, mu, eps
+            )
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-7)
+    torch.testing.assert_close(table.double(), torch.tensor(ref_t, dtype=torch.float64), **tol)
+    torch.testing.assert_close(bias.double(), torch.tensor(ref_b, dtype=torch.float64), **tol)
+    torch.testing.assert_close(opt.tacc[0].double(), torch.tensor(st["t"], dtype=torch.float64), **tol)
+    if mu > 0:
+        torch.testing.assert_close(opt.tvel[0].double(), torch.tensor(sv["t"], dtype=torch.float64), **tol)
+    for k, p in enumerate(dense):
+        torch.testing.assert_close(
+            p.double().reshape(1, -1), torch.tensor(ref_d[k], dtype=torch.float64), **tol
+        )
+        torch.testing.assert_close(
+            opt.acc[k].double().reshape(1, -1), torch.tensor(da[k], dtype=torch.float64), **tol
+        )
+    # the work buffers are left clean for the next step
+    assert not opt._seen[0].any() and torch.count_nonzero(opt._scratch[0]) == 0

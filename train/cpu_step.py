@@ -12,8 +12,8 @@ for a CPU, where every small op and every pass over gathered rows costs:
   from autograd over the small R x C loss graph only.
 - Dropout draws its masks exactly as F.dropout on the CPU does (bernoulli_(1 - p) / (1 - p), in the
   same order), so a seed gives the same masks as the autograd step.
-- Item-table gradients are summed per distinct row (one index_add_) and handed to the optimiser's
-  `step_unique`, which updates those rows in place.
+- Item-table gradient rows go to the optimiser's `step_parts` as they are; Adagrad sums duplicates
+  and updates each touched row in one numba loop (train/cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from torch import Tensor
 
 from gru4rec.allocator import keep_freed_memory
 from gru4rec.model import GRU4Rec
+from gru4rec.train.cpu_kernels import warm_up
 from gru4rec.train.losses import _FLOOR, row_loss_sum
+from gru4rec.train.optim import IndexedAdagradM
 from gru4rec.train.params import TrainConfig
 
 
@@ -34,29 +36,18 @@ def _mask(like: Tensor, p: float) -> Tensor | None:
     return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
-def _unique(idx: Tensor, n_items: int, inverse: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(sorted distinct values, inverse or None, counts) of item indices, as torch.unique gives them.
+def _distinct(idx: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
+    """(sorted distinct values, their counts) of item indices, as torch.unique gives them.
 
     For a catalogue not much larger than the index list a count table (O(N + n), no sort) is several
-    times faster than torch.unique's sort; for large catalogues the sort is cheaper. index_select,
-    not t[idx]: on the CPU advanced indexing is several times slower for the same gather.
+    times faster than torch.unique's sort; for large catalogues the sort is cheaper.
     """
     if n_items > 16 * len(idx):
-        uniq, inv, counts = torch.unique(idx, return_inverse=True, return_counts=True)
-        return uniq, inv, counts
+        uniq, counts = torch.unique(idx, return_counts=True)
+        return uniq, counts
     counts = torch.bincount(idx, minlength=n_items)
     uniq = torch.nonzero(counts).squeeze(1)
-    if not inverse:
-        return uniq, None, counts.index_select(0, uniq)
-    slot = torch.cumsum(counts > 0, 0).sub_(1)  # item -> its position in uniq
-    return uniq, slot.index_select(0, idx), counts.index_select(0, uniq)
-
-
-def _coalesce(idx: Tensor, grad_rows: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
-    """(distinct indices, their summed gradient rows)."""
-    uniq, inv, _ = _unique(idx, n_items)
-    g = grad_rows.new_zeros((len(uniq),) + grad_rows.shape[1:])
-    return uniq, g.index_add_(0, inv, grad_rows)
+    return uniq, counts.index_select(0, uniq)
 
 
 class CpuStep:
@@ -70,6 +61,8 @@ class CpuStep:
         self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
+        if isinstance(opt, IndexedAdagradM):
+            warm_up(model.Wy.detach().numpy().dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
@@ -234,7 +227,7 @@ class CpuStep:
         in_table = m.input_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
         if smp is not None:
-            smp_u, _, counts = _unique(smp, N, inverse=False)
+            smp_u, counts = _distinct(smp, N)
             cols = torch.cat([tgt, smp_u])
             w = torch.cat([counts.new_ones(R), counts]).to(m.Wy.dtype)
         else:
@@ -257,16 +250,13 @@ class CpuStep:
         d_brows = ds.sum(0).unsqueeze(1)
         d_x = self._backward(d_out, saved, grads)
 
-        # item tables: one coalesced, distinct-row update per table
+        # item tables: each table's gradient rows as parts, summed per row inside the update
         rows: list = [None] * len(self.opt.tables)
-        rows[self.table_pos[id(m.By)]] = _coalesce(cols, d_brows, N)
+        rows[self.table_pos[id(m.By)]] = [(cols, d_brows)]
         if self.mode == "shared":  # input and output roles of a W_y row are summed
-            uniq, inv, _ = _unique(torch.cat([inp, cols]), N)
-            g = d_x.new_zeros((len(uniq), d_x.shape[1]))
-            g.index_add_(0, inv[R:], d_wrows).index_add_(0, inv[:R], d_x)  # no [R + C, H] concat
-            rows[self.table_pos[id(m.Wy)]] = (uniq, g)
+            rows[self.table_pos[id(m.Wy)]] = [(cols, d_wrows), (inp, d_x)]
         else:
-            rows[self.table_pos[id(m.Wy)]] = _coalesce(cols, d_wrows, N)
-            rows[self.table_pos[id(in_table)]] = _coalesce(inp, d_x, N)
-        self.opt.step_unique([grads[id(p)] for p in self.dense], rows)
+            rows[self.table_pos[id(m.Wy)]] = [(cols, d_wrows)]
+            rows[self.table_pos[id(in_table)]] = [(inp, d_x)]
+        self.opt.step_parts([grads[id(p)] for p in self.dense], rows)
         return loss, new_hidden

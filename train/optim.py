@@ -10,9 +10,10 @@ the duplicate-summed gradient of every listed row is built in a scratch table (z
 rows, index_add_ the gradient rows, gather them back). Every occurrence of an index then carries
 the same coalesced gradient, computes the same new row and index_copy_ writes identical values.
 
-`step_unique` is the CPU step's entry: its row indices are already distinct and their gradient rows
-summed, so the scratch pass is skipped and Adagrad adds its rows in place (one index_add_ per table
-instead of gather, add, copy). Same update, fewer passes over the rows.
+`step_parts` is the CPU step's entry: each table's rows come as parts [(idx, grad rows), ...]
+(shared mode: the output columns and the inputs), duplicates allowed. Adagrad sums and applies them
+in one numba loop per table (train/cpu_kernels.py); other optimisers concatenate the parts and
+take `step`. Same update.
 
 `RowAdam` (option): Adam on dense parameters, lazy Adam on touched rows (moments of untouched
 rows do not decay), bias correction from a device step counter.
@@ -20,6 +21,7 @@ rows do not decay), bias correction from a device step counter.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,17 +46,9 @@ class _RowOptimizer:
             self._row_step(k, idx, self.coalesce(k, idx, g))
 
     @torch.no_grad()
-    def step_unique(self, dense_grads: list[Tensor], rows: list[tuple[Tensor, Tensor]]) -> None:
-        """Like `step`, but every idx holds distinct rows and g their summed gradient (consumed)."""
-        self._dense_step_inplace(dense_grads)
-        for k, (idx, g) in enumerate(rows):
-            self._unique_row_step(k, idx, g)
-
-    def _dense_step_inplace(self, grads: list[Tensor]) -> None:
-        self._dense_step(grads)
-
-    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
-        self._row_step(k, idx, g)
+    def step_parts(self, dense_grads: list[Tensor], rows: list[list[tuple[Tensor, Tensor]]]) -> None:
+        """Like `step`, with rows[k] = [(idx, gradient rows), ...] parts of table k's update."""
+        self.step(dense_grads, [(torch.cat([i for i, _ in p]), torch.cat([g for _, g in p])) for p in rows])
 
     def state_dict(self) -> dict:
         return {
@@ -80,6 +74,8 @@ class IndexedAdagradM(_RowOptimizer):
         self.tacc = [torch.zeros_like(t) for t in self.tables]
         self.vel = [torch.zeros_like(p) for p in self.dense] if self.momentum > 0 else []
         self.tvel = [torch.zeros_like(t) for t in self.tables] if self.momentum > 0 else []
+        self._seen = [np.zeros(len(t), dtype=np.bool_) for t in self.tables]  # step_parts' work buffers
+        self._order = [np.empty(len(t), dtype=np.int64) for t in self.tables]
 
     def _state(self) -> dict:
         return {"acc": self.acc, "tacc": self.tacc, "vel": self.vel, "tvel": self.tvel}
@@ -99,18 +95,6 @@ class IndexedAdagradM(_RowOptimizer):
         else:
             torch._foreach_add_(self.dense, d)
 
-    def _dense_step_inplace(self, grads: list[Tensor]) -> None:
-        # the same update in fewer passes over the weights (no temporary d): on a CPU the large
-        # GRU matrices are memory-bound here
-        for p, g, acc, k in zip(self.dense, grads, self.acc, range(len(self.dense))):
-            acc.addcmul_(g, g)
-            denom = acc.add(self.eps).sqrt_()
-            if self.momentum > 0:
-                vel = self.vel[k].mul_(self.momentum).addcdiv_(g, denom, value=-self.lr)
-                p.add_(vel)
-            else:
-                p.addcdiv_(g, denom, value=-self.lr)
-
     def _row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
         table, acc = self.tables[k], self.tacc[k]
         a = acc.index_select(0, idx).addcmul_(g, g)
@@ -122,20 +106,19 @@ class IndexedAdagradM(_RowOptimizer):
             vel.index_copy_(0, idx, d)
         table.index_copy_(0, idx, table.index_select(0, idx).add_(d))
 
-    def _unique_row_step(self, k: int, idx: Tensor, g: Tensor) -> None:
-        # distinct rows: every write is an in-place index_add_ (on the CPU markedly cheaper than
-        # index_copy_, and no gather of the table itself)
-        acc = self.tacc[k]
-        acc.index_add_(0, idx, g * g)
-        denom = acc.index_select(0, idx).add_(self.eps).sqrt_()
-        if self.momentum > 0:
-            vel = self.tvel[k]
-            v_old = vel.index_select(0, idx)
-            d = torch.addcdiv(v_old * self.momentum, g, denom, value=-self.lr)  # mu v - lr g / denom
-            vel.index_add_(0, idx, d - v_old)
-        else:
-            d = g.div_(denom).mul_(-self.lr)
-        self.tables[k].index_add_(0, idx, d)
+    @torch.no_grad()
+    def step_parts(self, dense_grads: list[Tensor], rows: list[list[tuple[Tensor, Tensor]]]) -> None:
+        from gru4rec.train.cpu_kernels import adagrad_dense, adagrad_rows
+
+        lr, mu, eps = self.lr, self.momentum, self.eps
+        for k, (p, g) in enumerate(zip(self.dense, dense_grads)):
+            adagrad_dense(p, g, self.acc[k], self.vel[k] if mu > 0 else p, lr, mu, eps)
+        for k, parts in enumerate(rows):
+            t = self.tables[k]
+            vel = self.tvel[k] if mu > 0 else t
+            adagrad_rows(
+                t, self.tacc[k], vel, self._scratch[k], self._seen[k], self._order[k], parts, lr, mu, eps
+            )
 
 
 class RowAdam(_RowOptimizer):
@@ -155,10 +138,6 @@ class RowAdam(_RowOptimizer):
     def step(self, dense_grads, rows) -> None:
         self.t.add_(1.0)
         super().step(dense_grads, rows)
-
-    def step_unique(self, dense_grads, rows) -> None:
-        self.t.add_(1.0)
-        super().step_unique(dense_grads, rows)
 
     def _scale(self) -> tuple[Tensor, Tensor]:
         """(-lr / (1 - b1^t), 1 / sqrt(1 - b2^t)) as device scalars."""
