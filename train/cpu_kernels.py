@@ -14,8 +14,10 @@ float32 tables are updated in float32 as ATen does.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit
+import torch
+from numba import njit, prange
 
 
 @njit(nogil=True, error_model="numpy", cache=True, inline="always")
@@ -37,36 +39,39 @@ def _update_row(p, acc, vel, g, r, denom, lr, mu, eps):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _add_rows(scratch, seen, order, n, idx, g):
-    """scratch[idx[i]] += g[i]; rows met for the first time are appended to order[n:]."""
+def _add_rows(buf, slot, order, n, idx, g):
+    """Sums g's rows per table row into buf (rows in order of first appearance, listed in order)."""
     for i in range(idx.shape[0]):
         r = idx[i]
-        if not seen[r]:
-            seen[r] = True
+        s = slot[r]
+        if s < 0:
+            s = n
+            slot[r] = n
             order[n] = r
             n += 1
-        for j in range(scratch.shape[1]):
-            scratch[r, j] += g[i, j]
+            for j in range(buf.shape[1]):
+                buf[s, j] = g[i, j]
+        else:
+            for j in range(buf.shape[1]):
+                buf[s, j] += g[i, j]
     return n
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
-def _adagrad_rows(table, acc, vel, scratch, seen, order, idx_a, g_a, idx_b, g_b, lr, mu, eps):
-    n = _add_rows(scratch, seen, order, 0, idx_a, g_a)
-    n = _add_rows(scratch, seen, order, n, idx_b, g_b)
-    denom = np.empty(table.shape[1], table.dtype)
-    for k in range(n):
+@njit(nogil=True, error_model="numpy", cache=True, parallel=True)
+def _adagrad_rows(table, acc, vel, buf, slot, order, idx_a, g_a, idx_b, g_b, lr, mu, eps):
+    n = _add_rows(buf, slot, order, 0, idx_a, g_a)
+    n = _add_rows(buf, slot, order, n, idx_b, g_b)
+    for k in prange(n):  # distinct rows: no two threads touch the same row
         r = order[k]
-        _update_row(table, acc, vel, scratch, r, denom, lr, mu, eps)
-        for j in range(table.shape[1]):
-            scratch[r, j] = 0
-        seen[r] = False
+        denom = np.empty(table.shape[1], table.dtype)
+        _update_row(table[r : r + 1], acc[r : r + 1], vel[r : r + 1], buf[k : k + 1], 0, denom, lr, mu, eps)
+        slot[r] = -1
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True, parallel=True)
 def _adagrad_2d(p, g, acc, vel, lr, mu, eps):
-    denom = np.empty(p.shape[1], p.dtype)
-    for r in range(p.shape[0]):
+    for r in prange(p.shape[0]):
+        denom = np.empty(p.shape[1], p.dtype)
         _update_row(p, acc, vel, g, r, denom, lr, mu, eps)
 
 
@@ -78,17 +83,26 @@ def _np(t, out: bool = False) -> np.ndarray:
     return a
 
 
-def adagrad_rows(table, acc, vel, scratch, seen, order, parts, lr: float, mu: float, eps: float) -> None:
+class RowWork:
+    """adagrad_rows' work buffers for one table: summed gradient rows, each table row's slot in them
+    (-1: none) and the rows in slot order. Left as found after every call."""
+
+    def __init__(self, table):
+        n, dtype = len(table), _np(table).dtype
+        self.buf = np.empty(_np(table).shape, dtype)
+        self.slot = np.full(n, -1, np.int64)
+        self.order = np.empty(n, np.int64)
+
+
+def adagrad_rows(table, acc, vel, work: RowWork, parts, lr: float, mu: float, eps: float) -> None:
     """Adagrad on the rows of `table` listed in parts = [(idx, grad_rows), ...] (one or two parts),
-    duplicates summed first (in the parts' order). Work buffers, left as they were found: scratch
-    (zeros like table), seen (bool array, False) and order (int64 array), one entry per table row.
-    vel is unused when mu = 0."""
+    duplicates summed first (in the parts' order). vel is unused when mu = 0."""
     ia, ga = parts[0]
     ib, gb = parts[1] if len(parts) > 1 else (ia[:0], ga[:0])
     t = _np(table, out=True)
     dt = t.dtype.type
     _adagrad_rows(
-        t, _np(acc, out=True), _np(vel, out=True), _np(scratch, out=True), seen, order,
+        t, _np(acc, out=True), _np(vel, out=True), work.buf, work.slot, work.order,
         _np(ia), _np(ga), _np(ib), _np(gb), dt(lr), dt(mu), dt(eps),
     )  # fmt: skip
 
@@ -102,12 +116,19 @@ def adagrad_dense(p, g, acc, vel, lr: float, mu: float, eps: float) -> None:
     _adagrad_2d(x.reshape(shape), np.ascontiguousarray(_np(g)).reshape(shape), a, v, dt(lr), dt(mu), dt(eps))
 
 
+def use_torch_threads() -> None:
+    """The loops run on as many threads as torch (`--threads`), within numba's pool."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
 def warm_up(dtype) -> None:
     """Compile (first run on a machine) or load from numba's cache the kernels for tables of this
     numpy dtype, so that it happens before training starts, not inside the first timed epoch."""
     z = np.zeros((2, 2), dtype)
     i = np.zeros(1, np.int64)
-    seen, order = np.zeros(2, np.bool_), np.empty(2, np.int64)
+    w = RowWork(torch.from_numpy(z))
     s = dtype.type(0)
-    _adagrad_rows(z, z.copy(), z.copy(), z.copy(), seen, order, i, z[:1], i[:0], z[:0], s, s, s)
+    _adagrad_rows(z, z.copy(), z.copy(), w.buf, w.slot, w.order, i, z[:1], i[:0], z[:0], s, s, s)
     _adagrad_2d(z, z.copy(), z.copy(), z.copy(), s, s, s)

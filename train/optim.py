@@ -21,7 +21,6 @@ rows do not decay), bias correction from a device step counter.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,8 +73,7 @@ class IndexedAdagradM(_RowOptimizer):
         self.tacc = [torch.zeros_like(t) for t in self.tables]
         self.vel = [torch.zeros_like(p) for p in self.dense] if self.momentum > 0 else []
         self.tvel = [torch.zeros_like(t) for t in self.tables] if self.momentum > 0 else []
-        self._seen = [np.zeros(len(t), dtype=np.bool_) for t in self.tables]  # step_parts' work buffers
-        self._order = [np.empty(len(t), dtype=np.int64) for t in self.tables]
+        self._work: list | None = None  # step_parts' work buffers (CPU tables only)
 
     def _state(self) -> dict:
         return {"acc": self.acc, "tacc": self.tacc, "vel": self.vel, "tvel": self.tvel}
@@ -108,17 +106,18 @@ class IndexedAdagradM(_RowOptimizer):
 
     @torch.no_grad()
     def step_parts(self, dense_grads: list[Tensor], rows: list[list[tuple[Tensor, Tensor]]]) -> None:
-        from gru4rec.train.cpu_kernels import adagrad_dense, adagrad_rows
+        from gru4rec.train.cpu_kernels import RowWork, adagrad_dense, adagrad_rows, use_torch_threads
 
         lr, mu, eps = self.lr, self.momentum, self.eps
+        use_torch_threads()
         for k, (p, g) in enumerate(zip(self.dense, dense_grads)):
             adagrad_dense(p, g, self.acc[k], self.vel[k] if mu > 0 else p, lr, mu, eps)
+        if self._work is None:
+            self._work = [RowWork(t) for t in self.tables]
         for k, parts in enumerate(rows):
             t = self.tables[k]
             vel = self.tvel[k] if mu > 0 else t
-            adagrad_rows(
-                t, self.tacc[k], vel, self._scratch[k], self._seen[k], self._order[k], parts, lr, mu, eps
-            )
+            adagrad_rows(t, self.tacc[k], vel, self._work[k], parts, lr, mu, eps)
 
 
 class RowAdam(_RowOptimizer):
