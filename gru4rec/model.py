@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gru4rec.dropout import dropout
+
 
 @dataclass
 class ModelConfig:
@@ -127,11 +129,11 @@ class GRU4Rec(nn.Module):
             z = torch.sigmoid(gx[:, 2 * H :] + grz[:, H:])
             c = torch.tanh(gx[:, :H] + (r * h) @ self.Wh0)
             x = (1.0 - z) * h + z * c
-            x = F.dropout(x, cfg.dropout_p_embed, drop)  # [quirk] PyTorch one-hot uses p_embed here
+            x = dropout(x, cfg.dropout_p_embed, drop)  # [quirk] PyTorch one-hot uses p_embed here
             new_hidden.append(x)
             rest = hidden[1:]
         else:
-            x = F.dropout(x, cfg.dropout_p_embed, drop)
+            x = dropout(x, cfg.dropout_p_embed, drop)
             rest = hidden
         for i, h in enumerate(rest):
             gi = F.linear(x, self.W_ih[i], self.b_ih[i])
@@ -142,7 +144,7 @@ class GRU4Rec(nn.Module):
             z = torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             x = (1.0 - z) * n + z * h
-            x = F.dropout(x, cfg.dropout_p_hidden, drop)
+            x = dropout(x, cfg.dropout_p_hidden, drop)
             new_hidden.append(x)
         return x, new_hidden
 

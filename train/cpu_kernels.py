@@ -14,10 +14,11 @@ float32 tables are updated in float32 as ATen does.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from gru4rec.jit import fill_mask
 
 
 @njit(nogil=True, error_model="numpy", cache=True, inline="always")
@@ -116,13 +117,6 @@ def adagrad_dense(p, g, acc, vel, lr: float, mu: float, eps: float) -> None:
     _adagrad_2d(x.reshape(shape), np.ascontiguousarray(_np(g)).reshape(shape), a, v, dt(lr), dt(mu), dt(eps))
 
 
-def use_torch_threads() -> None:
-    """The loops run on as many threads as torch (`--threads`), within numba's pool."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-
-
 def warm_up(dtype) -> None:
     """Compile (first run on a machine) or load from numba's cache the kernels for tables of this
     numpy dtype, so that it happens before training starts, not inside the first timed epoch."""
@@ -132,3 +126,4 @@ def warm_up(dtype) -> None:
     s = dtype.type(0)
     _adagrad_rows(z, z.copy(), z.copy(), w.buf, w.slot, w.order, i, z[:1], i[:0], z[:0], s, s, s)
     _adagrad_2d(z, z.copy(), z.copy(), z.copy(), s, s, s)
+    fill_mask(z.reshape(-1), np.uint64(0), np.uint64(1), dtype.type(1))

@@ -10,8 +10,8 @@ for a CPU, where every small op and every pass over gathered rows costs:
 - Gradients are written out: cross-entropy's closed form (softmax minus the one-hot target), the
   output layer's two GEMMs, the GRU cell's backward. The ranking losses take their score gradient
   from autograd over the small R x C loss graph only.
-- Dropout draws its masks exactly as F.dropout on the CPU does (bernoulli_(1 - p) / (1 - p), in the
-  same order), so a seed gives the same masks as the autograd step.
+- Dropout masks come from `gru4rec.dropout.mask`, as in the model's own training forward, in the
+  same order, so a seed gives the same masks as the autograd step.
 - Item-table gradient rows go to the optimiser's `step_parts` as they are; Adagrad sums duplicates
   and updates each touched row in one numba loop (train/cpu_kernels.py).
 """
@@ -22,18 +22,12 @@ import torch
 from torch import Tensor
 
 from gru4rec.allocator import keep_freed_memory
+from gru4rec.dropout import mask as dropout_mask
 from gru4rec.model import GRU4Rec
 from gru4rec.train.cpu_kernels import warm_up
 from gru4rec.train.losses import _FLOOR, row_loss_sum
 from gru4rec.train.optim import IndexedAdagradM
 from gru4rec.train.params import TrainConfig
-
-
-def _mask(like: Tensor, p: float) -> Tensor | None:
-    """Inverted-dropout mask, drawn exactly as ATen's CPU dropout draws it; None when p = 0."""
-    if p <= 0.0:
-        return None
-    return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 def _distinct(idx: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
@@ -80,7 +74,7 @@ class CpuStep:
             rh = r * h
             c = torch.tanh(gx[:, :H] + rh @ m.Wh0)
             x = (1.0 - z) * h + z * c
-            mask = _mask(x, cfg.dropout_p_embed)  # [quirk] p_embed on the one-hot layer (spec §2.4)
+            mask = dropout_mask(x, cfg.dropout_p_embed)  # [quirk] p_embed on the one-hot layer (spec §2.4)
             if mask is not None:
                 x = x * mask
             saved.append(("onehot", h, r, z, c, rh, mask))
@@ -88,7 +82,7 @@ class CpuStep:
             rest = hidden[1:]
             in_mask = None
         else:
-            in_mask = _mask(x, cfg.dropout_p_embed)
+            in_mask = dropout_mask(x, cfg.dropout_p_embed)
             if in_mask is not None:
                 x = x * in_mask
         for i, h in enumerate(rest):
@@ -100,7 +94,7 @@ class CpuStep:
             gh_n = gh[:, 2 * H :]
             n = torch.tanh(gi[:, 2 * H :] + r * gh_n)
             y = (1.0 - z) * n + z * h
-            mask = _mask(y, cfg.dropout_p_hidden)
+            mask = dropout_mask(y, cfg.dropout_p_hidden)
             if mask is not None:
                 y = y * mask
             saved.append(("cell", i, x, h, r, z, n, gh_n, mask))

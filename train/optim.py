@@ -106,7 +106,8 @@ class IndexedAdagradM(_RowOptimizer):
 
     @torch.no_grad()
     def step_parts(self, dense_grads: list[Tensor], rows: list[list[tuple[Tensor, Tensor]]]) -> None:
-        from gru4rec.train.cpu_kernels import RowWork, adagrad_dense, adagrad_rows, use_torch_threads
+        from gru4rec.jit import use_torch_threads
+        from gru4rec.train.cpu_kernels import RowWork, adagrad_dense, adagrad_rows
 
         lr, mu, eps = self.lr, self.momentum, self.eps
         use_torch_threads()

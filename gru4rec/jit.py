@@ -1,0 +1,31 @@
+"""Numba pieces of the core: the dropout mask generator (gru4rec/dropout.py) and the thread count
+every numba loop of the package runs on. Imported only by CPU training, so scoring, exporting and
+the GPU never load numba."""
+
+from __future__ import annotations
+
+import numba
+import torch
+from numba import njit, prange, uint64
+
+_GOLDEN = uint64(0x9E3779B97F4A7C15)
+
+
+def use_torch_threads() -> None:
+    """Numba's loops run on as many threads as torch (`--threads`), within numba's pool."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def fill_mask(out, seed, keep24, scale):
+    """out[i] = scale if splitmix64(seed + i) >> 40 < keep24 else 0 (out: 1-D)."""
+    n = out.shape[0]
+    for b in prange((n + 4095) // 4096):  # blocks: one thread's share is a run of whole cache lines
+        for i in range(b * 4096, min(n, b * 4096 + 4096)):
+            z = seed + uint64(i) * _GOLDEN
+            z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+            z = z ^ (z >> uint64(31))
+            out[i] = scale if (z >> uint64(40)) < keep24 else 0.0
