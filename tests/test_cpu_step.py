@@ -164,3 +164,20 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     from gru4rec.allocator import keep_freed_memory
 
     assert keep_freed_memory() and keep_freed_memory()  # accepted, and idempotent
+
+
+def test_every_numba_loop_is_compiled_before_the_first_epoch(tiny):
+    """warm_up (run when the CPU step is built) covers every signature a step uses: nothing is
+    compiled inside a timed epoch. Checked for both dtypes, every input mode, dropout and momentum."""
+    from gru4rec import jit
+    from gru4rec.train import cpu_kernels as K
+
+    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, jit.fill_mask]
+    for dtype in (torch.float32, torch.float64):
+        K.warm_up(dtype)
+        before = [len(f.signatures) for f in loops]
+        for mode in MODES:
+            p = {**BASE, **LOSSES["xe+logq"], **MODES[mode], **DROPOUT["on"]}
+            _run_epoch(tiny, p, fast=True, dtype=dtype)
+        _run_epoch(tiny, {**BASE, **LOSSES["bpr-max"], "momentum": 0.0}, fast=True, dtype=dtype)
+        assert [len(f.signatures) for f in loops] == before, dtype

@@ -24,9 +24,8 @@ from torch import Tensor
 from gru4rec.allocator import keep_freed_memory
 from gru4rec.dropout import mask as dropout_mask
 from gru4rec.model import GRU4Rec
-from gru4rec.train.cpu_kernels import warm_up
+from gru4rec.train.cpu_kernels import gru_cell_backward, warm_up
 from gru4rec.train.losses import _FLOOR, row_loss_sum
-from gru4rec.train.optim import IndexedAdagradM
 from gru4rec.train.params import TrainConfig
 
 
@@ -55,8 +54,7 @@ class CpuStep:
         self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
-        if isinstance(opt, IndexedAdagradM):
-            warm_up(model.Wy.detach().numpy().dtype)
+        warm_up(model.Wy.dtype)  # compile or load the numba loops before the first epoch
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
@@ -110,13 +108,7 @@ class CpuStep:
         for entry in reversed(saved):
             if entry[0] == "cell":
                 _, i, x, h, r, z, n, gh_n, mask = entry
-                if mask is not None:
-                    dy = dy * mask
-                dpre_n = dy * (1.0 - z) * (1.0 - n * n)
-                dpre_r = dpre_n * gh_n * r * (1.0 - r)
-                dpre_z = dy * (h - n) * z * (1.0 - z)
-                dgi = torch.cat([dpre_r, dpre_z, dpre_n], 1)
-                dgh = torch.cat([dpre_r, dpre_z, dpre_n * r], 1)
+                dgi, dgh = gru_cell_backward(dy, mask, h, r, z, n, gh_n)
                 grads[id(m.W_ih[i])] = dgi.T @ x
                 grads[id(m.b_ih[i])] = dgi.sum(0)
                 grads[id(m.W_hh[i])] = dgh.T @ h
