@@ -12,10 +12,19 @@ _GOLDEN = uint64(0x9E3779B97F4A7C15)
 
 
 def use_torch_threads() -> None:
-    """Numba's loops run on as many threads as torch (`--threads`), within numba's pool."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
+    """Numba's loops run on as many threads as torch (`--threads`), within numba's pool.
+
+    With the omp layer numba shares torch's OpenMP runtime, and starting numba's pool resets that
+    runtime's thread count to numba's default (all cores): torch's own count is restored after.
+    """
+    n = torch.get_num_threads()
+    if numba.get_num_threads() and torch.get_num_threads() != n:  # the first call starts the pool
+        torch.set_num_threads(n)
+    m = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != m:
+        numba.set_num_threads(m)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @njit(nogil=True, cache=True, parallel=True)

@@ -181,3 +181,12 @@ def test_every_numba_loop_is_compiled_before_the_first_epoch(tiny):
             _run_epoch(tiny, p, fast=True, dtype=dtype)
         _run_epoch(tiny, {**BASE, **LOSSES["bpr-max"], "momentum": 0.0}, fast=True, dtype=dtype)
         assert [len(f.signatures) for f in loops] == before, dtype
+
+
+def test_training_keeps_the_thread_count_it_was_given(tiny):
+    """numba's pool shares torch's OpenMP runtime; starting it must not change `--threads`."""
+    import numba
+
+    assert torch.get_num_threads() == 1  # the module's fixture
+    _run_epoch(tiny, {**BASE, **LOSSES["xe+logq"], **DROPOUT["on"]}, fast=True, dtype=torch.float32)
+    assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1

@@ -145,4 +145,4 @@ def test_step_parts_equals_the_update_by_loop(dtype, mu):
             opt.acc[k].double().reshape(1, -1), torch.tensor(da[k], dtype=torch.float64), **tol
         )
     # the work buffers are left clean for the next step
-    assert (opt._work[0].slot == -1).all()
+    assert (opt._loops.tables[0][3].slot == -1).all()

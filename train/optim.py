@@ -73,7 +73,7 @@ class IndexedAdagradM(_RowOptimizer):
         self.tacc = [torch.zeros_like(t) for t in self.tables]
         self.vel = [torch.zeros_like(p) for p in self.dense] if self.momentum > 0 else []
         self.tvel = [torch.zeros_like(t) for t in self.tables] if self.momentum > 0 else []
-        self._work: list | None = None  # step_parts' work buffers (CPU tables only)
+        self._loops = None  # step_parts' numba loops over views of this state (CPU only)
 
     def _state(self) -> dict:
         return {"acc": self.acc, "tacc": self.tacc, "vel": self.vel, "tvel": self.tvel}
@@ -106,19 +106,21 @@ class IndexedAdagradM(_RowOptimizer):
 
     @torch.no_grad()
     def step_parts(self, dense_grads: list[Tensor], rows: list[list[tuple[Tensor, Tensor]]]) -> None:
-        from gru4rec.jit import use_torch_threads
-        from gru4rec.train.cpu_kernels import RowWork, adagrad_dense, adagrad_rows
+        if self._loops is None:
+            from gru4rec.train.cpu_kernels import AdagradLoops
 
-        lr, mu, eps = self.lr, self.momentum, self.eps
-        use_torch_threads()
-        for k, (p, g) in enumerate(zip(self.dense, dense_grads)):
-            adagrad_dense(p, g, self.acc[k], self.vel[k] if mu > 0 else p, lr, mu, eps)
-        if self._work is None:
-            self._work = [RowWork(t) for t in self.tables]
-        for k, parts in enumerate(rows):
-            t = self.tables[k]
-            vel = self.tvel[k] if mu > 0 else t
-            adagrad_rows(t, self.tacc[k], vel, self._work[k], parts, lr, mu, eps)
+            self._loops = AdagradLoops(
+                self.dense,
+                self.acc,
+                self.vel,
+                self.tables,
+                self.tacc,
+                self.tvel,
+                self.lr,
+                self.momentum,
+                self.eps,
+            )
+        self._loops.step(dense_grads, rows)
 
 
 class RowAdam(_RowOptimizer):
