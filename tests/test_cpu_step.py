@@ -172,7 +172,7 @@ def test_every_numba_loop_is_compiled_before_the_first_epoch(tiny):
     from gru4rec import jit
     from gru4rec.train import cpu_kernels as K
 
-    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, jit.fill_mask]
+    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, jit.fill_mask]
     for dtype in (torch.float32, torch.float64):
         K.warm_up(dtype)
         before = [len(f.signatures) for f in loops]
@@ -190,3 +190,26 @@ def test_training_keeps_the_thread_count_it_was_given(tiny):
     assert torch.get_num_threads() == 1  # the module's fixture
     _run_epoch(tiny, {**BASE, **LOSSES["xe+logq"], **DROPOUT["on"]}, fast=True, dtype=torch.float32)
     assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("n_items", [50, 5000])  # count-table scan and sort
+@pytest.mark.parametrize("xe", [True, False])
+def test_columns_equal_unique_and_the_bias_formula(n_items, xe):
+    from gru4rec.train.cpu_kernels import Columns
+
+    g = torch.Generator().manual_seed(n_items)
+    by = torch.randn(n_items, 1, generator=g, dtype=torch.float64)
+    q_in, q_smp = torch.rand(n_items, generator=g) * 5, torch.rand(n_items, generator=g) * 3
+    tgt = torch.randint(0, n_items, (7,), generator=g)
+    smp = torch.randint(0, n_items // 2, (64,), generator=g)  # duplicates, some equal to targets
+    cols_fn = Columns(by, q_in, q_smp, 0.7, xe)
+    for _ in range(2):  # the count table is left clean for the next step
+        cols, w, bias = cols_fn(tgt, smp)
+        uniq, counts = torch.unique(smp, return_counts=True)
+        assert torch.equal(cols, torch.cat([tgt, uniq]))
+        assert torch.equal(w, torch.cat([torch.ones(7), counts]).double())
+        want = by[cols, 0]
+        if xe:
+            q = torch.cat([q_in[tgt], q_smp[uniq]]).double()
+            want = want - 0.7 * q + torch.log(w)
+        torch.testing.assert_close(bias, want, rtol=1e-12, atol=1e-12)

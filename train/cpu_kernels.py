@@ -96,6 +96,36 @@ def _gru_cell_backward(dy, mask, h, r, z, n, gh_n, dgi, dgh, one):
             dgh[b, 2 * H + j] = dn * r[b, j]
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
+    R, N = tgt.shape[0], count.shape[0]
+    for s in smp:
+        count[s] += 1
+    n = R
+    if N <= 16 * smp.shape[0]:  # a scan of the count table beats a sort
+        for item in range(N):
+            if count[item] > 0:
+                cols[n] = item
+                n += 1
+    else:
+        for item in np.unique(smp):
+            cols[n] = item
+            n += 1
+    for c in range(R):
+        cols[c] = tgt[c]
+        w[c] = 1
+    for c in range(R, n):
+        w[c] = count[cols[c]]
+        count[cols[c]] = 0
+    for c in range(n):
+        if xe:  # the order of the ATen ops this replaces: (q (-logq) + log w) + b
+            q = q_in[cols[c]] if c < R else q_smp[cols[c]]
+            bias[c] = (q * neg_logq + np.log(w[c])) + by[cols[c], 0]
+        else:
+            bias[c] = by[cols[c], 0]
+    return n
+
+
 def _np(t, out: bool = False) -> np.ndarray:
     """The tensor's memory as an array (no copy); an array written to must be contiguous."""
     a = (t.detach() if t.requires_grad else t).numpy()
@@ -145,6 +175,34 @@ class AdagradLoops:
             _adagrad_rows(t, a, v, w.buf, w.slot, w.order, _np(ia), _np(ga), _np(ib), _np(gb), *self.scalars)
 
 
+class Columns:
+    """The output layer's columns of a step with sampled negatives: the R targets, then each distinct
+    sampled item once (ascending) with its draw count as weight; and each column's bias, By[item],
+    for cross-entropy shifted by -logq log q(item) + log(weight) (q: the target or the sampling
+    popularity). One loop instead of a dozen small ATen ops."""
+
+    def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool):
+        self.by = _np(by)
+        dtype = torch.from_numpy(self.by[:0]).dtype
+        self.q_in, self.q_smp = _np(log_q_in.to(dtype)), _np(log_q_smp.to(dtype))
+        self.count = np.zeros(len(self.by), np.int64)
+        self.neg_logq, self.xe, self.dtype = self.by.dtype.type(-logq), xe, dtype
+
+    def __call__(self, tgt, smp) -> tuple:
+        """(cols, weights, biases) for target and sample indices."""
+        size = len(tgt) + len(smp)
+        cols, w, bias = (
+            torch.empty(size, dtype=torch.int64),
+            torch.empty(size, dtype=self.dtype),
+            torch.empty(size, dtype=self.dtype),
+        )
+        n = _columns(
+            _np(tgt), _np(smp), self.count, self.by, self.q_in, self.q_smp, self.neg_logq, self.xe,
+            cols.numpy(), w.numpy(), bias.numpy(),
+        )  # fmt: skip
+        return cols[:n], w[:n], bias[:n]
+
+
 def gru_cell_backward(dy, mask, h, r, z, n, gh_n) -> tuple:
     """(dgi, dgh): the gradients of a GRU cell's two pre-activations [i_r, i_z, i_n] and
     [h_r, h_z, h_n] from dy = d(output), times the dropout mask (or None), for
@@ -170,4 +228,8 @@ def warm_up(dtype: torch.dtype) -> None:
         state = [z.clone() for _ in range(6)]
         loops = AdagradLoops(*([t] for t in state), 0.0, mu, 1.0)
         loops.step([z], [[(torch.zeros(1, dtype=torch.int64), z[:1])]])
+    for xe in (False, True):
+        i = torch.zeros(1, dtype=torch.int64)
+        Columns(z[:, :1], z[:, 0].float(), z[:, 0].float(), 1.0, xe)(i, i)
+        Columns(torch.zeros(40, 1, dtype=dtype), *(torch.zeros(40),) * 2, 1.0, xe)(i, i)  # the sort
     fill_mask(_np(z).reshape(-1), np.uint64(0), np.uint64(1), _np(z).dtype.type(1))

@@ -24,23 +24,9 @@ from torch import Tensor
 from gru4rec.allocator import keep_freed_memory
 from gru4rec.dropout import mask as dropout_mask
 from gru4rec.model import GRU4Rec
-from gru4rec.train.cpu_kernels import gru_cell_backward, warm_up
+from gru4rec.train.cpu_kernels import Columns, gru_cell_backward, warm_up
 from gru4rec.train.losses import _FLOOR, row_loss_sum
 from gru4rec.train.params import TrainConfig
-
-
-def _distinct(idx: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
-    """(sorted distinct values, their counts) of item indices, as torch.unique gives them.
-
-    For a catalogue not much larger than the index list a count table (O(N + n), no sort) is several
-    times faster than torch.unique's sort; for large catalogues the sort is cheaper.
-    """
-    if n_items > 16 * len(idx):
-        uniq, counts = torch.unique(idx, return_counts=True)
-        return uniq, counts
-    counts = torch.bincount(idx, minlength=n_items)
-    uniq = torch.nonzero(counts).squeeze(1)
-    return uniq, counts.index_select(0, uniq)
 
 
 class CpuStep:
@@ -54,7 +40,10 @@ class CpuStep:
         self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
-        warm_up(model.Wy.dtype)  # compile or load the numba loops before the first epoch
+        warm_up(model.Wy.dtype)
+        self.columns = Columns(
+            model.By, log_q_in, log_q_smp, cfg.logq, cfg.loss == "cross-entropy"
+        )  # compile or load the numba loops before the first epoch
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
@@ -130,22 +119,6 @@ class CpuStep:
             dy = dy * in_mask
         return dy
 
-    def _col_bias(self, tgt: Tensor, smp_u: Tensor | None, w: Tensor | None) -> Tensor | None:
-        """Cross-entropy's per-column logit shift, -logq log q + log w, or None (a [C] vector).
-
-        Folded into the output layer's bias before the GEMM, so the [R, C] logits come out of one
-        addmm instead of addmm + two passes (same sum, summed in another order).
-        """
-        cfg, bias = self.cfg, None
-        if cfg.logq > 0:
-            q = self.log_q_in.index_select(0, tgt)
-            if smp_u is not None:
-                q = torch.cat([q, self.log_q_smp.index_select(0, smp_u)])
-            bias = q.to(self.model.Wy.dtype).mul_(-cfg.logq)
-        if w is not None:
-            bias = torch.log(w) if bias is None else bias.add_(torch.log(w))
-        return bias
-
     def _xe_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy's closed form from the shifted logits: softmax minus the one-hot target."""
         mx = z.amax(1, keepdim=True)
@@ -209,26 +182,24 @@ class CpuStep:
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, inp: Tensor, tgt: Tensor, keep: Tensor, smp: Tensor | None, hidden: list[Tensor]):
-        m, R, N = self.model, inp.shape[0], self.model.cfg.n_items
+        m = self.model
         in_table = m.input_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
+        xe = self.cfg.loss == "cross-entropy"
         if smp is not None:
-            smp_u, counts = _distinct(smp, N)
-            cols = torch.cat([tgt, smp_u])
-            w = torch.cat([counts.new_ones(R), counts]).to(m.Wy.dtype)
+            cols, w, col_b = self.columns(tgt, smp)  # col_b: By of each column, with XE's shift
         else:
-            smp_u, cols, w = None, tgt, None
+            cols, w = tgt, None
+            col_b = m.By.index_select(0, cols).squeeze(1)
+            if xe and self.cfg.logq > 0:
+                q = self.log_q_in.index_select(0, tgt).to(m.Wy.dtype)
+                col_b = q.mul_(-self.cfg.logq).add_(col_b)
 
         x_rows = in_table.index_select(0, inp)
         w_rows = m.Wy.index_select(0, cols)
-        b_rows = m.By.index_select(0, cols).squeeze(1)
         out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden])
-        if self.cfg.loss == "cross-entropy":
-            bias = self._col_bias(tgt, smp_u, w)
-            logits = torch.addmm(b_rows if bias is None else bias.add_(b_rows), out, w_rows.T)
-            loss, ds = self._xe_grad(logits)
-        else:
-            loss, ds = self._score_grad(torch.addmm(b_rows, out, w_rows.T), w)
+        scores = torch.addmm(col_b, out, w_rows.T)
+        loss, ds = self._xe_grad(scores) if xe else self._score_grad(scores, w)
 
         grads: dict[int, Tensor] = {}
         d_out = ds @ w_rows
