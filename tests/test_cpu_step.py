@@ -141,17 +141,16 @@ def test_cpu_training_is_deterministic_and_learns(tiny):
 @pytest.mark.parametrize("elu", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted):
-    """The CPU step's written-out bpr-max gradient against autograd of losses.bpr_max (float64)."""
-    from gru4rec.train.cpu_step import CpuStep
+    """The CPU step's written-out bpr-max loss and gradient against autograd of losses.bpr_max
+    (float64)."""
+    from gru4rec.train.cpu_kernels import bpr_max_grad
 
     g = torch.Generator().manual_seed(1)
     R, U = 5, 9
     s = torch.randn(R, R + U, generator=g, dtype=torch.float64) * 2.0
     w = torch.cat([torch.ones(R), torch.randint(1, 4, (U,), generator=g)]).double() if weighted else None
     cfg = from_dict({**BASE, **LOSSES["bpr-max"], "elu_param": elu, "batch_size": R})
-    step = CpuStep.__new__(CpuStep)  # only the loss part is exercised: no model or optimiser needed
-    step.cfg, step.scale = cfg, 1.0 / R
-    loss, ds = step._bpr_max_grad(s.clone(), w)
+    loss, ds = bpr_max_grad(s.clone(), w, cfg.bpreg, elu, 1.0 / R, 1e-24)
     x = s.clone().requires_grad_()
     ref = row_loss_sum("bpr-max", x, bpreg=cfg.bpreg, elu_param=elu, col_weight=w)
     (ref_grad,) = torch.autograd.grad(ref / R, x)
@@ -172,7 +171,7 @@ def test_every_numba_loop_is_compiled_before_the_first_epoch(tiny):
     from gru4rec import jit
     from gru4rec.train import cpu_kernels as K
 
-    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, jit.fill_mask]
+    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, K._bpr_max_rows, jit.fill_mask]
     for dtype in (torch.float32, torch.float64):
         K.warm_up(dtype)
         before = [len(f.signatures) for f in loops]

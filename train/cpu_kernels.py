@@ -16,6 +16,8 @@ float32 tables are updated in float32 as ATen does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -126,6 +128,35 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
     return n
 
 
+@njit(nogil=True, error_model="numpy", cache=True, parallel=True)
+def _bpr_max_rows(o, e, g, x, w, bpreg, alpha, scale, floor, two, row_loss):
+    for i in prange(o.shape[0]):
+        S = Pu = Bu = Qu = o[i, 0] * 0
+        for j in range(o.shape[1]):
+            ew = e[i, j] * w[j]
+            S += ew
+            Pu += ew * g[i, j]
+            Bu += ew * o[i, j] * o[i, j]
+            Qu += ew * g[i, j] * g[i, j]
+        P, B, Q = Pu / S, Bu / S, Qu / S
+        row_loss[i] = -np.log(P + floor) + bpreg * B
+        inv = 1 / (P + floor)
+        c = bpreg * B - P * inv
+        for j in range(o.shape[1]):
+            if j == i:  # the positive: no softmax weight of its own
+                d = -(P - Q) * inv
+            else:
+                d = (
+                    e[i, j]
+                    * w[j]
+                    / S
+                    * (bpreg * (o[i, j] * o[i, j] + two * o[i, j]) - inv * g[i, j] * g[i, j] - c)
+                )
+            if alpha > 0 and not x[i, j] > 0:  # ELU backward from its output: o + alpha below 0
+                d *= o[i, j] + alpha
+            e[i, j] = d * scale
+
+
 def _np(t, out: bool = False) -> np.ndarray:
     """The tensor's memory as an array (no copy); an array written to must be contiguous."""
     a = (t.detach() if t.requires_grad else t).numpy()
@@ -203,6 +234,31 @@ class Columns:
         return cols[:n], w[:n], bias[:n]
 
 
+def bpr_max_grad(scores, w, bpreg: float, alpha: float, scale: float, floor: float) -> tuple:
+    """(sum of row losses, scale x d loss / d scores) of bpr-max (train/losses.py) on [R, C] scores
+    whose first R columns are the rows' targets (the diagonal: positives), columns weighted by w
+    (None: 1). With o the ELU-activated scores, s the softmax of o over the negatives (diagonal
+    excluded, weighted), g = sigmoid(o_target - o), P = sum s g, B = sum s o^2, Q = sum s g^2:
+    loss = -log(P + floor) + bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with
+    c = bpreg B - P / (P + floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the
+    exponentials (vectorised); one loop per row does the ~20 passes of sums and products."""
+    o = torch.nn.functional.elu(scores, alpha=alpha) if alpha > 0 else scores
+    t = torch.diagonal(o).unsqueeze(1)
+    e = o.clone()
+    torch.diagonal(e).fill_(-math.inf)  # the row max over the negatives: the shift that cannot underflow all
+    e.sub_(e.amax(1, keepdim=True)).exp_()
+    g = torch.sub(t, o).sigmoid_()
+    if w is None:
+        w = scores.new_ones(scores.shape[1])
+    loss = scores.new_empty(scores.shape[0])
+    dt = _np(scores).dtype.type
+    _bpr_max_rows(
+        _np(o), _np(e), _np(g), _np(scores), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(2),
+        loss.numpy(),
+    )  # fmt: skip
+    return loss.sum(), e
+
+
 def gru_cell_backward(dy, mask, h, r, z, n, gh_n) -> tuple:
     """(dgi, dgh): the gradients of a GRU cell's two pre-activations [i_r, i_z, i_n] and
     [h_r, h_z, h_n] from dy = d(output), times the dropout mask (or None), for
@@ -228,6 +284,9 @@ def warm_up(dtype: torch.dtype) -> None:
         state = [z.clone() for _ in range(6)]
         loops = AdagradLoops(*([t] for t in state), 0.0, mu, 1.0)
         loops.step([z], [[(torch.zeros(1, dtype=torch.int64), z[:1])]])
+    for alpha in (0.0, 1.0):
+        bpr_max_grad(z, None, 1.0, alpha, 1.0, 1e-24)
+        bpr_max_grad(z, z[0].clone(), 1.0, alpha, 1.0, 1e-24)
     for xe in (False, True):
         i = torch.zeros(1, dtype=torch.int64)
         Columns(z[:, :1], z[:, 0].float(), z[:, 0].float(), 1.0, xe)(i, i)

@@ -24,7 +24,7 @@ from torch import Tensor
 from gru4rec.allocator import keep_freed_memory
 from gru4rec.dropout import mask as dropout_mask
 from gru4rec.model import GRU4Rec
-from gru4rec.train.cpu_kernels import Columns, gru_cell_backward, warm_up
+from gru4rec.train.cpu_kernels import Columns, bpr_max_grad, gru_cell_backward, warm_up
 from gru4rec.train.losses import _FLOOR, row_loss_sum
 from gru4rec.train.params import TrainConfig
 
@@ -130,49 +130,11 @@ class CpuStep:
         torch.diagonal(p).sub_(self.scale)
         return loss, p
 
-    def _bpr_max_grad(self, scores: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
-        """bpr-max (losses.bpr_max) and its gradient, written out (the autograd graph of the [R, C]
-        loss is the diginetica preset's largest cost).
-
-        With s the negative softmax (diagonal 0, columns weighted), g = sigmoid(t - o), P = sum s g,
-        B = sum s o^2 per row, the loss is -log(P + floor) + bpreg B and
-        dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c), c = bpreg B - P / (P + floor),
-        plus -(P - sum s g^2) / (P + floor) on the positive (the diagonal). The row max only shifts
-        the softmax, so it carries no gradient.
-        """
-        cfg, alpha = self.cfg, self.cfg.elu_param
-        o = torch.nn.functional.elu(scores, alpha=alpha) if alpha > 0 else scores
-        t = torch.diagonal(o).unsqueeze(1)
-        s = o.clone()
-        torch.diagonal(s).zero_()
-        s.sub_(s.amax(1, keepdim=True)).exp_()
-        if w is not None:
-            s.mul_(w)
-        torch.diagonal(s).zero_()
-        s.div_(s.sum(1, keepdim=True))
-        g = torch.sub(t, o).sigmoid_()
-        sg = s * g
-        P = sg.sum(1, keepdim=True)
-        oo = o * o
-        B = (s * oo).sum(1, keepdim=True)
-        loss = (torch.log(P + _FLOOR).neg_() + cfg.bpreg * B).sum()
-        inv = (P + _FLOOR).reciprocal_()
-        sgg = sg.mul_(g)  # s g^2
-        diag = (P - sgg.sum(1, keepdim=True)).mul_(inv).squeeze(1)
-        c = (cfg.bpreg * B).sub_(P * inv)
-        # G = s * bpreg (o^2 + 2o) - inv * s g^2 - c s
-        G = oo.add_(o, alpha=2.0).mul_(s).mul_(cfg.bpreg)
-        G.sub_(sgg.mul_(inv)).sub_(s.mul_(c))
-        torch.diagonal(G).sub_(diag)
-        if alpha > 0:  # ELU backward from its output: 1 where x > 0, else o + alpha
-            G = torch.where(scores > 0, G, G * (o + alpha))
-        return loss, G.mul_(self.scale)
-
     def _score_grad(self, scores: Tensor, w: Tensor | None):
         """(sum of row losses, d loss / d scores) for the [R, R + U] score matrix (ranking losses)."""
         cfg = self.cfg
-        if cfg.loss == "bpr-max":
-            return self._bpr_max_grad(scores, w)
+        if cfg.loss == "bpr-max":  # written out: its autograd graph is the diginetica preset's largest cost
+            return bpr_max_grad(scores, w, cfg.bpreg, cfg.elu_param, self.scale, _FLOOR)
         with torch.enable_grad():
             s = scores.detach().requires_grad_()
             loss = row_loss_sum(cfg.loss, s, bpreg=cfg.bpreg, elu_param=cfg.elu_param, col_weight=w)
