@@ -87,3 +87,16 @@ def test_dropout_applies_the_mask_and_is_identity_when_off():
     assert torch.equal(y, x * mask(x, 0.25))
     assert dropout(x, 0.25, False) is x and dropout(x, 0.0, True) is x
     assert mask(x, 0.0) is None
+
+
+def test_numba_is_loaded_by_cpu_training_only():
+    """Scoring, exporting and the model (also on a GPU) never import numba; the CPU step does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gru4rec.model, gru4rec.train.trainer, gru4rec.export.onnx_export, gru4rec.score.scorer;"
+        "print('numba' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

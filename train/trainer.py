@@ -33,7 +33,6 @@ from gru4rec.data import SESSION, fingerprint, validate_events
 from gru4rec.errors import UserError
 from gru4rec.items import INDEX, ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
-from gru4rec.train.cpu_step import CpuStep
 from gru4rec.train.dwell import boost
 from gru4rec.train.losses import row_loss_sum
 from gru4rec.train.optim import make_optimizer
@@ -124,11 +123,11 @@ class Trainer:
         self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)  # sum of row losses
         self.use_graph = dev.type == "cuda" and cfg.cuda_graph and self.n_full > WARMUP_STEPS
         self.graph = None
-        self.cpu_step = (
-            CpuStep(model, cfg, self.opt, self.dense, self.log_q_in, self.log_q_smp)
-            if dev.type == "cpu" and fast_cpu
-            else None
-        )
+        self.cpu_step = None
+        if dev.type == "cpu" and fast_cpu:
+            from gru4rec.train.cpu_step import CpuStep  # numba: loaded for CPU training only
+
+            self.cpu_step = CpuStep(model, cfg, self.opt, self.dense, self.log_q_in, self.log_q_smp)
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, inp, tgt, keep, smp, hidden):
