@@ -129,7 +129,7 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
 
 
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
-def _bpr_max_rows(o, e, g, x, w, bpreg, alpha, scale, floor, two, row_loss):
+def _bpr_max_rows(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
     for i in prange(o.shape[0]):
         S = Pu = Bu = Qu = o[i, 0] * 0
         for j in range(o.shape[1]):
@@ -140,21 +140,25 @@ def _bpr_max_rows(o, e, g, x, w, bpreg, alpha, scale, floor, two, row_loss):
             Qu += ew * g[i, j] * g[i, j]
         P, B, Q = Pu / S, Bu / S, Qu / S
         row_loss[i] = -np.log(P + floor) + bpreg * B
-        inv = 1 / (P + floor)
+        inv = one / (P + floor)
         c = bpreg * B - P * inv
+        ws = one / S
+        # no branch on the diagonal inside the loop (it would stop vectorisation): e[i, i] = 0 there,
+        # and the positive's own gradient is written after
         for j in range(o.shape[1]):
-            if j == i:  # the positive: no softmax weight of its own
-                d = -(P - Q) * inv
-            else:
-                d = (
-                    e[i, j]
-                    * w[j]
-                    / S
-                    * (bpreg * (o[i, j] * o[i, j] + two * o[i, j]) - inv * g[i, j] * g[i, j] - c)
-                )
-            if alpha > 0 and not x[i, j] > 0:  # ELU backward from its output: o + alpha below 0
-                d *= o[i, j] + alpha
+            d = (
+                e[i, j]
+                * w[j]
+                * ws
+                * (bpreg * (o[i, j] * o[i, j] + two * o[i, j]) - inv * g[i, j] * g[i, j] - c)
+            )
+            if alpha > 0:  # ELU backward from its output: o + alpha below 0
+                d *= one if x[i, j] > 0 else o[i, j] + alpha
             e[i, j] = d * scale
+        d = -(P - Q) * inv
+        if alpha > 0 and not x[i, i] > 0:
+            d *= o[i, i] + alpha
+        e[i, i] = d * scale
 
 
 def _np(t, out: bool = False) -> np.ndarray:
@@ -253,7 +257,7 @@ def bpr_max_grad(scores, w, bpreg: float, alpha: float, scale: float, floor: flo
     loss = scores.new_empty(scores.shape[0])
     dt = _np(scores).dtype.type
     _bpr_max_rows(
-        _np(o), _np(e), _np(g), _np(scores), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(2),
+        _np(o), _np(e), _np(g), _np(scores), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
         loss.numpy(),
     )  # fmt: skip
     return loss.sum(), e
