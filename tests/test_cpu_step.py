@@ -165,21 +165,37 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     assert keep_freed_memory() and keep_freed_memory()  # accepted, and idempotent
 
 
-def test_every_numba_loop_is_compiled_before_the_first_epoch(tiny):
-    """warm_up (run when the CPU step is built) covers every signature a step uses: nothing is
-    compiled inside a timed epoch. Checked for both dtypes, every input mode, dropout and momentum."""
-    from gru4rec import jit
-    from gru4rec.train import cpu_kernels as K
+_SIGNATURES_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from gru4rec import jit
+from gru4rec.train import cpu_kernels as K
+import test_cpu_step as T
+torch.set_num_threads(1)
+tiny = T.generate(150, 40, 5)[0]
+loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, K._bpr_max_rows, jit.fill_mask]
+for dtype in (torch.float32, torch.float64):
+    K.warm_up(dtype)
+    before = [len(f.signatures) for f in loops]
+    for mode in T.MODES:
+        T._run_epoch(tiny, {**T.BASE, **T.LOSSES["xe+logq"], **T.MODES[mode], **T.DROPOUT["on"]}, True, dtype)
+    T._run_epoch(tiny, {**T.BASE, **T.LOSSES["bpr-max"], "momentum": 0.0}, True, dtype)
+    assert [len(f.signatures) for f in loops] == before, (dtype, before, [f.signatures for f in loops])
+print("ok")
+"""
 
-    loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, K._bpr_max_rows, jit.fill_mask]
-    for dtype in (torch.float32, torch.float64):
-        K.warm_up(dtype)
-        before = [len(f.signatures) for f in loops]
-        for mode in MODES:
-            p = {**BASE, **LOSSES["xe+logq"], **MODES[mode], **DROPOUT["on"]}
-            _run_epoch(tiny, p, fast=True, dtype=dtype)
-        _run_epoch(tiny, {**BASE, **LOSSES["bpr-max"], "momentum": 0.0}, fast=True, dtype=dtype)
-        assert [len(f.signatures) for f in loops] == before, dtype
+
+def test_every_numba_loop_is_compiled_before_the_first_epoch():
+    """warm_up (run when the CPU step is built) covers every signature a step uses: nothing is
+    compiled inside a timed epoch. Checked in a fresh process (a loop compiled by an earlier test
+    would hide a miss), for both dtypes, every input mode, dropout, momentum and the epoch's tail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _SIGNATURES_CHECK, here], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_training_keeps_the_thread_count_it_was_given(tiny):
