@@ -11,20 +11,25 @@ from numba import njit, prange, uint64
 _GOLDEN = uint64(0x9E3779B97F4A7C15)
 
 
+_synced = 0  # torch's thread count numba was last matched to
+
+
 def use_torch_threads() -> None:
     """Numba's loops run on as many threads as torch (`--threads`), within numba's pool.
 
-    With the omp layer numba shares torch's OpenMP runtime, and starting numba's pool resets that
-    runtime's thread count to numba's default (all cores): torch's own count is restored after.
+    With the omp layer numba shares torch's OpenMP runtime, and starting numba's pool (the first
+    numba.get_num_threads) or setting its count resets that runtime's count: torch's is restored
+    after. Called before every loop, so a count already matched returns at once.
     """
+    global _synced
     n = torch.get_num_threads()
-    if numba.get_num_threads() and torch.get_num_threads() != n:  # the first call starts the pool
-        torch.set_num_threads(n)
+    if n == _synced:
+        return
     m = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != m:
         numba.set_num_threads(m)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
+    _synced = n
 
 
 @njit(nogil=True, cache=True, parallel=True)

@@ -176,27 +176,31 @@ def _rows_view(t) -> np.ndarray:
 
 
 class RowWork:
-    """adagrad_rows' work buffers for one table: summed gradient rows, each table row's slot in them
-    (-1: none) and the rows in slot order. Left as found after every call."""
+    """_adagrad_rows' work buffers for one table: the summed gradient rows (`buf`, the optimiser's
+    own scratch table, which its other update path also overwrites before use), each table row's
+    slot in them (-1: none) and the rows in slot order. slot is left as found after every call."""
 
-    def __init__(self, table):
-        a = _np(table)
-        self.buf = np.empty(a.shape, a.dtype)
-        self.slot = np.full(len(a), -1, np.int64)
-        self.order = np.empty(len(a), np.int64)
+    def __init__(self, scratch):
+        self.buf = _np(scratch, out=True)
+        self.slot = np.full(len(self.buf), -1, np.int64)
+        self.order = np.empty(len(self.buf), np.int64)
 
 
 class AdagradLoops:
-    """IndexedAdagradM's update through the loops above. The arrays are views of the optimiser's
-    and the model's tensors, made once: those are updated in place, never replaced."""
+    """An IndexedAdagradM's update (train/optim.py) through the loops above. The arrays are views
+    of the optimiser's and the model's tensors, made once: those are updated in place, never
+    replaced."""
 
-    def __init__(self, dense, acc, vel, tables, tacc, tvel, lr: float, mu: float, eps: float):
-        dt = _np(tables[0] if tables else dense[0]).dtype.type
-        self.scalars = dt(lr), dt(mu), dt(eps)
-        vel = vel or dense  # unused without momentum: any array of the right shape
-        tvel = tvel or tables
-        self.dense = [tuple(_rows_view(t) for t in ts) for ts in zip(dense, acc, vel)]
-        self.tables = [(*(_np(t, out=True) for t in ts), RowWork(ts[0])) for ts in zip(tables, tacc, tvel)]
+    def __init__(self, opt):
+        dt = _np((opt.tables or opt.dense)[0]).dtype.type
+        self.scalars = dt(opt.lr), dt(opt.momentum), dt(opt.eps)
+        vel = opt.vel or opt.dense  # unused without momentum: any array of the right shape
+        tvel = opt.tvel or opt.tables
+        self.dense = [tuple(_rows_view(t) for t in ts) for ts in zip(opt.dense, opt.acc, vel)]
+        self.tables = [
+            (*(_np(t, out=True) for t in ts), RowWork(s))
+            for *ts, s in zip(opt.tables, opt.tacc, tvel, opt._scratch)
+        ]
 
     def step(self, dense_grads: list, rows: list) -> None:
         """rows[k] = [(idx, gradient rows), ...]: one or two parts of table k's update, duplicates
@@ -217,11 +221,10 @@ class Columns:
     popularity). One loop instead of a dozen small ATen ops."""
 
     def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool):
-        self.by = _np(by)
-        dtype = torch.from_numpy(self.by[:0]).dtype
-        self.q_in, self.q_smp = _np(log_q_in.to(dtype)), _np(log_q_smp.to(dtype))
+        self.by, self.dtype = _np(by), by.dtype
+        self.q_in, self.q_smp = _np(log_q_in.to(by.dtype)), _np(log_q_smp.to(by.dtype))
         self.count = np.zeros(len(self.by), np.int64)
-        self.neg_logq, self.xe, self.dtype = self.by.dtype.type(-logq), xe, dtype
+        self.neg_logq, self.xe = self.by.dtype.type(-logq), xe
 
     def __call__(self, tgt, smp) -> tuple:
         """(cols, weights, biases) for target and sample indices."""
@@ -269,9 +272,8 @@ def gru_cell_backward(dy, mask, h, r, z, n, gh_n) -> tuple:
     y = (1 - z) n + z h, n = tanh(i_n + r h_n), r and z sigmoids. One pass instead of ~15 ATen ops."""
     B, H = dy.shape
     dgi, dgh = dy.new_empty(B, 3 * H), dy.new_empty(B, 3 * H)
-    mk = _np(mask) if mask is not None else np.empty((0, 0), _np(dy).dtype)
-    args = (_np(t) for t in (dy, h, r, z, n, gh_n))
-    d, hh, rr, zz, nn, ghn = args
+    d, hh, rr, zz, nn, ghn = (_np(t) for t in (dy, h, r, z, n, gh_n))
+    mk = _np(mask) if mask is not None else np.empty((0, 0), d.dtype)
     _gru_cell_backward(d, mk, hh, rr, zz, nn, ghn, _np(dgi), _np(dgh), d.dtype.type(1))
     return dgi, dgh
 
@@ -284,10 +286,11 @@ def warm_up(dtype: torch.dtype) -> None:
     wide = torch.zeros(2, 6, dtype=dtype)  # r, z and gh_n are column slices of wider results
     for mask in (None, z):
         gru_cell_backward(z, mask, z, wide[:, :2], wide[:, 2:4], z, wide[:, 4:])
+    from gru4rec.train.optim import IndexedAdagradM
+
     for mu in (0.0, 0.5):
-        state = [z.clone() for _ in range(6)]
-        loops = AdagradLoops(*([t] for t in state), 0.0, mu, 1.0)
-        loops.step([z], [[(torch.zeros(1, dtype=torch.int64), z[:1])]])
+        opt = IndexedAdagradM([z.clone()], [z.clone()], lr=0.0, momentum=mu, eps=1.0)
+        opt.step_parts([z], [[(torch.zeros(1, dtype=torch.int64), z[:1])]])
     for alpha in (0.0, 1.0):
         bpr_max_grad(z, None, 1.0, alpha, 1.0, 1e-24)
         bpr_max_grad(z, z[0].clone(), 1.0, alpha, 1.0, 1e-24)

@@ -37,13 +37,10 @@ class CpuStep:
         self.log_q_in, self.log_q_smp = log_q_in, log_q_smp
         self.mode = model.cfg.mode
         self.table_pos = {id(t): k for k, t in enumerate(opt.tables)}
-        self.dense_pos = {id(p): k for k, p in enumerate(dense)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
-        warm_up(model.Wy.dtype)
-        self.columns = Columns(
-            model.By, log_q_in, log_q_smp, cfg.logq, cfg.loss == "cross-entropy"
-        )  # compile or load the numba loops before the first epoch
+        warm_up(model.Wy.dtype)  # compile or load the numba loops before the first epoch
+        self.columns = Columns(model.By, log_q_in, log_q_smp, cfg.logq, cfg.loss == "cross-entropy")
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:

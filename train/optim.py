@@ -109,17 +109,7 @@ class IndexedAdagradM(_RowOptimizer):
         if self._loops is None:
             from gru4rec.train.cpu_kernels import AdagradLoops
 
-            self._loops = AdagradLoops(
-                self.dense,
-                self.acc,
-                self.vel,
-                self.tables,
-                self.tacc,
-                self.tvel,
-                self.lr,
-                self.momentum,
-                self.eps,
-            )
+            self._loops = AdagradLoops(self)
         self._loops.step(dense_grads, rows)
 
 

@@ -178,21 +178,16 @@ class Trainer:
 
     def _full_step(self) -> None:
         """A full-batch step driven entirely by device counters (the CUDA-graph body)."""
-        # index_select, not t[...]: indexing with a 0-d device tensor calls .item() (a host sync,
-        # which would also break CUDA-graph capture)
         if self.cpu_step is not None:  # nothing to capture on the CPU: plain row views, no gathers
-            t, pos = int(self.t_dev), int(self.pos_dev)
-            smp = self.store.store[pos] if self.cfg.n_sample > 0 else None
-            loss_rows, new_hidden = self._step(
-                self.full_in[t], self.full_tgt[t], self.full_keep[t], smp, self.hidden
-            )
-        else:
-            t = self.t_dev.view(1)
-            row = lambda a, i: a.index_select(0, i).squeeze(0)  # noqa: E731
-            smp = row(self.store.store, self.pos_dev.view(1)) if self.cfg.n_sample > 0 else None
-            loss_rows, new_hidden = self._step(
-                row(self.full_in, t), row(self.full_tgt, t), row(self.full_keep, t), smp, self.hidden
-            )
+            row = lambda a, i: a[int(i)]  # noqa: E731
+        else:  # index_select, not a[i]: indexing with a 0-d device tensor calls .item() (a host
+            # sync, which would also break CUDA-graph capture)
+            row = lambda a, i: a.index_select(0, i.view(1)).squeeze(0)  # noqa: E731
+        t = self.t_dev
+        smp = row(self.store.store, self.pos_dev) if self.cfg.n_sample > 0 else None
+        loss_rows, new_hidden = self._step(
+            row(self.full_in, t), row(self.full_tgt, t), row(self.full_keep, t), smp, self.hidden
+        )
         with torch.no_grad():
             for h, n in zip(self.hidden, new_hidden):
                 h.copy_(n)
