@@ -196,7 +196,12 @@ class AdagradLoops:
         self.scalars = dt(opt.lr), dt(opt.momentum), dt(opt.eps)
         vel = opt.vel or opt.dense  # unused without momentum: any array of the right shape
         tvel = opt.tvel or opt.tables
-        self.dense = [tuple(_rows_view(t) for t in ts) for ts in zip(opt.dense, opt.acc, vel)]
+        # a column-major matrix (cpu_step.column_major_) is walked as its transpose, with its state
+        # and gradient alike: the update is elementwise (a state of another layout fails here)
+        self.flip = [p.dim() == 2 and not p.is_contiguous() for p in opt.dense]
+        self.dense = [
+            tuple(_rows_view(t.T if f else t) for t in ts) for f, *ts in zip(self.flip, opt.dense, opt.acc, vel)
+        ]
         self.tables = [
             (*(_np(t, out=True) for t in ts), RowWork(s))
             for *ts, s in zip(opt.tables, opt.tacc, tvel, opt._scratch)
@@ -206,8 +211,8 @@ class AdagradLoops:
         """rows[k] = [(idx, gradient rows), ...]: one or two parts of table k's update, duplicates
         summed first (in the parts' order)."""
         use_torch_threads()
-        for (p, a, v), g in zip(self.dense, dense_grads):
-            _adagrad_2d(p, np.ascontiguousarray(_np(g)).reshape(p.shape), a, v, *self.scalars)
+        for (p, a, v), g, f in zip(self.dense, dense_grads, self.flip):
+            _adagrad_2d(p, np.ascontiguousarray(_np(g.T if f else g)).reshape(p.shape), a, v, *self.scalars)
         for (t, a, v, w), parts in zip(self.tables, rows):
             ia, ga = parts[0]
             ib, gb = parts[1] if len(parts) > 1 else (ia[:0], ga[:0])
@@ -241,6 +246,18 @@ class Columns:
         return cols[:n], w[:n], bias[:n]
 
 
+def _elu(x, alpha: float):
+    """ELU as max(x, alpha (e^min(x, 0) - 1)), exact for alpha <= 1 (alpha (e^x - 1) >= x below 0),
+    absolute error under 1e-7 against expm1: ATen's elu is 2x slower here than its exp (0.57 vs 0.26 ms for
+    [128, 1556] on the 2-core box)."""
+    if alpha > 1.0:
+        return torch.nn.functional.elu(x, alpha=alpha)
+    o = x.clamp(max=0.0).exp_().sub_(1.0)
+    if alpha != 1.0:
+        o.mul_(alpha)
+    return torch.maximum(o, x, out=o)
+
+
 def bpr_max_grad(scores, w, bpreg: float, alpha: float, scale: float, floor: float) -> tuple:
     """(sum of row losses, scale x d loss / d scores) of bpr-max (train/losses.py) on [R, C] scores
     whose first R columns are the rows' targets (the diagonal: positives), columns weighted by w
@@ -249,7 +266,7 @@ def bpr_max_grad(scores, w, bpreg: float, alpha: float, scale: float, floor: flo
     loss = -log(P + floor) + bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with
     c = bpreg B - P / (P + floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the
     exponentials (vectorised); one loop per row does the ~20 passes of sums and products."""
-    o = torch.nn.functional.elu(scores, alpha=alpha) if alpha > 0 else scores
+    o = _elu(scores, alpha) if alpha > 0 else scores
     t = torch.diagonal(o).unsqueeze(1)
     e = o.clone()
     torch.diagonal(e).fill_(-math.inf)  # the row max over the negatives: the shift that cannot underflow all

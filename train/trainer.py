@@ -101,6 +101,11 @@ class Trainer:
         self.tables = model.sparse_parameters()
         table_ids = {id(t) for t in self.tables}
         self.dense = [p for p in model.parameters() if id(p) not in table_ids]
+        fast_cpu = self.dev.type == "cpu" and fast_cpu
+        if fast_cpu:
+            from gru4rec.train.cpu_step import CpuStep, column_major_  # numba: for CPU training only
+
+            column_major_(model)
         self.opt = make_optimizer(cfg.optimizer, self.dense, self.tables, cfg.learning_rate, cfg.momentum)
         supp_t = torch.from_numpy(supp.astype(np.float64))
         self.store = SampleStore(supp_t, S, cfg.sample_alpha, cfg.sample_store_size, dev, seed + 1)
@@ -124,9 +129,7 @@ class Trainer:
         self.use_graph = dev.type == "cuda" and cfg.cuda_graph and self.n_full > WARMUP_STEPS
         self.graph = None
         self.cpu_step = None
-        if dev.type == "cpu" and fast_cpu:
-            from gru4rec.train.cpu_step import CpuStep  # numba: loaded for CPU training only
-
+        if fast_cpu:
             self.cpu_step = CpuStep(model, cfg, self.opt, self.dense, self.log_q_in, self.log_q_smp)
 
     # -- one step --------------------------------------------------------------------------------
