@@ -4,8 +4,8 @@ On a CPU the item-table update is the step's largest cost after the output GEMMs
 arithmetic: ATen spends it in a dozen separate ops (index_add_ per table, index_select of the
 accumulator and velocity rows, one elementwise pass per operator), each a dispatch and a walk over
 the touched rows (1.7 ms of a 6 ms rsc15-preset step on the 2-core box). `AdagradLoops` sums
-duplicate rows into a compact buffer and updates each touched row in one loop (0.6 ms), and the
-GRU weights likewise, rows split over torch's threads; `gru_cell_backward` writes a GRU cell's
+repeated rows in a compact buffer (a row seen once is read where it is) and updates each touched
+row in one loop (0.6 ms), and the GRU weights likewise, rows split over torch's threads; `gru_cell_backward` writes a GRU cell's
 pre-activation gradients in one pass (bitwise equal to the ATen ops). Compiled once per machine
 (numba's on-disk cache), loaded by `warm_up` before training starts.
 
@@ -44,32 +44,55 @@ def _update_row(p, acc, vel, g, r, denom, lr, mu, eps):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _add_rows(buf, slot, order, n, idx, g):
-    """Sums g's rows per table row into buf (rows in order of first appearance, listed in order)."""
+def _slot_rows(slot, order, cnt, first, n, idx, base):
+    """Gives each new table row of idx a slot (rows listed in order of first appearance) and counts
+    its occurrences; first[s] = base + position of the slot's first occurrence."""
     for i in range(idx.shape[0]):
         r = idx[i]
         s = slot[r]
         if s < 0:
-            s = n
             slot[r] = n
             order[n] = r
+            cnt[n] = 1
+            first[n] = base + i
             n += 1
-            for j in range(buf.shape[1]):
-                buf[s, j] = g[i, j]
         else:
-            for j in range(buf.shape[1]):
-                buf[s, j] += g[i, j]
+            cnt[s] += 1
     return n
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _sum_repeats(buf, slot, cnt, first, idx, g, base):
+    """buf[s] = the sum of g's rows of every row that occurs more than once, in occurrence order."""
+    for i in range(idx.shape[0]):
+        s = slot[idx[i]]
+        if cnt[s] > 1:
+            if first[s] == base + i:
+                for j in range(buf.shape[1]):
+                    buf[s, j] = g[i, j]
+            else:
+                for j in range(buf.shape[1]):
+                    buf[s, j] += g[i, j]
+
+
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
-def _adagrad_rows(table, acc, vel, buf, slot, order, idx_a, g_a, idx_b, g_b, lr, mu, eps):
-    n = _add_rows(buf, slot, order, 0, idx_a, g_a)
-    n = _add_rows(buf, slot, order, n, idx_b, g_b)
+def _adagrad_rows(table, acc, vel, buf, slot, order, cnt, first, idx_a, g_a, idx_b, g_b, lr, mu, eps):
+    na = idx_a.shape[0]
+    n = _slot_rows(slot, order, cnt, first, 0, idx_a, 0)
+    n = _slot_rows(slot, order, cnt, first, n, idx_b, na)
+    _sum_repeats(buf, slot, cnt, first, idx_a, g_a, 0)
+    _sum_repeats(buf, slot, cnt, first, idx_b, g_b, na)
     for k in prange(n):  # distinct rows: no two threads touch the same row
         r = order[k]
         denom = np.empty(table.shape[1], table.dtype)
-        _update_row(table[r : r + 1], acc[r : r + 1], vel[r : r + 1], buf[k : k + 1], 0, denom, lr, mu, eps)
+        t, a, v = table[r : r + 1], acc[r : r + 1], vel[r : r + 1]
+        i = first[k]
+        if cnt[k] > 1:  # a row seen once is read where it is: most rows, and no copy through buf
+            _update_row(t, a, v, buf[k : k + 1], 0, denom, lr, mu, eps)
+        elif i < na:
+            _update_row(t, a, v, g_a[i : i + 1], 0, denom, lr, mu, eps)
+        else:
+            _update_row(t, a, v, g_b[i - na : i - na + 1], 0, denom, lr, mu, eps)
         slot[r] = -1
 
 
@@ -176,14 +199,15 @@ def _rows_view(t) -> np.ndarray:
 
 
 class RowWork:
-    """_adagrad_rows' work buffers for one table: the summed gradient rows (`buf`, the optimiser's
-    own scratch table, which its other update path also overwrites before use), each table row's
-    slot in them (-1: none) and the rows in slot order. slot is left as found after every call."""
+    """_adagrad_rows' work buffers for one table: the summed gradient rows of repeated rows (`buf`,
+    the optimiser's own scratch table, which its other update path also overwrites before use), each
+    table row's slot (-1: none), and per slot its row, occurrence count and first occurrence. slot
+    is left as found after every call."""
 
     def __init__(self, scratch):
         self.buf = _np(scratch, out=True)
         self.slot = np.full(len(self.buf), -1, np.int64)
-        self.order = np.empty(len(self.buf), np.int64)
+        self.order, self.cnt, self.first = (np.empty(len(self.buf), np.int64) for _ in range(3))
 
 
 class AdagradLoops:
@@ -216,7 +240,9 @@ class AdagradLoops:
         for (t, a, v, w), parts in zip(self.tables, rows):
             ia, ga = parts[0]
             ib, gb = parts[1] if len(parts) > 1 else (ia[:0], ga[:0])
-            _adagrad_rows(t, a, v, w.buf, w.slot, w.order, _np(ia), _np(ga), _np(ib), _np(gb), *self.scalars)
+            _adagrad_rows(
+                t, a, v, w.buf, w.slot, w.order, w.cnt, w.first, _np(ia), _np(ga), _np(ib), _np(gb), *self.scalars
+            )
 
 
 class Columns:
