@@ -224,7 +224,8 @@ class AdagradLoops:
         # and gradient alike: the update is elementwise (a state of another layout fails here)
         self.flip = [p.dim() == 2 and not p.is_contiguous() for p in opt.dense]
         self.dense = [
-            tuple(_rows_view(t.T if f else t) for t in ts) for f, *ts in zip(self.flip, opt.dense, opt.acc, vel)
+            tuple(_rows_view(t.T if f else t) for t in ts)
+            for f, *ts in zip(self.flip, opt.dense, opt.acc, vel)
         ]
         self.tables = [
             (*(_np(t, out=True) for t in ts), RowWork(s))
@@ -240,9 +241,8 @@ class AdagradLoops:
         for (t, a, v, w), parts in zip(self.tables, rows):
             ia, ga = parts[0]
             ib, gb = parts[1] if len(parts) > 1 else (ia[:0], ga[:0])
-            _adagrad_rows(
-                t, a, v, w.buf, w.slot, w.order, w.cnt, w.first, _np(ia), _np(ga), _np(ib), _np(gb), *self.scalars
-            )
+            work = (w.buf, w.slot, w.order, w.cnt, w.first)
+            _adagrad_rows(t, a, v, *work, _np(ia), _np(ga), _np(ib), _np(gb), *self.scalars)
 
 
 class Columns:
