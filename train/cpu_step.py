@@ -45,6 +45,16 @@ def _outer(d: Tensor, x: Tensor, w: Tensor) -> Tensor:
     return d.T @ x if w.is_contiguous() else (x.T @ d).T
 
 
+def _hidden_product(h_live: Tensor, live: Tensor | None, b: Tensor, w: Tensor, rows: int) -> Tensor:
+    """h w^T + b over all rows from the live rows of h: a reset row is zero, its product is b.
+    A third of the rows start a session at each step with the official presets on rsc15, so this
+    saves a third of the two GEMMs with h (forward and weight gradient)."""
+    if live is None:
+        return torch.addmm(b, h_live, w.T)
+    out = b.expand(rows, -1).contiguous()
+    return out.index_copy_(0, live, torch.addmm(b, h_live, w.T))
+
+
 class CpuStep:
     """Callable: (inp, tgt, keep, smp, hidden) -> (sum of row losses, new states), updating in place."""
 
@@ -59,8 +69,11 @@ class CpuStep:
         self.columns = Columns(model.By, log_q_in, log_q_smp, cfg.logq, cfg.loss == "cross-entropy")
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor], list]:
-        """GRU layers with dropout; returns (output, new states, what the backward needs)."""
+    def _forward(
+        self, x: Tensor, hidden: list[Tensor], live: Tensor | None
+    ) -> tuple[Tensor, list[Tensor], list]:
+        """GRU layers with dropout; returns (output, new states, what the backward needs). live: the
+        rows whose state was kept (None: all); the others are zero."""
         m, cfg = self.model, self.model.cfg
         saved, new_hidden = [], []
         rest = hidden
@@ -88,7 +101,8 @@ class CpuStep:
         for i, h in enumerate(rest):
             H = h.shape[1]
             gi = torch.addmm(m.b_ih[i], x, m.W_ih[i].T)
-            gh = torch.addmm(m.b_hh[i], h, m.W_hh[i].T)
+            h_live = h if live is None else h.index_select(0, live)
+            gh = _hidden_product(h_live, live, m.b_hh[i], m.W_hh[i], len(h))
             rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
             r, z = rz[:, :H], rz[:, H:]
             gh_n = gh[:, 2 * H :]
@@ -97,7 +111,7 @@ class CpuStep:
             mask = dropout_mask(y, cfg.dropout_p_hidden)
             if mask is not None:
                 y = y * mask
-            saved.append(("cell", i, x, h, r, z, n, gh_n, mask))
+            saved.append(("cell", i, x, h, r, z, n, gh_n, mask, h_live, live))
             new_hidden.append(y)
             x = y
         return x, new_hidden, saved + [in_mask]
@@ -109,11 +123,12 @@ class CpuStep:
         in_mask = saved.pop()
         for entry in reversed(saved):
             if entry[0] == "cell":
-                _, i, x, h, r, z, n, gh_n, mask = entry
+                _, i, x, h, r, z, n, gh_n, mask, h_live, live = entry
                 dgi, dgh = gru_cell_backward(dy, mask, h, r, z, n, gh_n)
                 grads[id(m.W_ih[i])] = _outer(dgi, x, m.W_ih[i])
                 grads[id(m.b_ih[i])] = dgi.sum(0)
-                grads[id(m.W_hh[i])] = _outer(dgh, h, m.W_hh[i])
+                dgh_live = dgh if live is None else dgh.index_select(0, live)
+                grads[id(m.W_hh[i])] = _outer(dgh_live, h_live, m.W_hh[i])
                 grads[id(m.b_hh[i])] = dgh.sum(0)
                 dy = dgi @ m.W_ih[i]
             else:
@@ -172,7 +187,9 @@ class CpuStep:
 
         x_rows = in_table.index_select(0, inp)
         w_rows = m.Wy.index_select(0, cols)
-        out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden])
+        live = keep.view(-1).nonzero().view(-1)  # rows that go on with their session's state
+        live = None if len(live) == len(keep) else live
+        out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden], live)
         scores = torch.addmm(col_b, out, w_rows.T)
         loss, ds = self._xe_grad(scores) if xe else self._score_grad(scores, w)
 
