@@ -140,17 +140,19 @@ def test_cpu_training_is_deterministic_and_learns(tiny):
 
 @pytest.mark.parametrize("elu", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted):
+@pytest.mark.parametrize("R", [5, 37])  # the loop takes batch rows in blocks of 16
+def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R):
     """The CPU step's written-out bpr-max loss and gradient against autograd of losses.bpr_max
     (float64)."""
     from gru4rec.train.cpu_kernels import bpr_max_grad
 
     g = torch.Generator().manual_seed(1)
-    R, U = 5, 9
+    U = 9
     s = torch.randn(R, R + U, generator=g, dtype=torch.float64) * 2.0
     w = torch.cat([torch.ones(R), torch.randint(1, 4, (U,), generator=g)]).double() if weighted else None
     cfg = from_dict({**BASE, **LOSSES["bpr-max"], "elu_param": elu, "batch_size": R})
-    loss, ds = bpr_max_grad(s.clone(), w, cfg.bpreg, elu, 1.0 / R, 1e-24)
+    loss, ds_t = bpr_max_grad(s.T.contiguous(), w, cfg.bpreg, elu, 1.0 / R, 1e-24)
+    ds = ds_t.T
     x = s.clone().requires_grad_()
     ref = row_loss_sum("bpr-max", x, bpreg=cfg.bpreg, elu_param=elu, col_weight=w)
     (ref_grad,) = torch.autograd.grad(ref / R, x)
@@ -173,7 +175,7 @@ from gru4rec.train import cpu_kernels as K
 import test_cpu_step as T
 torch.set_num_threads(1)
 tiny = T.generate(150, 40, 5)[0]
-loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, K._bpr_max_rows, jit.fill_mask]
+loops = [K._adagrad_rows, K._adagrad_2d, K._gru_cell_backward, K._columns, K._bpr_max_cols, jit.fill_mask]
 for dtype in (torch.float32, torch.float64):
     K.warm_up(dtype)
     before = [len(f.signatures) for f in loops]

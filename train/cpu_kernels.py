@@ -151,37 +151,57 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
     return n
 
 
-@njit(nogil=True, error_model="numpy", cache=True, parallel=True)
-def _bpr_max_rows(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
-    for i in prange(o.shape[0]):
-        S = Pu = Bu = Qu = o[i, 0] * 0
-        for j in range(o.shape[1]):
-            ew = e[i, j] * w[j]
-            S += ew
-            Pu += ew * g[i, j]
-            Bu += ew * o[i, j] * o[i, j]
-            Qu += ew * g[i, j] * g[i, j]
-        P, B, Q = Pu / S, Bu / S, Qu / S
-        row_loss[i] = -np.log(P + floor) + bpreg * B
-        inv = one / (P + floor)
-        c = bpreg * B - P * inv
-        ws = one / S
-        # no branch on the diagonal inside the loop (it would stop vectorisation): e[i, i] = 0 there,
-        # and the positive's own gradient is written after
-        for j in range(o.shape[1]):
-            d = (
-                e[i, j]
-                * w[j]
-                * ws
-                * (bpreg * (o[i, j] * o[i, j] + two * o[i, j]) - inv * g[i, j] * g[i, j] - c)
-            )
+@njit(nogil=True, error_model="numpy", cache=True, inline="always")
+def _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, width):
+    """Batch rows lo..lo+width of _bpr_max_cols (inlined: a literal width of 16 vectorises)."""
+    acc = np.zeros((4, width), o.dtype)  # per row: S, P, B, Q unnormalised
+    for j in range(o.shape[0]):
+        ej, gj, oj = e[j, lo : lo + width], g[j, lo : lo + width], o[j, lo : lo + width]
+        for k in range(width):
+            ew = ej[k] * w[j]
+            acc[0, k] += ew
+            acc[1, k] += ew * gj[k]
+            acc[2, k] += ew * oj[k] * oj[k]
+            acc[3, k] += ew * gj[k] * gj[k]
+    S = acc[0]
+    P, B, Q = acc[1] / S, acc[2] / S, acc[3] / S
+    inv = one / (P + floor)
+    c = bpreg * B - P * inv
+    ws = one / S
+    for k in range(width):
+        row_loss[lo + k] = -np.log(P[k] + floor) + bpreg * B[k]
+    # no branch on the diagonal inside the loop (it would stop vectorisation): e[i, i] = 0 there,
+    # and the positive's own gradient is written after
+    for j in range(o.shape[0]):
+        ej, gj, oj, xj = (
+            e[j, lo : lo + width],
+            g[j, lo : lo + width],
+            o[j, lo : lo + width],
+            x[j, lo : lo + width],
+        )
+        for k in range(width):
+            d = ej[k] * w[j] * ws[k] * (bpreg * (oj[k] * oj[k] + two * oj[k]) - inv[k] * gj[k] * gj[k] - c[k])
             if alpha > 0:  # ELU backward from its output: o + alpha below 0
-                d *= one if x[i, j] > 0 else o[i, j] + alpha
-            e[i, j] = d * scale
-        d = -(P - Q) * inv
+                d *= one if xj[k] > 0 else oj[k] + alpha
+            ej[k] = d * scale
+    for k in range(width):
+        i = lo + k
+        d = -(P[k] - Q[k]) * inv[k]
         if alpha > 0 and not x[i, i] > 0:
             d *= o[i, i] + alpha
         e[i, i] = d * scale
+
+
+@njit(nogil=True, error_model="numpy", cache=True, parallel=True)
+def _bpr_max_cols(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
+    """Arrays [C, R]: column i holds batch row i over the C columns. Blocks of 16 batch rows in
+    parallel; within a block the C columns in order (each row's sums in the order of a row loop),
+    the block's rows innermost: contiguous and vectorised."""
+    R = o.shape[1]
+    for blk in prange(R // 16):
+        _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, blk * 16, 16)
+    if R % 16:
+        _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, R - R % 16, R % 16)
 
 
 def _np(t, out: bool = False) -> np.ndarray:
@@ -284,26 +304,27 @@ def _elu(x, alpha: float):
     return torch.maximum(o, x, out=o)
 
 
-def bpr_max_grad(scores, w, bpreg: float, alpha: float, scale: float, floor: float) -> tuple:
-    """(sum of row losses, scale x d loss / d scores) of bpr-max (train/losses.py) on [R, C] scores
-    whose first R columns are the rows' targets (the diagonal: positives), columns weighted by w
-    (None: 1). With o the ELU-activated scores, s the softmax of o over the negatives (diagonal
-    excluded, weighted), g = sigmoid(o_target - o), P = sum s g, B = sum s o^2, Q = sum s g^2:
-    loss = -log(P + floor) + bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with
-    c = bpreg B - P / (P + floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the
-    exponentials (vectorised); one loop per row does the ~20 passes of sums and products."""
-    o = _elu(scores, alpha) if alpha > 0 else scores
-    t = torch.diagonal(o).unsqueeze(1)
+def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: float) -> tuple:
+    """(sum of row losses, scale x d loss / d scores_t) of bpr-max (train/losses.py) on scores laid
+    out [C, R] (column i: batch row i; the step's output product is fastest that way), whose first
+    R rows are the batch rows' targets (the diagonal: positives), weighted by w (None: 1). With o
+    the ELU-activated scores, s the softmax of o over the negatives (diagonal excluded, weighted),
+    g = sigmoid(o_target - o), P = sum s g, B = sum s o^2, Q = sum s g^2: loss = -log(P + floor) +
+    bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with c = bpreg B - P / (P +
+    floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the exponentials (vectorised);
+    one loop does the ~20 passes of sums and products."""
+    o = _elu(scores_t, alpha) if alpha > 0 else scores_t
+    t = torch.diagonal(o).unsqueeze(0)
     e = o.clone()
-    torch.diagonal(e).fill_(-math.inf)  # the row max over the negatives: the shift that cannot underflow all
-    e.sub_(e.amax(1, keepdim=True)).exp_()
+    torch.diagonal(e).fill_(-math.inf)  # the max over the negatives: the shift that cannot underflow all
+    e.sub_(e.amax(0, keepdim=True)).exp_()
     g = torch.sub(t, o).sigmoid_()
     if w is None:
-        w = scores.new_ones(scores.shape[1])
-    loss = scores.new_empty(scores.shape[0])
-    dt = _np(scores).dtype.type
-    _bpr_max_rows(
-        _np(o), _np(e), _np(g), _np(scores), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
+        w = scores_t.new_ones(scores_t.shape[0])
+    loss = scores_t.new_empty(scores_t.shape[1])
+    dt = _np(scores_t).dtype.type
+    _bpr_max_cols(
+        _np(o), _np(e), _np(g), _np(scores_t), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
         loss.numpy(),
     )  # fmt: skip
     return loss.sum(), e

@@ -148,26 +148,26 @@ class CpuStep:
         return dy
 
     def _xe_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy's closed form from the shifted logits: softmax minus the one-hot target."""
-        mx = z.amax(1, keepdim=True)
+        """Cross-entropy's closed form from the shifted logits [C, R]: softmax minus the one-hot target."""
+        mx = z.amax(0, keepdim=True)
         diag = torch.diagonal(z).sum()
         p = z.sub_(mx).exp_()  # in place: z is this step's own buffer; one exp serves loss and grad
-        total = p.sum(1, keepdim=True)
+        total = p.sum(0, keepdim=True)
         loss = total.log().add_(mx).sum() - diag
         p.mul_(total.reciprocal_().mul_(self.scale))  # softmax x 1/batch in one pass
         torch.diagonal(p).sub_(self.scale)
         return loss, p
 
-    def _score_grad(self, scores: Tensor, w: Tensor | None):
-        """(sum of row losses, d loss / d scores) for the [R, R + U] score matrix (ranking losses)."""
+    def _score_grad(self, scores_t: Tensor, w: Tensor | None):
+        """(sum of row losses, d loss / d scores_t) for the [R + U, R] scores (ranking losses)."""
         cfg = self.cfg
         if cfg.loss == "bpr-max":  # written out: its autograd graph is the diginetica preset's largest cost
-            return bpr_max_grad(scores, w, cfg.bpreg, cfg.elu_param, self.scale, _FLOOR)
+            return bpr_max_grad(scores_t, w, cfg.bpreg, cfg.elu_param, self.scale, _FLOOR)
         with torch.enable_grad():
-            s = scores.detach().requires_grad_()
+            s = scores_t.T.detach().requires_grad_()
             loss = row_loss_sum(cfg.loss, s, bpreg=cfg.bpreg, elu_param=cfg.elu_param, col_weight=w)
             (ds,) = torch.autograd.grad(loss * self.scale, s)
-        return loss.detach(), ds
+        return loss.detach(), ds.T
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,13 +190,15 @@ class CpuStep:
         live = keep.view(-1).nonzero().view(-1)  # rows that go on with their session's state
         live = None if len(live) == len(keep) else live
         out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden], live)
-        scores = torch.addmm(col_b, out, w_rows.T)
-        loss, ds = self._xe_grad(scores) if xe else self._score_grad(scores, w)
+        # scores as [C, R], W out^T: MKL's fastest layout for this product here (3.3 vs 4.1 ms
+        # at the diginetica preset's [128 x 512] x [512 x 1556])
+        scores_t = torch.addmm(col_b.unsqueeze(1), w_rows, out.T)
+        loss, ds_t = self._xe_grad(scores_t) if xe else self._score_grad(scores_t, w)
 
         grads: dict[int, Tensor] = {}
-        d_out = ds @ w_rows
-        d_wrows = ds.T @ out
-        d_brows = ds.sum(0).unsqueeze(1)
+        d_out = ds_t.T @ w_rows
+        d_wrows = ds_t @ out
+        d_brows = ds_t.sum(1, keepdim=True)
         d_x = self._backward(d_out, saved, grads)
 
         # item tables: each table's gradient rows as parts, summed per row inside the update
