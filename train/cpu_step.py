@@ -67,6 +67,10 @@ class CpuStep:
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
         warm_up(model.Wy.dtype)  # compile or load the numba loops before the first epoch
         self.columns = Columns(model.By, log_q_in, log_q_smp, cfg.logq, cfg.loss == "cross-entropy")
+        # each GRU layer's (W_ih, W_hh, b_ih, b_hh), looked up once (nn.Module attribute and
+        # ParameterList lookups are ~40 Python calls a step); parameters are updated in place
+        self.cells = list(zip(model.W_ih, model.W_hh, model.b_ih, model.b_hh))
+        self.in_table = model.input_table
 
     # -- forward -------------------------------------------------------------------------------
     def _forward(
@@ -100,9 +104,10 @@ class CpuStep:
                 x = x * in_mask
         for i, h in enumerate(rest):
             H = h.shape[1]
-            gi = torch.addmm(m.b_ih[i], x, m.W_ih[i].T)
+            w_ih, w_hh, b_ih, b_hh = self.cells[i]
+            gi = torch.addmm(b_ih, x, w_ih.T)
             h_live = h if live is None else h.index_select(0, live)
-            gh = _hidden_product(h_live, live, m.b_hh[i], m.W_hh[i], len(h))
+            gh = _hidden_product(h_live, live, b_hh, w_hh, len(h))
             rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
             r, z = rz[:, :H], rz[:, H:]
             gh_n = gh[:, 2 * H :]
@@ -124,13 +129,14 @@ class CpuStep:
         for entry in reversed(saved):
             if entry[0] == "cell":
                 _, i, x, h, r, z, n, gh_n, mask, h_live, live = entry
+                w_ih, w_hh, b_ih, b_hh = self.cells[i]
                 dgi, dgh = gru_cell_backward(dy, mask, h, r, z, n, gh_n)
-                grads[id(m.W_ih[i])] = _outer(dgi, x, m.W_ih[i])
-                grads[id(m.b_ih[i])] = dgi.sum(0)
+                grads[id(w_ih)] = _outer(dgi, x, w_ih)
+                grads[id(b_ih)] = dgi.sum(0)
                 dgh_live = dgh if live is None else dgh.index_select(0, live)
-                grads[id(m.W_hh[i])] = _outer(dgh_live, h_live, m.W_hh[i])
-                grads[id(m.b_hh[i])] = dgh.sum(0)
-                dy = dgi @ m.W_ih[i]
+                grads[id(w_hh)] = _outer(dgh_live, h_live, w_hh)
+                grads[id(b_hh)] = dgh.sum(0)
+                dy = dgi @ w_ih
             else:
                 _, h, r, z, c, rh, mask = entry
                 if mask is not None:
@@ -172,8 +178,7 @@ class CpuStep:
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, inp: Tensor, tgt: Tensor, keep: Tensor, smp: Tensor | None, hidden: list[Tensor]):
-        m = self.model
-        in_table = m.input_table
+        m, in_table = self.model, self.in_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
         xe = self.cfg.loss == "cross-entropy"
         if smp is not None:
