@@ -141,7 +141,8 @@ def test_cpu_training_is_deterministic_and_learns(tiny):
 @pytest.mark.parametrize("elu", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("R", [5, 37])  # the loop takes batch rows in blocks of 16
-def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R):
+@pytest.mark.parametrize("far", [False, True])  # a negative 80 above its target: g by sigmoid itself
+def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R, far):
     """The CPU step's written-out bpr-max loss and gradient against autograd of losses.bpr_max
     (float64)."""
     from gru4rec.train.cpu_kernels import bpr_max_grad
@@ -149,6 +150,8 @@ def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R):
     g = torch.Generator().manual_seed(1)
     U = 9
     s = torch.randn(R, R + U, generator=g, dtype=torch.float64) * 2.0
+    if far:
+        s[0, R] = 80.0
     w = torch.cat([torch.ones(R), torch.randint(1, 4, (U,), generator=g)]).double() if weighted else None
     cfg = from_dict({**BASE, **LOSSES["bpr-max"], "elu_param": elu, "batch_size": R})
     loss, ds_t = bpr_max_grad(s.T.contiguous(), w, cfg.bpreg, elu, 1.0 / R, 1e-24)

@@ -152,11 +152,16 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
 
 
 @njit(nogil=True, error_model="numpy", cache=True, inline="always")
-def _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, width):
+def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, width):
     """Batch rows lo..lo+width of _bpr_max_cols (inlined: a literal width of 16 vectorises)."""
-    acc = np.zeros((4, width), o.dtype)  # per row: S, P, B, Q unnormalised
+    # per row: S, P, B, Q unnormalised, in float64 whatever the arrays' type: the gradient's terms
+    # below cancel, and float32 sums over ~1,500 columns cost 2 decimal digits there
+    acc = np.zeros((4, width), np.float64)
     for j in range(o.shape[0]):
         ej, gj, oj = e[j, lo : lo + width], g[j, lo : lo + width], o[j, lo : lo + width]
+        if kt.shape[0] > 0:  # g = sigmoid(t - o) = 1 / (1 + e^(o - max) e^(max - t)): no second exp
+            for k in range(width):
+                gj[k] = one / (one + ej[k] * kt[lo + k])
         for k in range(width):
             ew = ej[k] * w[j]
             acc[0, k] += ew
@@ -193,15 +198,16 @@ def _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss
 
 
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
-def _bpr_max_cols(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
+def _bpr_max_cols(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
     """Arrays [C, R]: column i holds batch row i over the C columns. Blocks of 16 batch rows in
     parallel; within a block the C columns in order (each row's sums in the order of a row loop),
-    the block's rows innermost: contiguous and vectorised."""
+    the block's rows innermost: contiguous and vectorised. g is filled here from e when kt (each
+    row's e^(max - target)) is given, else given."""
     R = o.shape[1]
     for blk in prange(R // 16):
-        _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, blk * 16, 16)
+        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, blk * 16, 16)
     if R % 16:
-        _bpr_max_block(o, e, g, x, w, bpreg, alpha, scale, floor, one, two, row_loss, R - R % 16, R % 16)
+        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, R - R % 16, R % 16)
 
 
 def _np(t, out: bool = False) -> np.ndarray:
@@ -311,20 +317,28 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     the ELU-activated scores, s the softmax of o over the negatives (diagonal excluded, weighted),
     g = sigmoid(o_target - o), P = sum s g, B = sum s o^2, Q = sum s g^2: loss = -log(P + floor) +
     bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with c = bpreg B - P / (P +
-    floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the exponentials (vectorised);
-    one loop does the ~20 passes of sums and products."""
+    floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the one exponential (vectorised),
+    e = e^(o - max); one loop does g = 1 / (1 + e e^(max - t)) and the ~20 passes of sums and
+    products."""
     o = _elu(scores_t, alpha) if alpha > 0 else scores_t
     t = torch.diagonal(o).unsqueeze(0)
     e = o.clone()
     torch.diagonal(e).fill_(-math.inf)  # the max over the negatives: the shift that cannot underflow all
-    e.sub_(e.amax(0, keepdim=True)).exp_()
-    g = torch.sub(t, o).sigmoid_()
+    mx = e.amax(0, keepdim=True)
+    e.sub_(mx).exp_()
+    kt = mx.sub_(t).squeeze(0)
+    if float(kt.max()) < 60.0:  # e^(max - t) finite and e^(o - max) e^(max - t) exact enough
+        kt.exp_()
+        g = torch.empty_like(o)  # filled by the loop
+    else:  # a target far below the best negative (diverging scores): sigmoid itself
+        kt = kt[:0]
+        g = torch.sub(t, o).sigmoid_()
     if w is None:
         w = scores_t.new_ones(scores_t.shape[0])
     loss = scores_t.new_empty(scores_t.shape[1])
     dt = _np(scores_t).dtype.type
     _bpr_max_cols(
-        _np(o), _np(e), _np(g), _np(scores_t), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
+        _np(o), _np(e), _np(g), _np(kt), _np(scores_t), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
         loss.numpy(),
     )  # fmt: skip
     return loss.sum(), e
