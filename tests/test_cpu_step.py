@@ -233,3 +233,17 @@ def test_columns_equal_unique_and_the_bias_formula(n_items, xe):
             q = torch.cat([q_in[tgt], q_smp[uniq]]).double()
             want = want - 0.7 * q + torch.log(w)
         torch.testing.assert_close(bias, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bpr_max_float32_stays_close_to_float64():
+    """The float32 step's bpr-max gradient against the same maths in float64 on a preset-sized
+    [1,556 x 128] score matrix: its sums run in float64 (float32 sums over ~1,500 columns lose two
+    digits in the gradient's cancelling terms)."""
+    from gru4rec.train.cpu_kernels import bpr_max_grad
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1556, 128, generator=g) * 3.0
+    loss32, ds32 = bpr_max_grad(s.clone(), None, 0.9, 1.0, 1.0 / 128, 1e-24)
+    loss64, ds64 = bpr_max_grad(s.double(), None, 0.9, 1.0, 1.0 / 128, 1e-24)
+    assert abs(loss32.item() - loss64.item()) < 1e-6 * abs(loss64.item())
+    assert (ds32.double() - ds64).abs().max().item() < 1e-6 * ds64.abs().max().item()
