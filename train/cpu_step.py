@@ -196,7 +196,7 @@ class CpuStep:
 
         x_rows = in_table.index_select(0, inp)
         w_rows = m.Wy.index_select(0, cols)
-        live = keep.view(-1).nonzero().view(-1)  # rows that go on with their session's state
+        live = keep.reshape(-1).nonzero().view(-1)  # rows that go on with their session's state
         live = None if len(live) == len(keep) else live
         out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden], live)
         # scores as [C, R], W out^T: MKL's fastest layout for this product here (3.3 vs 4.1 ms
