@@ -5,9 +5,10 @@ arithmetic: ATen spends it in a dozen separate ops (index_add_ per table, index_
 accumulator and velocity rows, one elementwise pass per operator), each a dispatch and a walk over
 the touched rows (1.7 ms of a 6 ms rsc15-preset step on the 2-core box). `AdagradLoops` sums
 repeated rows in a compact buffer (a row seen once is read where it is) and updates each touched
-row in one loop (0.6 ms), and the GRU weights likewise, rows split over torch's threads; `gru_cell_backward` writes a GRU cell's
-pre-activation gradients in one pass (bitwise equal to the ATen ops). Compiled once per machine
-(numba's on-disk cache), loaded by `warm_up` before training starts.
+row in one loop (0.6 ms), and the GRU weights likewise, rows split over torch's threads;
+`gru_cell_backward` writes a GRU cell's pre-activation gradients in one pass (bitwise equal to the
+ATen ops). Compiled once per machine (numba's on-disk cache), loaded by `warm_up` before training
+starts.
 
 Update (official IndexedAdagradM): a <- a + g^2; d = -lr g / sqrt(a + eps); with momentum mu > 0,
 v <- mu v + d and theta <- theta + v; else theta <- theta + d. Scalars come in the tables' dtype, so
@@ -274,10 +275,10 @@ class AdagradLoops:
 
 
 class Columns:
-    """The output layer's columns of a step with sampled negatives: the R targets, then each distinct
-    sampled item once (ascending) with its draw count as weight; and each column's bias, By[item],
-    for cross-entropy shifted by -logq log q(item) + log(weight) (q: the target or the sampling
-    popularity). One loop instead of a dozen small ATen ops."""
+    """The output layer's columns of a step: the R targets, then each distinct sampled item once
+    (ascending; none without samples) with its draw count as weight; and each column's bias,
+    By[item], for cross-entropy shifted by -logq log q(item) + log(weight) (q: the target or the
+    sampling popularity). One loop instead of a dozen small ATen ops."""
 
     def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool):
         self.by, self.dtype = _np(by), by.dtype
@@ -302,8 +303,8 @@ class Columns:
 
 def _elu(x, alpha: float):
     """ELU as max(x, alpha (e^min(x, 0) - 1)), exact for alpha <= 1 (alpha (e^x - 1) >= x below 0),
-    absolute error under 1e-7 against expm1: ATen's elu is 2x slower here than its exp (0.57 vs 0.26 ms for
-    [128, 1556] on the 2-core box)."""
+    absolute error under 1e-7 against expm1: ATen's elu is 2x slower here than its exp (0.57 vs
+    0.26 ms for [128, 1556] on the 2-core box)."""
     if alpha > 1.0:
         return torch.nn.functional.elu(x, alpha=alpha)
     o = x.clamp(max=0.0).exp_().sub_(1.0)

@@ -44,11 +44,6 @@ def column_major_(model: GRU4Rec) -> None:
         w.data = w.data.T.contiguous().T
 
 
-def _outer(d: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """d^T x, the gradient of w in x w^T, laid out like w."""
-    return d.T @ x if w.is_contiguous() else (x.T @ d).T
-
-
 def _hidden_product(h_live: Tensor, live: Tensor | None, b: Tensor, w: Tensor, rows: int) -> Tensor:
     """h w^T + b over all rows from the live rows of h: a reset row is zero, its product is b.
     A third of the rows start a session at each step with the official presets on rsc15, so this
@@ -64,7 +59,6 @@ class CpuStep:
 
     def __init__(self, model: GRU4Rec, cfg: TrainConfig, opt, dense: list[Tensor], log_q_in, log_q_smp):
         self.model, self.cfg, self.opt, self.dense = model, cfg, opt, dense
-        self.log_q_in, self.log_q_smp = log_q_in, log_q_smp
         self.mode = model.cfg.mode
         self.table_pos = {id(t): k for k, t in enumerate(opt.tables)}
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
@@ -135,10 +129,10 @@ class CpuStep:
                 _, i, x, h, r, z, n, gh_n, mask, h_live, live = entry
                 w_ih, w_hh, b_ih, b_hh = self.cells[i]
                 dgi, dgh = gru_cell_backward(dy, mask, h, r, z, n, gh_n)
-                grads[id(w_ih)] = _outer(dgi, x, w_ih)
+                grads[id(w_ih)] = (x.T @ dgi).T  # dgiᵀ x, column-major like the weight
                 grads[id(b_ih)] = dgi.sum(0)
                 dgh_live = dgh if live is None else dgh.index_select(0, live)
-                grads[id(w_hh)] = _outer(dgh_live, h_live, w_hh)
+                grads[id(w_hh)] = (h_live.T @ dgh_live).T
                 grads[id(b_hh)] = dgh.sum(0)
                 dy = dgi @ w_ih
             else:
@@ -185,14 +179,8 @@ class CpuStep:
         m, in_table = self.model, self.in_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
         xe = self.cfg.loss == "cross-entropy"
-        if smp is not None:
-            cols, w, col_b = self.columns(tgt, smp)  # col_b: By of each column, with XE's shift
-        else:
-            cols, w = tgt, None
-            col_b = m.By.index_select(0, cols).squeeze(1)
-            if xe and self.cfg.logq > 0:
-                q = self.log_q_in.index_select(0, tgt).to(m.Wy.dtype)
-                col_b = q.mul_(-self.cfg.logq).add_(col_b)
+        # col_b: By of each column, with XE's shift; without samples the columns are the targets
+        cols, w, col_b = self.columns(tgt, smp if smp is not None else tgt[:0])
 
         x_rows = in_table.index_select(0, inp)
         w_rows = m.Wy.index_select(0, cols)
