@@ -139,7 +139,7 @@ def test_cpu_training_is_deterministic_and_learns(tiny):
 
 
 @pytest.mark.parametrize("elu", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, True, "merged"])
 @pytest.mark.parametrize("R", [5, 37])  # the loop takes batch rows in blocks of 16
 @pytest.mark.parametrize("far", [False, True])  # a negative 80 above its target: g by sigmoid itself
 def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R, far):
@@ -153,11 +153,20 @@ def test_bpr_max_closed_form_gradient_equals_autograd(elu, weighted, R, far):
     if far:
         s[0, R] = 80.0
     w = torch.cat([torch.ones(R), torch.randint(1, 4, (U,), generator=g)]).double() if weighted else None
+    extra = torch.zeros(R, dtype=torch.int64)
+    if weighted == "merged":  # targets 0, 2, 3 also drawn as samples: their columns weigh 1 + draws
+        extra[[0, 2, 3]] = torch.tensor([1, 3, 2])
+        w[:R] += extra
     cfg = from_dict({**BASE, **LOSSES["bpr-max"], "elu_param": elu, "batch_size": R})
     loss, ds_t = bpr_max_grad(s.T.contiguous(), w, cfg.bpreg, elu, 1.0 / R, 1e-24)
     ds = ds_t.T
     x = s.clone().requires_grad_()
-    ref = row_loss_sum("bpr-max", x, bpreg=cfg.bpreg, elu_param=elu, col_weight=w)
+    # the reference: merged targets' sampled copies as columns of their own (the loss without merge);
+    # autograd sums the copies' gradient into the target column
+    copies = extra.nonzero().view(-1)
+    x_ref = torch.cat([x, x[:, copies]], 1)
+    w_ref = None if w is None else torch.cat([w[:R] - extra, w[R:], extra[copies].double()])
+    ref = row_loss_sum("bpr-max", x_ref, bpreg=cfg.bpreg, elu_param=elu, col_weight=w_ref)
     (ref_grad,) = torch.autograd.grad(ref / R, x)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(ds, ref_grad, rtol=1e-10, atol=1e-13)
@@ -214,7 +223,8 @@ def test_training_keeps_the_thread_count_it_was_given(tiny):
 
 @pytest.mark.parametrize("n_items", [50, 5000])  # count-table scan and sort
 @pytest.mark.parametrize("xe", [True, False])
-def test_columns_equal_unique_and_the_bias_formula(n_items, xe):
+@pytest.mark.parametrize("merge", [False, True])  # merge: ignored for cross-entropy
+def test_columns_equal_unique_and_the_bias_formula(n_items, xe, merge):
     from gru4rec.train.cpu_kernels import Columns
 
     g = torch.Generator().manual_seed(n_items)
@@ -222,12 +232,24 @@ def test_columns_equal_unique_and_the_bias_formula(n_items, xe):
     q_in, q_smp = torch.rand(n_items, generator=g) * 5, torch.rand(n_items, generator=g) * 3
     tgt = torch.randint(0, n_items, (7,), generator=g)
     smp = torch.randint(0, n_items // 2, (64,), generator=g)  # duplicates, some equal to targets
-    cols_fn = Columns(by, q_in, q_smp, 0.7, xe)
+    tgt[3] = tgt[5] = smp[0]  # a target drawn as a sample, twice among the targets
+    cols_fn = Columns(by, q_in, q_smp, 0.7, xe, merge=merge)
     for _ in range(2):  # the count table is left clean for the next step
         cols, w, bias = cols_fn(tgt, smp)
         uniq, counts = torch.unique(smp, return_counts=True)
+        w_tgt = torch.ones(7, dtype=torch.float64)
+        if merge and not xe:  # brute force: each sampled item's count joins its first target column
+            first = {}
+            for c, item in enumerate(tgt.tolist()):
+                first.setdefault(item, c)
+            kept = [k for k, item in enumerate(uniq.tolist()) if item not in first]
+            for item, n in zip(uniq.tolist(), counts.tolist()):
+                if item in first:
+                    w_tgt[first[item]] += n
+            uniq, counts = uniq[kept], counts[kept]
+            assert w_tgt[3] > 1 and w_tgt[5] == 1
         assert torch.equal(cols, torch.cat([tgt, uniq]))
-        assert torch.equal(w, torch.cat([torch.ones(7), counts]).double())
+        assert torch.equal(w, torch.cat([w_tgt, counts.double()]))
         want = by[cols, 0]
         if xe:
             q = torch.cat([q_in[tgt], q_smp[uniq]]).double()

@@ -123,10 +123,16 @@ def _gru_cell_backward(dy, mask, h, r, z, n, gh_n, dgi, dgh, one):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
+def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, merge, cols, w, bias):
     R, N = tgt.shape[0], count.shape[0]
     for s in smp:
         count[s] += 1
+    for c in range(R):
+        cols[c] = tgt[c]
+        w[c] = 1
+        if merge:  # a target's sampled copies join its first column (cleared: none for a repeat)
+            w[c] += count[tgt[c]]
+            count[tgt[c]] = 0
     n = R
     if N <= 16 * smp.shape[0]:  # a scan of the count table beats a sort
         for item in range(N):
@@ -135,11 +141,9 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, cols, w, bias):
                 n += 1
     else:
         for item in np.unique(smp):
-            cols[n] = item
-            n += 1
-    for c in range(R):
-        cols[c] = tgt[c]
-        w[c] = 1
+            if count[item] > 0:
+                cols[n] = item
+                n += 1
     for c in range(R, n):
         w[c] = count[cols[c]]
         count[cols[c]] = 0
@@ -169,6 +173,12 @@ def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_
             acc[1, k] += ew * gj[k]
             acc[2, k] += ew * oj[k] * oj[k]
             acc[3, k] += ew * gj[k] * gj[k]
+    for k in range(width):  # row i's own column counts w[i] - 1 times: once less (e[i, i] = 0 if w[i] = 1)
+        i = lo + k
+        acc[0, k] -= e[i, i]
+        acc[1, k] -= e[i, i] * g[i, i]
+        acc[2, k] -= e[i, i] * o[i, i] * o[i, i]
+        acc[3, k] -= e[i, i] * g[i, i] * g[i, i]
     S = acc[0]
     P, B, Q = acc[1] / S, acc[2] / S, acc[3] / S
     inv = one / (P + floor)
@@ -176,8 +186,8 @@ def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_
     ws = one / S
     for k in range(width):
         row_loss[lo + k] = -np.log(P[k] + floor) + bpreg * B[k]
-    # no branch on the diagonal inside the loop (it would stop vectorisation): e[i, i] = 0 there,
-    # and the positive's own gradient is written after
+    # no branch on the diagonal inside the loop (it would stop vectorisation): there it weighs the
+    # negative by w[i], rescaled to w[i] - 1 after, plus the positive's own gradient
     for j in range(o.shape[0]):
         ej, gj, oj, xj = (
             e[j, lo : lo + width],
@@ -195,7 +205,7 @@ def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_
         d = -(P[k] - Q[k]) * inv[k]
         if alpha > 0 and not x[i, i] > 0:
             d *= o[i, i] + alpha
-        e[i, i] = d * scale
+        e[i, i] = e[i, i] * ((w[i] - one) / w[i]) + d * scale
 
 
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
@@ -278,13 +288,19 @@ class Columns:
     """The output layer's columns of a step: the R targets, then each distinct sampled item once
     (ascending; none without samples) with its draw count as weight; and each column's bias,
     By[item], for cross-entropy shifted by -logq log q(item) + log(weight) (q: the target or the
-    sampling popularity). One loop instead of a dozen small ATen ops."""
+    sampling popularity). One loop instead of a dozen small ATen ops.
 
-    def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool):
+    merge (bpr-max): an item that is both a target and drawn as a sample is scored once, in its
+    first target column, whose weight becomes 1 + its draw count; row i's own column is then
+    also its negative, of weight w[i] - 1 (`bpr_max_grad`). With the diginetica preset on rsc15
+    ~90 of ~1,556 columns go (every output GEMM shrinks by that). Cross-entropy keeps the copies:
+    its target and sample columns differ in their log q shift."""
+
+    def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool, merge: bool = False):
         self.by, self.dtype = _np(by), by.dtype
         self.q_in, self.q_smp = _np(log_q_in.to(by.dtype)), _np(log_q_smp.to(by.dtype))
         self.count = np.zeros(len(self.by), np.int64)
-        self.neg_logq, self.xe = self.by.dtype.type(-logq), xe
+        self.neg_logq, self.xe, self.merge = self.by.dtype.type(-logq), xe, merge and not xe
 
     def __call__(self, tgt, smp) -> tuple:
         """(cols, weights, biases) for target and sample indices."""
@@ -296,7 +312,7 @@ class Columns:
         )
         n = _columns(
             _np(tgt), _np(smp), self.count, self.by, self.q_in, self.q_smp, self.neg_logq, self.xe,
-            cols.numpy(), w.numpy(), bias.numpy(),
+            self.merge, cols.numpy(), w.numpy(), bias.numpy(),
         )  # fmt: skip
         return cols[:n], w[:n], bias[:n]
 
@@ -317,16 +333,23 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     """(sum of row losses, scale x d loss / d scores_t) of bpr-max (train/losses.py) on scores laid
     out [C, R] (column i: batch row i; the step's output product is fastest that way), whose first
     R rows are the batch rows' targets (the diagonal: positives), weighted by w (None: 1). With o
-    the ELU-activated scores, s the softmax of o over the negatives (diagonal excluded, weighted),
-    g = sigmoid(o_target - o), P = sum s g, B = sum s o^2, Q = sum s g^2: loss = -log(P + floor) +
-    bpreg B; dL/do = s (bpreg (o^2 + 2 o) - g^2 / (P + floor) - c) with c = bpreg B - P / (P +
-    floor), and -(P - Q) / (P + floor) on the diagonal. ATen does the one exponential (vectorised),
+    the ELU-activated scores, s the softmax of o over the negatives (weighted; the diagonal with
+    weight w[i] - 1, a merged target's sampled copies, see Columns), g = sigmoid(o_target - o),
+    P = sum s g, B = sum s o^2, Q = sum s g^2: loss = -log(P + floor) + bpreg B; dL/do = s (bpreg
+    (o^2 + 2 o) - g^2 / (P + floor) - c) with c = bpreg B - P / (P + floor), plus -(P - Q) / (P +
+    floor) on the diagonal. ATen does the one exponential (vectorised),
     e = e^(o - max); one loop does g = 1 / (1 + e e^(max - t)) and the ~20 passes of sums and
     products."""
     o = _elu(scores_t, alpha) if alpha > 0 else scores_t
     t = torch.diagonal(o).unsqueeze(0)
     e = o.clone()
-    torch.diagonal(e).fill_(-math.inf)  # the max over the negatives: the shift that cannot underflow all
+    # the max over the negatives, the shift that cannot underflow all: row i's own column is one
+    # of them only when its weight (Columns' merge) is over 1
+    own = torch.diagonal(e)
+    if w is None:
+        own.fill_(-math.inf)
+    else:
+        own.masked_fill_(w[: len(own)] <= 1, -math.inf)
     mx = e.amax(0, keepdim=True)
     e.sub_(mx).exp_()
     kt = mx.sub_(t).squeeze(0)
