@@ -109,17 +109,29 @@ def _gru_cell_backward(dy, mask, h, r, z, n, gh_n, dgi, dgh, one):
     H = dy.shape[1]
     masked = mask.shape[0] > 0
     for b in prange(dy.shape[0]):
+        # one output row per loop, indexed from 0: LLVM's alias checks stay few and each loop
+        # vectorises (one fused loop ran scalar: 0.41 vs 0.16 ms for [128 x 512], same bits)
+        d, hb, rb, zb, nb, gb = dy[b], h[b], r[b], z[b], n[b], gh_n[b]
+        i_r, i_z, i_n = dgi[b, :H], dgi[b, H : 2 * H], dgi[b, 2 * H :]
+        h_r, h_z, h_n = dgh[b, :H], dgh[b, H : 2 * H], dgh[b, 2 * H :]
+        if masked:
+            mb = mask[b]
+            for j in range(H):
+                i_n[j] = d[j] * mb[j]  # d(output) through the dropout mask, for the next two loops
+        else:
+            for j in range(H):
+                i_n[j] = d[j]
         for j in range(H):
-            d = dy[b, j] * mask[b, j] if masked else dy[b, j]
-            dn = d * (one - z[b, j]) * (one - n[b, j] * n[b, j])
-            dr = dn * gh_n[b, j] * r[b, j] * (one - r[b, j])
-            dz = d * (h[b, j] - n[b, j]) * z[b, j] * (one - z[b, j])
-            dgi[b, j] = dr
-            dgi[b, H + j] = dz
-            dgi[b, 2 * H + j] = dn
-            dgh[b, j] = dr
-            dgh[b, H + j] = dz
-            dgh[b, 2 * H + j] = dn * r[b, j]
+            i_z[j] = i_n[j] * (hb[j] - nb[j]) * zb[j] * (one - zb[j])
+        for j in range(H):
+            i_n[j] = i_n[j] * (one - zb[j]) * (one - nb[j] * nb[j])
+        for j in range(H):
+            i_r[j] = i_n[j] * gb[j] * rb[j] * (one - rb[j])
+        for j in range(H):
+            h_n[j] = i_n[j] * rb[j]
+        for j in range(H):
+            h_r[j] = i_r[j]
+            h_z[j] = i_z[j]
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
