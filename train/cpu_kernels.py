@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 import torch
+import numba
 from numba import njit, prange
 
 from gru4rec.jit import fill_mask, use_torch_threads
@@ -168,51 +169,55 @@ def _columns(tgt, smp, count, by, q_in, q_smp, neg_logq, xe, merge, cols, w, bia
     return n
 
 
-@njit(nogil=True, error_model="numpy", cache=True, inline="always")
-def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, width):
-    """Batch rows lo..lo+width of _bpr_max_cols (inlined: a literal width of 16 vectorises)."""
+@njit(nogil=True, error_model="numpy", cache=True)
+def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, hi):
+    """Batch rows lo..hi of _bpr_max_cols. Each inner loop runs over the block's contiguous rows of
+    one column from index 0 and writes one array: then LLVM vectorises it (a fused loop over a
+    [4, width] accumulator ran scalar)."""
+    W = hi - lo
     # per row: S, P, B, Q unnormalised, in float64 whatever the arrays' type: the gradient's terms
     # below cancel, and float32 sums over ~1,500 columns cost 2 decimal digits there
-    acc = np.zeros((4, width), np.float64)
+    s0, s1, s2, s3 = np.zeros(W), np.zeros(W), np.zeros(W), np.zeros(W)
+    has_kt = kt.shape[0] > 0
+    ktb = kt[lo:hi] if has_kt else kt
     for j in range(o.shape[0]):
-        ej, gj, oj = e[j, lo : lo + width], g[j, lo : lo + width], o[j, lo : lo + width]
-        if kt.shape[0] > 0:  # g = sigmoid(t - o) = 1 / (1 + e^(o - max) e^(max - t)): no second exp
-            for k in range(width):
-                gj[k] = one / (one + ej[k] * kt[lo + k])
-        for k in range(width):
-            ew = ej[k] * w[j]
-            acc[0, k] += ew
-            acc[1, k] += ew * gj[k]
-            acc[2, k] += ew * oj[k] * oj[k]
-            acc[3, k] += ew * gj[k] * gj[k]
-    for k in range(width):  # row i's own column counts w[i] - 1 times: once less (e[i, i] = 0 if w[i] = 1)
+        wj = w[j]
+        ej, gj, oj = e[j, lo:hi], g[j, lo:hi], o[j, lo:hi]
+        if has_kt:  # g = sigmoid(t - o) = 1 / (1 + e^(o - max) e^(max - t)): no second exp
+            for k in range(W):
+                gj[k] = one / (one + ej[k] * ktb[k])
+        for k in range(W):
+            s0[k] += ej[k] * wj
+        for k in range(W):
+            s1[k] += ej[k] * wj * gj[k]
+        for k in range(W):
+            s2[k] += ej[k] * wj * oj[k] * oj[k]
+        for k in range(W):
+            s3[k] += ej[k] * wj * gj[k] * gj[k]
+    for k in range(W):  # row i's own column counts w[i] - 1 times: once less (e[i, i] = 0 if w[i] = 1)
         i = lo + k
-        acc[0, k] -= e[i, i]
-        acc[1, k] -= e[i, i] * g[i, i]
-        acc[2, k] -= e[i, i] * o[i, i] * o[i, i]
-        acc[3, k] -= e[i, i] * g[i, i] * g[i, i]
-    S = acc[0]
-    P, B, Q = acc[1] / S, acc[2] / S, acc[3] / S
+        s0[k] -= e[i, i]
+        s1[k] -= e[i, i] * g[i, i]
+        s2[k] -= e[i, i] * o[i, i] * o[i, i]
+        s3[k] -= e[i, i] * g[i, i] * g[i, i]
+    S = s0
+    P, B, Q = s1 / S, s2 / S, s3 / S
     inv = one / (P + floor)
     c = bpreg * B - P * inv
     ws = one / S
-    for k in range(width):
+    for k in range(W):
         row_loss[lo + k] = -np.log(P[k] + floor) + bpreg * B[k]
-    # no branch on the diagonal inside the loop (it would stop vectorisation): there it weighs the
-    # negative by w[i], rescaled to w[i] - 1 after, plus the positive's own gradient
+    # no branch on the diagonal inside the loop: there it weighs the negative by w[i], rescaled to
+    # w[i] - 1 after, plus the positive's own gradient
     for j in range(o.shape[0]):
-        ej, gj, oj, xj = (
-            e[j, lo : lo + width],
-            g[j, lo : lo + width],
-            o[j, lo : lo + width],
-            x[j, lo : lo + width],
-        )
-        for k in range(width):
-            d = ej[k] * w[j] * ws[k] * (bpreg * (oj[k] * oj[k] + two * oj[k]) - inv[k] * gj[k] * gj[k] - c[k])
+        wj = w[j]
+        ej, gj, oj, xj = e[j, lo:hi], g[j, lo:hi], o[j, lo:hi], x[j, lo:hi]
+        for k in range(W):
+            d = ej[k] * wj * ws[k] * (bpreg * (oj[k] * oj[k] + two * oj[k]) - inv[k] * gj[k] * gj[k] - c[k])
             if alpha > 0:  # ELU backward from its output: o + alpha below 0
                 d *= one if xj[k] > 0 else oj[k] + alpha
             ej[k] = d * scale
-    for k in range(width):
+    for k in range(W):
         i = lo + k
         d = -(P[k] - Q[k]) * inv[k]
         if alpha > 0 and not x[i, i] > 0:
@@ -221,16 +226,17 @@ def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_
 
 
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
-def _bpr_max_cols(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss):
-    """Arrays [C, R]: column i holds batch row i over the C columns. Blocks of 16 batch rows in
-    parallel; within a block the C columns in order (each row's sums in the order of a row loop),
-    the block's rows innermost: contiguous and vectorised. g is filled here from e when kt (each
-    row's e^(max - target)) is given, else given."""
+def _bpr_max_cols(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, nt):
+    """Arrays [C, R]: column i holds batch row i over the C columns. One block of batch rows per
+    thread (nt threads; a multiple of 16 wide); within a block the C columns in order (each row's sums in the
+    order of a row loop). g is filled here from e when kt (each row's e^(max - target)) is given,
+    else given."""
     R = o.shape[1]
-    for blk in prange(R // 16):
-        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, blk * 16, 16)
-    if R % 16:
-        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, R - R % 16, R % 16)
+    width = (R + nt - 1) // nt
+    width = (width + 15) // 16 * 16
+    for blk in prange((R + width - 1) // width):
+        lo = blk * width
+        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, min(R, lo + width))
 
 
 def _np(t, out: bool = False) -> np.ndarray:
@@ -377,7 +383,7 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     dt = _np(scores_t).dtype.type
     _bpr_max_cols(
         _np(o), _np(e), _np(g), _np(kt), _np(scores_t), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
-        loss.numpy(),
+        loss.numpy(), numba.get_num_threads(),
     )  # fmt: skip
     return loss.sum(), e
 
