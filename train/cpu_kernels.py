@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
-import numba
 from numba import njit, prange
 
 from gru4rec.jit import fill_mask, use_torch_threads
@@ -236,7 +236,9 @@ def _bpr_max_cols(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_l
     width = (width + 15) // 16 * 16
     for blk in prange((R + width - 1) // width):
         lo = blk * width
-        _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, min(R, lo + width))
+        _bpr_max_block(
+            o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, lo, min(R, lo + width)
+        )
 
 
 def _np(t, out: bool = False) -> np.ndarray:
