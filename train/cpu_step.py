@@ -109,14 +109,15 @@ class CpuStep:
             gi = torch.addmm(b_ih, x, w_ih.T)
             h_live = h if live is None else h.index_select(0, live)
             gh = _hidden_product(h_live, live, b_hh, w_hh, len(h))
-            rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
+            # in place in gi (not kept for the backward): 5 ops, no temporaries, instead of 10 and 9
+            rz = gi[:, : 2 * H].add_(gh[:, : 2 * H]).sigmoid_()
             r, z = rz[:, :H], rz[:, H:]
             gh_n = gh[:, 2 * H :]
-            n = torch.tanh(gi[:, 2 * H :] + r * gh_n)
-            y = (1.0 - z) * n + z * h
+            n = gi[:, 2 * H :].addcmul_(r, gh_n).tanh_()
+            y = torch.lerp(n, h, z)  # (1 - z) n + z h
             mask = dropout_mask(y, cfg.dropout_p_hidden)
             if mask is not None:
-                y = y * mask
+                y.mul_(mask)
             saved.append(("cell", i, x, h, r, z, n, gh_n, mask, h_live, live))
             new_hidden.append(y)
             x = y
