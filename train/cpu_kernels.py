@@ -407,9 +407,10 @@ def warm_up(dtype: torch.dtype) -> None:
     the array layouts the step passes, so that it happens before training, not in the first epoch."""
     use_torch_threads()
     z = torch.zeros(2, 2, dtype=dtype)
-    wide = torch.zeros(2, 6, dtype=dtype)  # r, z and gh_n are column slices of wider results
-    for mask in (None, z):
-        gru_cell_backward(z, mask, z, wide[:, :2], wide[:, 2:4], z, wide[:, 4:])
+    for rows in (2, 1):  # r, z, n and gh_n are column slices of wider results; with one row, contiguous
+        a, wide = torch.zeros(rows, 2, dtype=dtype), torch.zeros(rows, 6, dtype=dtype)
+        for mask in (None, a):
+            gru_cell_backward(a, mask, a, wide[:, :2], wide[:, 2:4], wide[:, 4:], wide[:, 4:])
     from gru4rec.train.optim import IndexedAdagradM
 
     for mu in (0.0, 0.5):
