@@ -313,7 +313,7 @@ class Columns:
     merge (bpr-max): an item that is both a target and drawn as a sample is scored once, in its
     first target column, whose weight becomes 1 + its draw count; row i's own column is then
     also its negative, of weight w[i] - 1 (`bpr_max_grad`). With the diginetica preset on rsc15
-    ~90 of ~1,556 columns go (every output GEMM shrinks by that). Cross-entropy keeps the copies:
+    ~75 of ~1,556 columns go (every output GEMM shrinks by that). Cross-entropy keeps the copies:
     its target and sample columns differ in their log q shift."""
 
     def __init__(self, by, log_q_in, log_q_smp, logq: float, xe: bool, merge: bool = False):

@@ -7,7 +7,7 @@ for a CPU, where every small op and every pass over gathered rows costs:
   columns, each weighted by how often it was drawn (`losses.row_loss_sum(col_weight=...)`), which is
   the same loss over fewer, exact columns; the output GEMMs and the item-row traffic shrink by S/U
   (about 1.5x with the official presets on rsc15). With bpr-max, a sampled item that is also a
-  target gets no column of its own: its draws join the target's column (`Columns`' merge: ~6%
+  target gets no column of its own: its draws join the target's column (`Columns`' merge: ~5%
   fewer columns with the diginetica preset).
 - Gradients are written out: cross-entropy's closed form (softmax minus the one-hot target), the
   output layer's two GEMMs, the GRU cell's backward. The ranking losses take their score gradient
