@@ -228,9 +228,9 @@ def _bpr_max_block(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_
 @njit(nogil=True, error_model="numpy", cache=True, parallel=True)
 def _bpr_max_cols(o, e, g, kt, x, w, bpreg, alpha, scale, floor, one, two, row_loss, nt):
     """Arrays [C, R]: column i holds batch row i over the C columns. One block of batch rows per
-    thread (nt threads; a multiple of 16 wide); within a block the C columns in order (each row's sums in the
-    order of a row loop). g is filled here from e when kt (each row's e^(max - target)) is given,
-    else given."""
+    thread (nt threads; blocks a multiple of 16 wide); within a block the C columns in order (each
+    row's sums in the order of a row loop). g is filled here from e when kt (each row's
+    e^(max - target)) is given, else given."""
     R = o.shape[1]
     width = (R + nt - 1) // nt
     width = (width + 15) // 16 * 16
@@ -357,9 +357,8 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     weight w[i] - 1, a merged target's sampled copies, see Columns), g = sigmoid(o_target - o),
     P = sum s g, B = sum s o^2, Q = sum s g^2: loss = -log(P + floor) + bpreg B; dL/do = s (bpreg
     (o^2 + 2 o) - g^2 / (P + floor) - c) with c = bpreg B - P / (P + floor), plus -(P - Q) / (P +
-    floor) on the diagonal. ATen does the one exponential (vectorised),
-    e = e^(o - max); one loop does g = 1 / (1 + e e^(max - t)) and the ~20 passes of sums and
-    products."""
+    floor) on the diagonal. ATen does the one exponential (vectorised), e = e^(o - max); one loop
+    does g = 1 / (1 + e e^(max - t)) and the ~20 passes of sums and products."""
     o = _elu(scores_t, alpha) if alpha > 0 else scores_t
     t = torch.diagonal(o).unsqueeze(0)
     e = o.clone()
