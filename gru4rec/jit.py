@@ -11,11 +11,12 @@ from numba import njit, prange, uint64
 _GOLDEN = uint64(0x9E3779B97F4A7C15)
 
 
-_synced = 0  # torch's thread count numba was last matched to
+_synced = (0, 1)  # (torch's thread count numba was last matched to, numba's count)
 
 
-def use_torch_threads() -> None:
-    """Numba's loops run on as many threads as torch (`--threads`), within numba's pool.
+def use_torch_threads() -> int:
+    """Numba's loops run on as many threads as torch (`--threads`), within numba's pool; returns
+    that count (numba.get_num_threads costs ~20 us a call, too much for every step).
 
     With the omp layer numba shares torch's OpenMP runtime, and starting numba's pool (the first
     numba.get_num_threads) or setting its count resets that runtime's count: torch's is restored
@@ -23,13 +24,14 @@ def use_torch_threads() -> None:
     """
     global _synced
     n = torch.get_num_threads()
-    if n == _synced:
-        return
+    if n == _synced[0]:
+        return _synced[1]
     m = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != m:
         numba.set_num_threads(m)
     torch.set_num_threads(n)
-    _synced = n
+    _synced = (n, m)
+    return m
 
 
 @njit(nogil=True, cache=True, parallel=True)

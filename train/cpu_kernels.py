@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -364,11 +363,10 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     e = o.clone()
     # the max over the negatives, the shift that cannot underflow all: row i's own column is one
     # of them only when its weight (Columns' merge) is over 1
-    own = torch.diagonal(e)
     if w is None:
-        own.fill_(-math.inf)
-    else:
-        own.masked_fill_(w[: len(own)] <= 1, -math.inf)
+        w = scores_t.new_ones(scores_t.shape[0])
+    own = torch.diagonal(e)
+    own.masked_fill_(w[: len(own)] <= 1, -math.inf)
     mx = e.amax(0, keepdim=True)
     e.sub_(mx).exp_()
     kt = mx.sub_(t).squeeze(0)
@@ -378,13 +376,11 @@ def bpr_max_grad(scores_t, w, bpreg: float, alpha: float, scale: float, floor: f
     else:  # a target far below the best negative (diverging scores): sigmoid itself
         kt = kt[:0]
         g = torch.sub(t, o).sigmoid_()
-    if w is None:
-        w = scores_t.new_ones(scores_t.shape[0])
     loss = scores_t.new_empty(scores_t.shape[1])
     dt = _np(scores_t).dtype.type
     _bpr_max_cols(
         _np(o), _np(e), _np(g), _np(kt), _np(scores_t), _np(w), dt(bpreg), dt(alpha), dt(scale), dt(floor), dt(1), dt(2),
-        loss.numpy(), numba.get_num_threads(),
+        loss.numpy(), use_torch_threads(),
     )  # fmt: skip
     return loss.sum(), e
 

@@ -66,8 +66,8 @@ class CpuStep:
         self.scale = 1.0 / cfg.batch_size  # the autograd step differentiates loss / batch_size
         keep_freed_memory()  # the step's MB-sized temporaries are reused, not re-faulted (gru4rec/allocator.py)
         warm_up(model.Wy.dtype)  # compile or load the numba loops before the first epoch
-        xe = cfg.loss == "cross-entropy"
-        self.columns = Columns(model.By, log_q_in, log_q_smp, cfg.logq, xe, merge=cfg.loss == "bpr-max")
+        self.xe = cfg.loss == "cross-entropy"
+        self.columns = Columns(model.By, log_q_in, log_q_smp, cfg.logq, self.xe, merge=cfg.loss == "bpr-max")
         # each GRU layer's (W_ih, W_hh, b_ih, b_hh), looked up once (nn.Module attribute and
         # ParameterList lookups are ~40 Python calls a step); parameters are updated in place
         self.cells = list(zip(model.W_ih, model.W_hh, model.b_ih, model.b_hh))
@@ -182,7 +182,6 @@ class CpuStep:
     def __call__(self, inp: Tensor, tgt: Tensor, keep: Tensor, smp: Tensor | None, hidden: list[Tensor]):
         m, in_table = self.model, self.in_table
         # distinct sampled items, each weighted by its count: the same loss over fewer columns
-        xe = self.cfg.loss == "cross-entropy"
         # col_b: By of each column, with XE's shift; without samples the columns are the targets
         cols, w, col_b = self.columns(tgt, smp if smp is not None else tgt[:0])
 
@@ -194,7 +193,7 @@ class CpuStep:
         # scores as [C, R], W out^T: MKL's fastest layout for this product here (3.3 vs 4.1 ms
         # at the diginetica preset's [128 x 512] x [512 x 1556])
         scores_t = torch.addmm(col_b.unsqueeze(1), w_rows, out.T)
-        loss, ds_t = self._xe_grad(scores_t) if xe else self._score_grad(scores_t, w)
+        loss, ds_t = self._xe_grad(scores_t) if self.xe else self._score_grad(scores_t, w)
 
         grads: dict[int, Tensor] = {}
         d_out = ds_t.T @ w_rows
