@@ -19,6 +19,7 @@ from rich.console import Console
 from gru4rec import checkpoint
 from gru4rec.errors import UserError
 from gru4rec.synth import generate
+from gru4rec.train.safety import TrainingInterrupted
 from gru4rec.train.trainer import train
 
 P = ["-p", "layers=8", "-p", "n_sample=16", "-p", "batch_size=8", "--device", "cpu", "--threads", "1"]
@@ -197,3 +198,20 @@ def test_ctrl_c_before_the_first_epoch_leaves_the_old_file(tmp_path):
     assert last.startswith("interrupted in epoch 1/2, before any epoch was saved"), last
     assert shlex.split(last.split("start again with: ")[1]) == ["gru4rec-cli", *args]
     assert out.read_bytes() == b"an old model"
+
+
+def test_ctrl_c_right_after_the_device_line_is_an_interrupted_epoch(data, tmp_path):
+    # CI once saw the SIGINT land between the "device:" line and the epoch loop: it escaped as a bare
+    # KeyboardInterrupt ("before training started") although the user had seen training start
+    class InterruptAfterDeviceLine(Console):
+        def print(self, *objects, **kw):
+            super().print(*objects, **kw)
+            if any(str(o).startswith("device:") for o in objects):
+                raise KeyboardInterrupt
+
+    console = InterruptAfterDeviceLine(file=io.StringIO(), width=200)
+    with pytest.raises(KeyboardInterrupt) as e:  # not TrainingInterrupted: a failure, not a dead pytest
+        train(pl.read_parquet(data / "tr.parquet"), {"layers": [8], "n_sample": 16, "n_epochs": 2},
+              device="cpu", out=tmp_path / "m.pt", console=console)  # fmt: skip
+    assert isinstance(e.value, TrainingInterrupted), "a bare KeyboardInterrupt: 'before training started'"
+    assert (e.value.saved_epochs, e.value.epoch) == (0, 1) and not (tmp_path / "m.pt").exists()

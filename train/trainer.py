@@ -405,15 +405,15 @@ def train(
     elif resume:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
 
-    console.print(
-        f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
-        f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}"
-        + ("  cuda_graph on" if trainer.use_graph else "")
-    )
     t_start = time.perf_counter()
     ck = ckpt_io.Checkpoint(model=model, items=items, params=cfg.to_dict(), data_fingerprint=data_fp)
     saved, epoch = start, start  # epochs held by `out` (this run's or the resumed one's)
-    try:
+    try:  # from the first line a user sees, Ctrl-C is an interrupted epoch (it raced the print in CI)
+        console.print(
+            f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
+            f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}"
+            + ("  cuda_graph on" if trainer.use_graph else "")
+        )
         for epoch in range(start, cfg.n_epochs):
             stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
             row = {
