@@ -67,7 +67,7 @@ def test_nothing_else_at_the_top_level(wheel):
 def test_console_script_declared(wheel):
     info = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
     text = wheel.read(info).decode()
-    assert "[console_scripts]" in text and "gru4rec-cli = gru4rec.cli:main" in text
+    assert "[console_scripts]" in text and "gru4rec-cli = gru4rec.__main__:main" in text
 
 
 def test_search_spaces_ship_in_the_wheel(wheel):

@@ -215,3 +215,19 @@ def test_ctrl_c_right_after_the_device_line_is_an_interrupted_epoch(data, tmp_pa
               device="cpu", out=tmp_path / "m.pt", console=console)  # fmt: skip
     assert isinstance(e.value, TrainingInterrupted), "a bare KeyboardInterrupt: 'before training started'"
     assert (e.value.saved_epochs, e.value.epoch) == (0, 1) and not (tmp_path / "m.pt").exists()
+
+
+def test_ctrl_c_while_the_cli_is_importing_exits_130_with_one_line(monkeypatch, capsys):
+    # `gru4rec-cli` spends ~0.5 s importing typer, Polars and the stages before any command runs:
+    # a Ctrl-C then used to print Python's traceback. Simulated here as the import being interrupted.
+    from gru4rec.__main__ import main
+
+    class Interrupted:
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "gru4rec.cli", Interrupted())
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as e:  # a bare KeyboardInterrupt: the bug
+        main()
+    assert isinstance(e.value, SystemExit), "KeyboardInterrupt escaped: Python prints its traceback"
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
