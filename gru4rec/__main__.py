@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from gru4rec.errors import EXIT_INTERRUPTED
+
 
 def main() -> None:
     try:
@@ -14,7 +16,7 @@ def main() -> None:
         cli_main()
     except KeyboardInterrupt:  # later ones are handled inside (train: which epoch --out holds)
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+from gru4rec.errors import EXIT_INTERRUPTED
 
 
 def _params_epilog() -> str:
@@ -102,10 +103,10 @@ def register(app: typer.Typer) -> None:
                   resume=resume, overwrite=overwrite)  # fmt: skip
         except TrainingInterrupted as e:
             print(_interrupted_line(e, invocation(ctx)), file=sys.stderr, flush=True)
-            raise typer.Exit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:  # while reading or preparing the data: nothing was written
             print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     from gru4rec.train import tune_cli
 

@@ -32,7 +32,7 @@ from typing import Any
 import polars as pl
 
 from gru4rec.data import Keys, check_same_id_types, fingerprint, read_events
-from gru4rec.errors import UserError
+from gru4rec.errors import EXIT_INTERRUPTED, UserError
 from gru4rec.train.space import SearchSpace, load_space, parse_fixed_pairs
 
 METRICS = ("mrr@20", "recall@20")
@@ -435,7 +435,7 @@ def _worker_process(job: Job, worker: int) -> None:
     try:
         run_worker(job, worker, console)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except UserError as e:
         print(f"error: worker {worker}: {e}", file=sys.stderr)
         sys.exit(2)

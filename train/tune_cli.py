@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+from gru4rec.errors import EXIT_INTERRUPTED
 
 EPILOG = (
     "Outputs in DIR: best.toml (gru4rec-cli train TRAIN --params best.toml), trials.parquet, report.md "
@@ -141,7 +142,7 @@ def register(app: typer.Typer) -> None:
             spec = MlflowSpec(mlflow_uri, mlflow_experiment)
         summary = run_tune(opts)
         if summary.get("interrupted"):
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED)
         if spec is not None:
             from gru4rec.train.tune_report import track
 
