@@ -64,6 +64,17 @@ def synthetic(tmp_path_factory):
 
 
 def assert_same_run(local: dict, distributed: dict) -> None:
+    # one report schema: every key of a local report, with the same meaning, and equal provenance
+    assert set(distributed) == set(local)
+    assert set(distributed["latency"]) == set(local["latency"])
+    assert set(local["engine"]) <= set(distributed["engine"])
+    assert (local["engine"]["name"], distributed["engine"]["name"]) == ("local", "ray")
+    for key in ("test_fingerprint", "model_export_id", "tie_mode", "cutoffs", "model"):
+        assert distributed[key] == local[key] and local[key], key
+    for key in ("mode", "provider", "tf32"):  # batch_size: a shard replays at most its own sessions
+        assert distributed["latency"][key] == local["latency"][key], key
+    for lat in (local["latency"], distributed["latency"]):  # full-batch steps are recognised in both
+        assert lat["n_full_steps"] > 0 and lat["ms_per_1k_events"] > 0
     for key, value in local["metrics"].items():
         assert distributed["metrics"][key] == pytest.approx(value, abs=1e-12, rel=0), key
     for key in ("n_events", "n_sessions", "n_scored_sessions", "n_skipped_sessions", "n_predictions",
@@ -101,7 +112,7 @@ def test_two_workers_equal_local_on_multi_file_input(ray_cluster, synthetic, tmp
 
 
 def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthetic, tmp_path, monkeypatch):
-    from gru4rec.score.ray_engine import KILL_ENV, RayOptions, score_ray
+    from gru4rec.score.ray_engine import KILL_ENV, RayEngine
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_ENV, str(marker))
@@ -110,8 +121,8 @@ def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthe
         synthetic["onnx"], synthetic["whole"], out=tmp_path / "local.parquet", provider="cpu", config=cfg
     )
     cfg = ScoreConfig(batch_size=16, k=3, tie_mode="median")
-    report = score_ray(synthetic["onnx"], synthetic["folder"], out=tmp_path / "recs", config=cfg,
-                       options=RayOptions(workers=2, shards=5))  # fmt: skip
+    report = score(synthetic["onnx"], synthetic["folder"], out=tmp_path / "recs", config=cfg, provider="cpu",
+                   engine=RayEngine(workers=2, shards=5))  # fmt: skip
     assert marker.exists()  # one scorer did exit mid-shard, with its part file written but not committed
     assert_same_run(local, report)
     assert_same_recs(tmp_path / "local.parquet", tmp_path / "recs", report["engine"]["shards_with_events"])
@@ -119,7 +130,7 @@ def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthe
 
 @pytest.mark.data
 def test_rsc15_two_workers_equal_local(ray_cluster, shared_data, tmp_path):
-    from gru4rec.score.ray_engine import RayOptions, score_ray
+    from gru4rec.score.ray_engine import RayEngine
 
     items = ItemMap.from_events(read_events(shared_data / "rsc15_100k" / "train.parquet"))
     onnx = export_model(make_model(len(items), hidden=48, seed=11), items, tmp_path, top_k=20)
@@ -127,8 +138,8 @@ def test_rsc15_two_workers_equal_local(ray_cluster, shared_data, tmp_path):
     local = score(
         onnx, test, out=tmp_path / "local.parquet", config=ScoreConfig(batch_size=512), provider="cpu"
     )
-    report = score_ray(onnx, test, out=tmp_path / "recs", config=ScoreConfig(batch_size=512),
-                       options=RayOptions(workers=2))  # fmt: skip
+    report = score(onnx, test, out=tmp_path / "recs", config=ScoreConfig(batch_size=512), provider="cpu",
+                   engine=RayEngine(workers=2))  # fmt: skip
     assert report["n_predictions"] == local["n_predictions"] > 10_000
     assert_same_run(local, report)
     assert_same_recs(tmp_path / "local.parquet", tmp_path / "recs", report["engine"]["shards_with_events"])
