@@ -612,7 +612,9 @@ def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
             ctx.shuffle_strategy = previous
         t1 = time.perf_counter()
         bar.stage("scoring shards")
-        bundle_ref = [ray.put(_bundle_bytes(job.bundle))]  # in a list: Ray must not resolve it for us
+        bundle_ref = [
+            ray.put(bundle_files_bytes(job.bundle.onnx_path))
+        ]  # in a list: Ray must not resolve it for us
         threads = max(1, int(job.cpus_per_worker))
         with warnings.catch_warnings():
             # Ray marks **ray_remote_args as deprecated; no other spelling yet
@@ -662,10 +664,10 @@ def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
     return sorted(rows, key=lambda r: r["shard"]), phases
 
 
-def _bundle_bytes(bundle) -> dict[str, bytes]:
-    """The bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
-    eval_path, sidecar = companion_paths(bundle.onnx_path)
-    names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (bundle.onnx_path, eval_path, sidecar)))
+def bundle_files_bytes(onnx: str | Path) -> dict[str, bytes]:
+    """A bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
+    eval_path, sidecar = companion_paths(onnx)
+    names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (onnx, eval_path, sidecar)))
     return {name: Path(path).read_bytes() for name, path in names.items()}
 
 
