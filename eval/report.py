@@ -185,7 +185,7 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
             lines += [f"**Test day(s) without events: {w['empty_test_days']}** (as_of beyond the log?).", ""]
     champ = summary.get("champion")
     if champ:
-        lines += ["## Challenger vs champion (same test sessions, same engine)", "",
+        lines += ["## Challenger vs champion (same test sessions)", "",
                   "| figure | challenger | champion | Δ | verdict |", "|---|---|---|---|---|"]  # fmt: skip
         for c in summary["table"]:
             if "champion" in c:

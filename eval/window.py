@@ -129,7 +129,7 @@ def partition_date(path: Path) -> dt.date | None:
 
 def cut_window(spec: WindowSpec, as_of: str | None = None) -> Window:
     """Read the window's events for `as_of` (default: the spec's) and split them as `data split` does."""
-    files = event_files(spec.events)  # names only: nothing is opened before the window is known
+    files = event_files(spec.events, check=False)  # names only: nothing is opened before the window is known
     dates = {f: partition_date(f) for f in files}
     day, reason = _resolve_as_of(as_of or spec.as_of, spec, dates)
     end_day = day + dt.timedelta(days=1)
@@ -173,7 +173,7 @@ def _empty_days(events: pl.DataFrame, boundary: float, test_days: int) -> tuple[
     """The test days (ISO dates) on which the log holds no event at all."""
     from gru4rec.data import time_seconds
 
-    seconds = time_seconds(events[TIME], "window", "s")
+    seconds = time_seconds(events[TIME], "window", "s").to_numpy()
     seen = {int((t - boundary) // DAY) for t in seconds[seconds >= boundary]}
     return tuple(
         dt.datetime.fromtimestamp(boundary + i * DAY, dt.UTC).date().isoformat()

@@ -116,7 +116,13 @@ def test_latency_rise_of_an_unchanged_model_is_inconclusive(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(report))
     tol = 'latency = ["ms_per_1k_events"]\nlatency_rise_abs_ms = 1.0\nlatency_rise_rel = 0.25\n'
     path = tmp_path / "n.toml"
-    path.write_text(config(tmp_path) and open(config(tmp_path)).read().replace('latency = ["step_ms_p50", "step_ms_p95"]\n', "").replace("latency_rise_abs_ms = 0.5\nlatency_rise_rel = 0.10\n", tol))
+    path.write_text(
+        config(tmp_path)
+        and open(config(tmp_path))
+        .read()
+        .replace('latency = ["step_ms_p50", "step_ms_p95"]\n', "")
+        .replace("latency_rise_abs_ms = 0.5\nlatency_rise_rel = 0.10\n", tol)
+    )
     summary = run(load_config(path))
     assert summary["regressions"] == [] and summary["latency_inconclusive"] == ["ms_per_1k_events"]
     entry = next(e for e in summary["table"] if e["name"] == "ms_per_1k_events")
