@@ -490,8 +490,10 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
     check_output_file(cfg.history, inputs=_inputs(cfg))
     history = read_history(cfg.history)
     check_output_dir(cfg.out.parent)
-    if cfg.out.exists() and not (cfg.out.is_dir() and os.access(cfg.out, os.W_OK | os.X_OK)):
-        raise UserError(f"{cfg.out}: [nightly] out must be a writable folder")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(f"{cfg.out}: output folder path is an existing file")
+    if cfg.out.is_dir() and not os.access(cfg.out, os.W_OK | os.X_OK):
+        raise UserError(f"{cfg.out}: output folder is not writable")
     if as_of is not None and cfg.window is None:
         raise UserError(f"--as-of needs a [nightly.window] table in {cfg.source}")
     if cfg.metrics_json is None and cfg.train is None and cfg.model.suffix == ".onnx":

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -223,6 +224,36 @@ def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_p
     config.write_text(config.read_text().replace('engine = "ray"\n', ""))
     code, _, err = run("eval", "nightly", "--config", config)
     assert code == 2 and "workers need engine" in err and err.count("\n") == 1
+
+
+def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthetic, tmp_path, run):
+    """The issue's case: on Ray the champion was scored locally and its latency compared with the
+    challenger's Ray figure, so a copy of the model never won. Both are now scored on Ray and timed
+    side by side on one Ray worker: the copy is promoted (or kept), never a regression."""
+    import shutil
+
+    from gru4rec.eval.promote import bundle_files
+
+    champion = tmp_path / "prod" / "m.onnx"
+    champion.parent.mkdir()
+    for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
+        shutil.copyfile(src, dst)
+    config = tmp_path / "nightly.toml"
+    config.write_text(
+        f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "latest"}"\n'
+        f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 16\n'
+        'engine = "ray"\nworkers = 2\n'
+        f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
+        "[nightly.tolerances]\nlatency_pairs = 4\n"
+    )
+    for _ in range(2):
+        code, _, err = run("eval", "nightly", "--config", config)
+        assert code == 0, err
+    hist = pl.read_parquet(tmp_path / "h.parquet")
+    assert hist["status"].to_list() == ["promoted", "champion"] * 2
+    challenger, champ = hist.row(2, named=True), hist.row(3, named=True)
+    assert challenger["test_fingerprint"] == champ["test_fingerprint"] != ""
+    assert challenger["recall@20"] == champ["recall@20"]
 
 
 def test_bad_events_found_by_a_worker_are_one_error_line(ray_cluster, synthetic, tmp_path, run):
