@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,13 +153,12 @@ def free_port() -> int:
 
 
 def test_unreachable_address_is_one_error_line_within_bounded_time(synthetic):
-    t0 = time.perf_counter()
+    # bounded by the subprocess timeout: a hang fails the test (no wall-clock comparison here)
     proc = subprocess.run(
         [sys.executable, "-m", "gru4rec.cli", "score", "--model", synthetic["onnx"], "--sessions",
          str(synthetic["whole"]), "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
-    assert time.perf_counter() - t0 < 60
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: --ray-address 127.0.0.1:") and "cannot reach" in proc.stderr
 
