@@ -6,15 +6,15 @@ trend plots. Exit codes (CLI): 0 no regression, 1 regression, 2 bad config, miss
 an unreadable history (checked before any work; nothing is written then).
 
 What a figure is compared with:
-  - a metric (higher is better) with the previous run and, with `compare_best`, the best run so far;
-  - a latency (lower is better, milliseconds per replay step) with the median of the last
-    `latency_window` runs (default 5). Step timings of an unchanged model vary from run to run on
-    a shared machine; against the fastest run ever (or one lucky previous run) the check would
-    ratchet down to the luckiest measurement and then fail at random. The recent median follows
-    the usual speed, so one fast or slow run moves it little, while a real slowdown stands out.
-    A latency past its tolerance is timed again (`latency_confirm` times, default 2, after a
-    pause) and the best measurement counts: a stall of the machine slows one measurement, a
-    slower model every one. With `metrics_json` there is nothing to time again.
+  - a metric (higher is better) with the previous run and, with `compare_best`, the best run so far
+    (window runs: each day tests other sessions, so earlier days are the trend, never the gate);
+  - a latency (lower is better), with a champion: champion and challenger timed side by side
+    (eval/latency_gate.py, interleaved pairs in one process or one Ray worker); without one, with the
+    median of the last `latency_window` runs, and only where runs of one same export measure the
+    spread between runs within the tolerance (an unchanged model cannot regress; its runs that
+    differ measure the machine). A latency past its tolerance there is timed again
+    (`latency_confirm` times) and the best measurement counts. Repeats of one model that spread
+    wider than the tolerance make the verdict "inconclusive": reported, never a failure.
 A figure regresses when it is worse than its reference by more than `abs + rel·|reference|`
 (numpy's isclose rule: set either tolerance to 0 to use only the other). Only runs on the same test
 data (by content) in the same tie mode are compared.
@@ -42,7 +42,7 @@ names, training preset and params); eval/configs/nightly.example.toml documents 
 
     [nightly.tolerances]
     metrics = ["recall@20", "mrr@20"]     # higher is better
-    latency = ["step_ms_p50", "step_ms_p95"]   # lower is better
+    latency = ["ms_per_1k_events"]        # lower is better
     metric_drop_abs = 0.005
     metric_drop_rel = 0.02
     latency_rise_abs_ms = 1.0
@@ -503,6 +503,7 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
 
         load_bundle(cfg.champion.model)  # a broken champion bundle stops the run before training
     stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".run", dir=cfg.out.parent))
+    _say(f"nightly: working in {stage}, moved into {cfg.out} when the run completes")
     try:
         with _engine_session(cfg):
             summary = _run_staged(dataclasses.replace(cfg, out=stage), cfg.out, history, now, as_of)
@@ -513,6 +514,12 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
             cfg, summary, Path(summary["current"]["model"])
         )
     return summary
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, markup=False, highlight=False)
 
 
 def _run_staged(cfg: NightlyConfig, out: Path, history: pl.DataFrame, now, as_of) -> dict:

@@ -282,3 +282,34 @@ def test_cli_starts_and_stops_its_own_local_runtime(synthetic, tmp_path):
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["engine"]["runtime"] == "local Ray runtime" and report["engine"]["workers"] == 1
     assert_same_run(local, report)
+
+
+@pytest.mark.slow
+def test_identical_champion_ten_local_and_five_ray_nightlies_never_regress(
+    ray_cluster, synthetic, tmp_path, run
+):
+    """The issue's 'done when' at test size: an unchanged model as its own champion, 10 nightly runs
+    on the local engine and 5 on Ray, each promotes (or keeps) it; 0 exits 1. (The realistic-size
+    version is bench/nightly_false_alarms.py.)"""
+    import shutil
+
+    from gru4rec.eval.promote import bundle_files
+
+    for engine, runs in (("local", 10), ("ray", 5)):
+        folder = tmp_path / engine
+        champion = folder / "prod" / "m.onnx"
+        champion.parent.mkdir(parents=True)
+        for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
+            shutil.copyfile(src, dst)
+        config = folder / "nightly.toml"
+        config.write_text(
+            f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
+            f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 8\n'
+            + ('engine = "ray"\nworkers = 2\n' if engine == "ray" else "")
+            + f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
+        )
+        for _ in range(runs):
+            code, _, err = run("eval", "nightly", "--config", config)
+            assert code == 0, err
+        statuses = pl.read_parquet(folder / "h.parquet")["status"].to_list()
+        assert statuses == ["promoted", "champion"] * runs
