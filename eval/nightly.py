@@ -503,7 +503,6 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
 
         load_bundle(cfg.champion.model)  # a broken champion bundle stops the run before training
     stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".run", dir=cfg.out.parent))
-    _say(f"nightly: working in {stage}, moved into {cfg.out} when the run completes")
     try:
         with _engine_session(cfg):
             summary = _run_staged(dataclasses.replace(cfg, out=stage), cfg.out, history, now, as_of)
@@ -531,6 +530,7 @@ def _run_staged(cfg: NightlyConfig, out: Path, history: pl.DataFrame, now, as_of
     if cfg.metrics_json is None and cfg.tolerances.latency:
         check_latency_steps({"latency": planned_steps(test, cfg.batch_size)}, cfg.tolerances,
                             f"{cfg.source}: scoring {test} at batch_size {cfg.batch_size} (before any training)")  # fmt: skip
+    _say(f"nightly: working in {cfg.out}, moved into {out} when the run completes")
     report, model = _measure(cfg, test, train_events)
     champion_report = _score_champion(cfg, test)
     paired = _paired_latency(cfg, test, model, champion_report)
