@@ -366,17 +366,12 @@ def run_source(
 
 
 def score_source(
-    backend: StepBackend,
-    items: ItemMap,
-    source: SessionSource,
-    cfg: ScoreConfig,
-    out: str | Path | None = None,
-    recorder: LatencyRecorder | None = None,
-    progress: bool = False,
+    backend: StepBackend, items: ItemMap, source: SessionSource, cfg: ScoreConfig, **options
 ) -> dict:
-    """The metrics-JSON dict (without `model`) of any step backend over `source` (tests, benchmarks)."""
+    """The metrics-JSON dict (without `model`) of any step backend over `source` (tests, benchmarks);
+    `options` are run_source's (out, recorder, progress)."""
     t0 = time.perf_counter()
-    result = run_source(backend, items, source, cfg, out, recorder, progress)
+    result = run_source(backend, items, source, cfg, **options)
     return assemble_report(result, cfg, wall_s=time.perf_counter() - t0)
 
 

@@ -224,25 +224,32 @@ def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_p
     assert code == 2 and "workers need engine" in err and err.count("\n") == 1
 
 
-def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthetic, tmp_path, run):
-    """The issue's case: on Ray the champion was scored locally and its latency compared with the
-    challenger's Ray figure, so a copy of the model never won. Both are now scored on Ray and timed
-    side by side on one Ray worker: the copy is promoted (or kept), never a regression."""
+def identical_champion_config(folder: Path, synthetic, engine: str, batch: int, extra: str = "") -> Path:
+    """A nightly config whose champion (promote = true) is a byte copy of the challenger's bundle."""
     import shutil
 
     from gru4rec.eval.promote import bundle_files
 
-    champion = tmp_path / "prod" / "m.onnx"
-    champion.parent.mkdir()
+    champion = folder / "prod" / "m.onnx"
+    champion.parent.mkdir(parents=True)
     for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
         shutil.copyfile(src, dst)
-    config = tmp_path / "nightly.toml"
+    config = folder / "nightly.toml"
     config.write_text(
-        f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "latest"}"\n'
-        f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 16\n'
-        'engine = "ray"\nworkers = 2\n'
-        f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
-        "[nightly.tolerances]\nlatency_pairs = 4\n"
+        f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
+        f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = {batch}\n'
+        + ('engine = "ray"\nworkers = 2\n' if engine == "ray" else "")
+        + f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n{extra}'
+    )
+    return config
+
+
+def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthetic, tmp_path, run):
+    """The issue's case: on Ray the champion was scored locally and its latency compared with the
+    challenger's Ray figure, so a copy of the model never won. Both are now scored on Ray and timed
+    side by side on one Ray worker: the copy is promoted (or kept), never a regression."""
+    config = identical_champion_config(
+        tmp_path, synthetic, "ray", 16, "[nightly.tolerances]\nlatency_pairs = 4\n"
     )
     for _ in range(2):
         code, _, err = run("eval", "nightly", "--config", config)
@@ -291,23 +298,9 @@ def test_identical_champion_ten_local_and_five_ray_nightlies_never_regress(
     """The issue's 'done when' at test size: an unchanged model as its own champion, 10 nightly runs
     on the local engine and 5 on Ray, each promotes (or keeps) it; 0 exits 1. (The realistic-size
     version is bench/nightly_false_alarms.py.)"""
-    import shutil
-
-    from gru4rec.eval.promote import bundle_files
-
     for engine, runs in (("local", 10), ("ray", 5)):
         folder = tmp_path / engine
-        champion = folder / "prod" / "m.onnx"
-        champion.parent.mkdir(parents=True)
-        for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
-            shutil.copyfile(src, dst)
-        config = folder / "nightly.toml"
-        config.write_text(
-            f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
-            f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 8\n'
-            + ('engine = "ray"\nworkers = 2\n' if engine == "ray" else "")
-            + f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
-        )
+        config = identical_champion_config(folder, synthetic, engine, 8)
         for _ in range(runs):
             code, _, err = run("eval", "nightly", "--config", config)
             assert code == 0, err
