@@ -10,10 +10,14 @@ The rule, per gated figure (lower is better), with `allowed` the tolerance over 
 median (`Tolerances.allowed`):
   - spread: how far repeats of the same model differ. Each model's range over its repeats, its
     slowest repeat left out (a stall slows one measurement), relative to its own median; the larger
-    of the two, in the champion's milliseconds. When the spread exceeds `allowed`, the measurement
-    cannot resolve the tolerance: the verdict is "inconclusive" (reported, not a failure);
-  - otherwise "regression" when the challenger is slower by more than `allowed` in at least three
-    quarters of the pairs (a clear majority), else "ok".
+    of the two, in the champion's milliseconds;
+  - "regression" when the challenger is slower by more than `allowed` in at least three quarters of
+    the pairs (a clear majority) and its median is slower by more than both `allowed` and the
+    spread: a difference that the noise of the measurement cannot explain;
+  - otherwise "inconclusive" when the spread exceeds `allowed` (the measurement cannot resolve the
+    tolerance: reported, not a failure), else "ok".
+A challenger that really is many times slower is caught even on a busy machine; a model timed
+against itself never is, however noisy the machine.
 
 Across runs (`spread_across_runs`): a figure can only be gated against earlier runs when the spread
 between runs of one same model is known and within the tolerance: runs of one export (same
@@ -55,7 +59,7 @@ class Verdict:
             )
         return (
             f"latency inconclusive: {self.figure} repeats of one model spread {self.spread:.4f} ms, more "
-            f"than the {self.allowed:.4f} ms tolerance"
+            f"than the {self.allowed:.4f} ms tolerance, and the challenger is not slower by more than that"
         )
 
 
@@ -72,10 +76,10 @@ def paired_verdict(figure: str, champion: list[float], challenger: list[float], 
     allowed = tol.allowed(figure, ref)
     spread = max(relative_spread(champion), relative_spread(challenger)) * ref
     slower = sum(1 for a, b in zip(champion, challenger, strict=True) if b - a > allowed)
-    if spread > allowed:
-        verdict = "inconclusive"
-    elif slower >= math.ceil(MAJORITY * len(champion)):
+    if slower >= math.ceil(MAJORITY * len(champion)) and cur - ref > max(allowed, spread):
         verdict = "regression"
+    elif spread > allowed:
+        verdict = "inconclusive"
     else:
         verdict = "ok"
     return Verdict(figure, verdict, ref, cur, allowed, spread, slower, len(champion))
