@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 import torch
 from test_export import ALLOWED_OPS
+from test_export import layered_reference_step as reference_step
 from test_replay import assert_metrics_equal, brute_force_counts, random_events, reference_metrics
 
 from gru4rec import checkpoint as ckpt_io
@@ -54,36 +55,6 @@ def save(model: GRU4Rec, path, seed: int = 0) -> None:
         original = ckpt_io.versions
         mp.setattr(ckpt_io, "versions", lambda: {k: str(v) for k, v in original().items()})
         ckpt_io.save(ck, path)
-
-
-def reference_step(model: GRU4Rec, x: np.ndarray, states: list[np.ndarray]):
-    """float64: (scores [B, N], per-layer states [B, H_l])."""
-    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
-    sizes = model.cfg.layers
-    idx = torch.from_numpy(x)
-    hs = [torch.from_numpy(h).double() for h in states]
-    out = []
-    if model.cfg.mode == "onehot":  # original cell, blocks [c, r, z]
-        H, h = sizes[0], hs[0]
-        gx = sd["Wx0"][idx] + sd["Bx0"]
-        rz = h @ sd["Wrz0"]
-        r, z = torch.sigmoid(gx[:, H : 2 * H] + rz[:, :H]), torch.sigmoid(gx[:, 2 * H :] + rz[:, H:])
-        inp = (1 - z) * h + z * torch.tanh(gx[:, :H] + (r * h) @ sd["Wh0"])
-        out.append(inp)
-        hs, sizes = hs[1:], sizes[1:]
-    else:
-        inp = (sd["Wy"] if model.cfg.mode == "shared" else sd["E"])[idx]
-    for layer, (h, H) in enumerate(zip(hs, sizes)):
-        cell = torch.nn.GRUCell(inp.shape[1], H).double()
-        cell.load_state_dict({
-            "weight_ih": sd[f"W_ih.{layer}"], "weight_hh": sd[f"W_hh.{layer}"],
-            "bias_ih": sd[f"b_ih.{layer}"], "bias_hh": sd[f"b_hh.{layer}"],
-        })  # fmt: skip
-        with torch.no_grad():
-            inp = cell(inp, h)
-        out.append(inp)
-    scores = inp @ sd["Wy"].T + sd["By"].T
-    return scores.numpy(), [h.numpy() for h in out]
 
 
 def plain_ops(path) -> set[str]:

@@ -228,14 +228,10 @@ def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthet
     """The issue's case: on Ray the champion was scored locally and its latency compared with the
     challenger's Ray figure, so a copy of the model never won. Both are now scored on Ray and timed
     side by side on one Ray worker: the copy is promoted (or kept), never a regression."""
-    import shutil
 
-    from gru4rec.eval.promote import bundle_files
+    from gru4rec.eval.promote import copy_bundle
 
-    champion = tmp_path / "prod" / "m.onnx"
-    champion.parent.mkdir()
-    for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
-        shutil.copyfile(src, dst)
+    champion = copy_bundle(Path(synthetic["onnx"]), tmp_path / "prod" / "m.onnx")
     config = tmp_path / "nightly.toml"
     config.write_text(
         f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "latest"}"\n'
@@ -291,16 +287,12 @@ def test_identical_champion_ten_local_and_five_ray_nightlies_never_regress(
     """The issue's 'done when' at test size: an unchanged model as its own champion, 10 nightly runs
     on the local engine and 5 on Ray, each promotes (or keeps) it; 0 exits 1. (The realistic-size
     version is bench/nightly_false_alarms.py.)"""
-    import shutil
 
-    from gru4rec.eval.promote import bundle_files
+    from gru4rec.eval.promote import copy_bundle
 
     for engine, runs in (("local", 10), ("ray", 5)):
         folder = tmp_path / engine
-        champion = folder / "prod" / "m.onnx"
-        champion.parent.mkdir(parents=True)
-        for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
-            shutil.copyfile(src, dst)
+        champion = copy_bundle(Path(synthetic["onnx"]), folder / "prod" / "m.onnx")
         config = folder / "nightly.toml"
         config.write_text(
             f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
