@@ -41,8 +41,8 @@ from gru4rec.train.safety import (
     RUNTIME_KEYS,  # noqa: F401  (its home was here; other code may import it from the trainer)
     TrainingInterrupted,
     check_train_output,
-    incompatibility,
     refuse_existing,
+    resumable,
     sigint_deferred,
 )
 from gru4rec.train.sampler import SampleStore
@@ -334,16 +334,6 @@ def model_config(cfg: TrainConfig, n_items: int) -> ModelConfig:
     )
 
 
-def _resume_from(out: Path, cfg: TrainConfig, data_fp: str, seed: int, dev) -> ckpt_io.Checkpoint | None:
-    if not out.exists():
-        return None
-    ck = ckpt_io.load(out, map_location="cpu")
-    why = incompatibility(ck, cfg.to_dict(), data_fp, seed)
-    if why is not None:
-        raise UserError(f"{out}: cannot resume: {why}; pass --overwrite instead to replace it")
-    return ck
-
-
 def train(
     train_events: pl.DataFrame,
     params: dict | TrainConfig,
@@ -387,7 +377,7 @@ def train(
     model = GRU4Rec(model_config(cfg, len(items)), seed=seed).to(dev)
     trainer = Trainer(model, cfg, sched, supp, dev, seed)
 
-    prev = _resume_from(Path(out), cfg, data_fp, seed, dev) if (resume and out is not None) else None
+    prev = resumable(Path(out), cfg.to_dict(), data_fp, seed) if (resume and out is not None) else None
     history, start = _restore(prev, model, trainer, out, cfg, console) if prev is not None else ([], 0)
     if prev is None and resume:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
@@ -457,12 +447,13 @@ def _epoch_row(stats, epoch: int, cfg: TrainConfig, model, items, valid_events, 
 
 def _done_line(history: list[dict], start: int, seconds: float, out) -> str:
     last = history[-1] if history else {}
-    summary = f"done: {len(history)} epochs, {seconds:.1f}s this run"
-    if "recall@20" in last:
-        summary += f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
-    if out is not None and len(history) > start:
-        summary += f", model saved to {out}"
-    return summary
+    valid = (
+        f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
+        if "recall@20" in last
+        else ""
+    )
+    saved = f", model saved to {out}" if out is not None and len(history) > start else ""
+    return f"done: {len(history)} epochs, {seconds:.1f}s this run{valid}{saved}"
 
 
 def _check_validation(valid_events: pl.DataFrame, items: ItemMap, console) -> None:
