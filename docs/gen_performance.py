@@ -118,7 +118,8 @@ def train_gpu() -> str:
         rows.append([data, runs[0]["preset"], spread(eps, ",.0f"), f"{statistics.fmean(eps) / ref[data]['events_per_s']:.1f}x",
                      f"{statistics.fmean(r['train_seconds'] for r in runs):.1f} s"])  # fmt: skip
     d = load(GPU_SEEDS[0])
-    note = f"\nDevice: {d['device']}, torch {d['torch']}; 10 epochs, fp32 (no TF32), CUDA graph on. "
+    note = (f"\nDevice: {d['device']}, torch {d['torch']}; 10 epochs, fp32 (no TF32), CUDA graph on; \"vs official\": "
+            "the official PyTorch code on the same GPU and files (`bench/results/official-h100.json`). ")  # fmt: skip
     cmd = "`" + GPU_TRAIN_CMD.format(seed="N") + "` for N = 1, 2, 3."
     head = ["data", "preset", "events/s, 3 seeds (range)", "vs official", "10 epochs"]
     return table(head, rows) + note + "Reproduce: " + cmd + "\n"
