@@ -35,9 +35,11 @@ ALLOWED_OPS = {
 }  # fmt: skip
 
 
-def random_model(mode: str, n_layers: int, seed: int, n_items: int = N) -> GRU4Rec:
-    """Random weights scaled up so scores spread out (a fresh init gives near-ties everywhere)."""
-    model = GRU4Rec(ModelConfig(n_items=n_items, layers=[H] * n_layers, **MODES[mode]), seed=seed)
+def random_model(mode: str, n_layers: int, seed: int, n_items: int = N, layers=None) -> GRU4Rec:
+    """Random weights scaled up so scores spread out (a fresh init gives near-ties everywhere);
+    `layers`: the layer sizes, else n_layers of H."""
+    sizes = list(layers) if layers is not None else [H] * n_layers
+    model = GRU4Rec(ModelConfig(n_items=n_items, layers=sizes, **MODES[mode]), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.Wy.mul_(10)
