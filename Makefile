@@ -1,4 +1,5 @@
-# gru4rec: `make demo` runs the pipeline end to end on built-in synthetic data; `make test` runs the tests.
+# gru4rec: `make demo` runs the pipeline end to end on built-in synthetic data; `make test` runs the tests;
+# `make docs` builds the documentation site into site/.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench docs lint clean
 
 install: $(STAMP)
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e '.[dev,mlflow,ray]'
+	$(PY) -m pip install -q -e '.[dev,mlflow,ray,docs]'
 	touch $(STAMP)
 
 demo: install
@@ -44,10 +45,17 @@ bench: install
 	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 	$(PY) bench/nightly_false_alarms.py --out bench/results/nightly-false-alarms.json
 
+# The measured tables come from bench/results/*.json and the CLI reference from the typer app itself,
+# both regenerated on every build, so neither can drift; --strict fails on a broken link.
+docs: install
+	$(PY) docs/gen_performance.py
+	$(VENV)/bin/typer gru4rec.cli utils docs --name gru4rec-cli --title "CLI reference" --output docs/cli.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 lint: install
-	$(PY) -m ruff check gru4rec train export score eval tests bench
-	$(PY) -m ruff format --check gru4rec train export score eval tests bench
+	$(PY) -m ruff check gru4rec train export score eval tests bench docs
+	$(PY) -m ruff format --check gru4rec train export score eval tests bench docs
 
 clean:
-	rm -rf $(VENV) $(DEMO) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO) site build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

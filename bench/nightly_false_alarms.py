@@ -54,14 +54,11 @@ def prepare(work: Path) -> tuple[Path, Path, str]:
 
 
 def nightly(work: Path, model: Path, test: Path, engine: str, runs: int) -> list[dict]:
-    from gru4rec.eval.promote import bundle_files
+    from gru4rec.eval.promote import copy_bundle
 
     folder = work / engine
     shutil.rmtree(folder, ignore_errors=True)
-    champion = folder / "prod" / "m.onnx"
-    champion.parent.mkdir(parents=True)
-    for src, dst in zip(bundle_files(model), bundle_files(champion), strict=True):
-        shutil.copyfile(src, dst)
+    champion = copy_bundle(model, folder / "prod" / "m.onnx")
     config = folder / "nightly.toml"
     config.write_text(
         f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\ntest = "{test}"\n'

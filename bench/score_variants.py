@@ -256,7 +256,7 @@ def torch_split(
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="checkpoint (.pt); default: random diginetica-shaped weights")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=4.0, help="random model: output weight scale")
     p.add_argument("--budget-s", type=float, default=200.0, help="stop starting new runs after this")
     p.add_argument("--out", type=Path, required=True, help="directory for score_variants.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     started = time.perf_counter()
 
     import onnxruntime
@@ -330,38 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 result.setdefault("placement", {})[v.name] = placement(path)
             except Exception as e:
                 result.setdefault("placement", {})[v.name] = {"error": repr(e)[:300]}
-        queue = plan(v, batches, cuda)
-        while queue:
-            batch, tf32, cg = queue.pop(0)
-            label = f"{v.name} b{batch}{' tf32' if tf32 else ''}{' cuda-graph' if cg else ''}"
-            if time.perf_counter() - started > args.budget_s:
-                result["skipped"].append(label)
-                continue
-            try:
-                r = run_config(path, N, args.top_k, L, H, args.provider, batch, tf32, cg, args)
-            except Exception as e:
-                result["failed"].append({"variant": v.name, "run": label, "error": repr(e)[:300]})
-                print(f"{label:44s} FAILED {repr(e)[:120]}", flush=True)
-                if cg:  # e.g. a node the CUDA graph cannot capture: still time the variant without
-                    queue.insert(0, (batch, tf32, False))
-                continue
-            checks = r.pop("_checks")
-            if v.name == "base" and not tf32 and not cg:
-                refs[batch] = checks
-            r.update(variant=v.name, label=label, exact_by_construction=v.exact, export_s=export_s)
-            r.update(fp16=v.fp16, topk_chunks=v.topk_chunks, count_block=v.count_block)
-            r.update(score_half=v.score_half, rerank=v.rerank)
-            ref = refs.get(batch)
-            r["agreement_vs_base_fp32"] = agreement(checks, ref, args.top_k) if ref else None
-            result["runs"].append(r)
-            a = r["agreement_vs_base_fp32"] or {}
-            print(
-                f"{label:44s} {r['events_per_s']:>12,.0f} ev/s  p50 {r['step_ms_p50']:7.3f} ms  "
-                f"counts exact {a.get('counts_exact', float('nan')):.4f}  "
-                f"topk overlap {a.get('topk_overlap', float('nan')):.4f}",
-                flush=True,
-            )
-            _write(args.out, result, started)
+        _time_variant(v, path, export_s, batches, cuda, (N, L, H), refs, result, args, started)
     if cuda:
         try:
             import torch
@@ -374,6 +347,44 @@ def main(argv: list[str] | None = None) -> int:
     _write(args.out, result, started)
     _table(result)
     return 0 if result["runs"] else 1
+
+
+def _time_variant(v, path: Path, export_s: float, batches: list[int], cuda: bool, shape: tuple[int, int, int],
+                  refs: dict[int, list], result: dict, args: argparse.Namespace, started: float) -> None:  # fmt: skip
+    """Time one exported variant at every batch (and TF32 / CUDA graph setting) its plan lists."""
+    n_items, n_layers, hidden = shape
+    queue = plan(v, batches, cuda)
+    while queue:
+        batch, tf32, cg = queue.pop(0)
+        label = f"{v.name} b{batch}{' tf32' if tf32 else ''}{' cuda-graph' if cg else ''}"
+        if time.perf_counter() - started > args.budget_s:
+            result["skipped"].append(label)
+            continue
+        try:
+            r = run_config(path, n_items, args.top_k, n_layers, hidden, args.provider, batch, tf32, cg, args)
+        except Exception as e:
+            result["failed"].append({"variant": v.name, "run": label, "error": repr(e)[:300]})
+            print(f"{label:44s} FAILED {repr(e)[:120]}", flush=True)
+            if cg:  # e.g. a node the CUDA graph cannot capture: still time the variant without
+                queue.insert(0, (batch, tf32, False))
+            continue
+        checks = r.pop("_checks")
+        if v.name == "base" and not tf32 and not cg:
+            refs[batch] = checks
+        r.update(variant=v.name, label=label, exact_by_construction=v.exact, export_s=export_s)
+        r.update(fp16=v.fp16, topk_chunks=v.topk_chunks, count_block=v.count_block)
+        r.update(score_half=v.score_half, rerank=v.rerank)
+        ref = refs.get(batch)
+        r["agreement_vs_base_fp32"] = agreement(checks, ref, args.top_k) if ref else None
+        result["runs"].append(r)
+        a = r["agreement_vs_base_fp32"] or {}
+        print(
+            f"{label:44s} {r['events_per_s']:>12,.0f} ev/s  p50 {r['step_ms_p50']:7.3f} ms  "
+            f"counts exact {a.get('counts_exact', float('nan')):.4f}  "
+            f"topk overlap {a.get('topk_overlap', float('nan')):.4f}",
+            flush=True,
+        )
+        _write(args.out, result, started)
 
 
 def _write(out: Path, result: dict, started: float) -> None:

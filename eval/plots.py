@@ -120,3 +120,35 @@ def trends(path: Path, title: str, runs: Sequence[str], series: Mapping[str, Seq
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def regression_flags(history, figures: list[str]) -> dict[str, list[bool]]:
+    """Per figure, the runs where that figure regressed (the trend plots circle those points only).
+    A run recorded before per-figure flags counts as regressed in every figure when it regressed."""
+    regressed = history["regressed"].to_list() if "regressed" in history.columns else [None] * history.height
+    status = history["status"].to_list()
+    return {
+        f: [f in r.split(",") if r is not None else s == "regression" for r, s in zip(regressed, status)]
+        for f in figures
+    }
+
+
+def nightly_trends(
+    history, folder: Path, metrics: list[str], latency: list[str], tie_mode: str
+) -> dict[str, str]:
+    """The nightly's trend plots of `history` (a Polars frame of comparable runs) into `folder`:
+    {title: file name}; only the figures that regressed are circled."""
+    import polars as pl
+
+    runs = history["run_id"].to_list()
+    out: dict[str, str] = {}
+    groups = (("metrics", metrics, "metric value", "Accuracy over nightly runs"),
+              ("latency", latency, "milliseconds", "Scorer latency over nightly runs"))  # fmt: skip
+    for key, figures, ylabel, title in groups:
+        series = {f: history[f].cast(pl.Float64).to_list() for f in figures if f in history.columns}
+        if series:
+            name = f"trend_{key}.png"
+            trends(folder / name, f"{title} ({tie_mode} ties)" if key == "metrics" else title,
+                   runs, series, ylabel, regression_flags(history, list(series)))  # fmt: skip
+            out[title] = name
+    return out

@@ -30,6 +30,16 @@ def bundle_files(onnx: Path) -> list[Path]:
     return [sidecar, eval_path, Path(onnx)]
 
 
+def copy_bundle(onnx: Path, to: Path) -> Path:
+    """Copy the bundle of `onnx` to `to`'s paths (folder created), e.g. to seed a first champion; returns `to`."""
+    import shutil
+
+    to.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in zip(bundle_files(onnx), bundle_files(to), strict=True):
+        shutil.copyfile(src, dst)
+    return to
+
+
 def promote_bundle(challenger: Path, champion: Path) -> dict:
     """Install `challenger`'s bundle at `champion`'s paths; returns what was done (for the report)."""
     load_bundle(challenger)  # never install a bundle that does not load

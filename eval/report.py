@@ -57,6 +57,24 @@ def _method_label(row: dict) -> str:
     return f"**{row['model']}**" + ("" if "gru4rec" in row["model"].lower() else " (GRU4Rec)")
 
 
+def _benchmark_cells(r: dict, mode: str, other: list[str], refs: dict) -> list[str]:
+    """One method's row of a dataset's table: headline metrics, change to the best baseline, the other
+    tie mode, times."""
+    m = r["metrics"][mode]
+    cells = [_method_label(r), _f(m["recall@20"]), _f(m["mrr@20"]), _f(m.get("ndcg@20"))]
+    for metric in HEADLINE:
+        ref = refs[metric]
+        same = ref is not None and ref is r
+        cells.append(
+            "best"
+            if same
+            else _pct(relative_change(m[metric], ref["metrics"][mode][metric]) if ref else None)
+        )
+    for o in other[:1]:
+        cells += [_f(r["metrics"][o]["recall@20"]), _f(r["metrics"][o]["mrr@20"])]
+    return cells + [_secs(r.get("fit_s")), _secs(r.get("eval_s"))]
+
+
 def benchmark_markdown(results: dict) -> str:
     mode, other = results["headline_mode"], [m for m in results["tie_modes"] if m != results["headline_mode"]]
     lines = [
@@ -97,26 +115,7 @@ def benchmark_markdown(results: dict) -> str:
         head += [h for o in other[:1] for h in (f"Recall@20 ({o})", f"MRR@20 ({o})")]
         head += ["fit / train", "evaluation"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in rows:
-            m = r["metrics"][mode]
-            cells = [
-                _method_label(r),
-                _f(m["recall@20"]),
-                _f(m["mrr@20"]),
-                _f(m.get("ndcg@20")),
-            ]
-            for metric in HEADLINE:
-                ref = refs[metric]
-                same = ref is not None and ref is r
-                cells.append(
-                    "best"
-                    if same
-                    else _pct(relative_change(m[metric], ref["metrics"][mode][metric]) if ref else None)
-                )
-            for o in other[:1]:
-                cells += [_f(r["metrics"][o]["recall@20"]), _f(r["metrics"][o]["mrr@20"])]
-            cells += [_secs(r.get("fit_s")), _secs(r.get("eval_s"))]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(_benchmark_cells(r, mode, other, refs)) + " |" for r in rows]
         lines += ["", f"![Recall@k and MRR@k on {ds}]({results['plots'][ds]['curves']})"]
         for r in rows:
             for kind, label in (("latency", "scorer latency"), ("training", "training loss")):

@@ -146,3 +146,74 @@ def _param(value: Any) -> str:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- what the nightly and benchmark log
+
+
+def track_nightly(cfg, summary: dict, model: Path) -> tuple[list[str], str | None]:
+    """One MLflow run for a nightly run (`cfg`: its NightlyConfig): (run ids, the tracking error or None)."""
+    row = summary["current"]
+    verdict = "regression" if summary["regressions"] else "promoted" if summary["promoted"] else "pass"
+    params = {**summary["model_settings"], "tie_mode": cfg.tie_mode, "cutoffs": list(cfg.cutoffs),
+              "batch_size": cfg.batch_size, "test": row.get("test")}  # fmt: skip
+    if cfg.train is not None:
+        from gru4rec.train.params import resolve
+
+        params.update(resolve(preset=cfg.train.preset, overrides=cfg.train.params).to_dict())
+        params.update(seed=cfg.train.seed, device=cfg.train.device)
+    window = summary.get("window") or {}
+    params.update({k: v for k, v in window.items() if k in ("train_days", "test_days")})
+    metrics = _nightly_figures(row)
+    if summary.get("champion"):
+        metrics.update({f"champion_{k}": v for k, v in _nightly_figures(summary["champion"]).items()})
+    tags = {"gru4rec.kind": "nightly", "gru4rec.verdict": verdict, "gru4rec.role": row.get("role") or "model",
+            "gru4rec.test_fingerprint": row.get("test_fingerprint"), "gru4rec.model": str(model),
+            "gru4rec.regressions": "; ".join(summary["regressions"])[:5000] or None}  # fmt: skip
+    tags.update({f"gru4rec.{k}": v for k, v in window.items() if k.startswith("window") or k == "as_of"})
+    artifacts = [cfg.out / "report.md", cfg.out / "summary.json", cfg.out / "metrics.json"]
+    artifacts += [cfg.out / p for p in summary["plots"].values()]
+    bundle = None
+    if model.suffix == ".onnx" and model.is_file():
+        from gru4rec.eval.promote import bundle_files
+
+        bundle = bundle_files(model)
+    name = f"nightly {window['as_of']}" if window else f"nightly {row['run_id']}"
+    run = TrackedRun(name, params, metrics, tags, artifacts, bundle, register=bool(summary["promoted"]))
+    return log_runs(cfg.mlflow, [run])
+
+
+def _nightly_figures(row: dict) -> dict[str, float]:
+    """A history row's numbers as tracked metrics: every metric at every cut-off, latency, sizes."""
+    from gru4rec.eval.nightly.config import LATENCY_FIGURES
+
+    skip = {"run_id", "time", "status", "role", "model", "test", "test_fingerprint", "tie_mode", "regressed"}
+    out = {}
+    for k, v in row.items():
+        if k in skip or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+            continue
+        out[
+            f"latency_{k}"
+            if k in LATENCY_FIGURES or k.startswith(("n_steps", "n_full", "events_per", "sessions_per"))
+            else k
+        ] = v
+    return out
+
+
+def track_benchmark(spec: MlflowSpec, results: dict, out: Path) -> str | None:
+    """One MLflow run per (dataset, model), with the nightly's keys (see the module doc); the tracking error or None."""
+    mode = results["headline_mode"]
+    runs = []
+    for r in results["results"]:
+        metrics = {k: v for k, v in r["metrics"][mode].items() if k != "n"}
+        metrics.update(
+            n_predictions=r["metrics"][mode].get("n"), fit_s=r.get("fit_s"), eval_s=r.get("eval_s")
+        )
+        for key, value in (r.get("latency") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"latency_{key}"] = value
+        params = {**r.get("settings", {}), "dataset": r["dataset"], "tie_mode": mode, "kind": r["kind"]}
+        tags = {"gru4rec.kind": "benchmark", "gru4rec.dataset": r["dataset"], "gru4rec.model": r["model"]}
+        artifacts = [out / "report.md", out / "results.json"] + [out / p for p in r.get("plots", {}).values()]
+        runs.append(TrackedRun(f"benchmark {r['dataset']} {r['model']}", params, metrics, tags, artifacts))
+    return log_runs(spec, runs)[1]

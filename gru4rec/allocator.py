@@ -9,7 +9,7 @@ pages at once; `release()` (between chunks) trims glibc's heap. Measured by
 
 Training on the CPU wants the opposite: a step allocates the same few-MB tensors every step, and
 glibc serves blocks above its mmap threshold with fresh mmap/munmap pairs, so every step would
-page-fault its working set back in (~5-10% of a step on the 2-core box). `keep_freed_memory()`
+page-fault its working set back in, a measurable share of a step. `keep_freed_memory()`
 raises the mmap and trim thresholds so those blocks stay in the heap for the next step; the cost is
 the step's peak working set (tens of MB) kept mapped. An explicit `release()` still trims.
 """

@@ -1,8 +1,7 @@
 """Inverted dropout (spec §2.4) with masks that are cheap to draw on a CPU.
 
-ATen's CPU `bernoulli_` draws one Mersenne-Twister number per element on one thread (about 20 ns an
-element on the 2-core box: 2.7 ms of every diginetica-preset step, two [128, 512] masks). On the
-CPU the mask here comes from a counter-based generator instead: element i of a mask is kept when
+ATen's CPU `bernoulli_` draws one Mersenne-Twister number per element on one thread, a visible share
+of a small model's CPU step. On the CPU the mask here comes from a counter-based generator instead: element i of a mask is kept when
 the top 24 bits of splitmix64(seed + i) fall below (1 - p) 2^24, where `seed` is one draw from
 torch's global generator. So masks follow `torch.manual_seed` and the RNG state a checkpoint
 carries (resume is exact), and they are the same on any number of threads. On CUDA it is

@@ -25,10 +25,9 @@ from gru4rec.provenance import git_commit
 DIGINETICA = BENCH_DATA_DIR / "diginetica"
 DIGINETICA_SHAPE = {"n_items": 43_097, "layers": [512]}
 GPU_BATCHES = (256, 1024, 4096)
-# Exact speed options of the eval graph (export --count-block / --topk-chunks), also timed on CUDA;
-# bench/score_variants.py compares the alternatives.
-# Exact speed options measured on an H100 (bench/results/score_variants.json): blocked counts gain
-# ~10% (fp32) to ~30% (TF32); ORT's two-stage TopK was 2-3x slower, so it is left out.
+# The exact speed options of the eval graph (export --count-block / --topk-chunks) that pay on a GPU,
+# also timed on CUDA; bench/score_variants.py compares all the alternatives (ORT's two-stage TopK is
+# slower there than one TopK, so it is left out).
 FAST_EXPORT = {"count_block": 1024, "topk_chunks": 0}
 
 
@@ -45,8 +44,7 @@ def run_bench(
     from gru4rec.bundle import load_bundle
     from gru4rec.checkpoint import load as load_checkpoint
     from gru4rec.io import check_output_file
-    from gru4rec.score.ort_backend import OrtBackend, cuda_usable
-    from gru4rec.score.torch_backend import TorchBackend
+    from gru4rec.score.ort_backend import cuda_usable
 
     if out is not None:
         check_output_file(out, inputs=(model, sessions))
@@ -59,6 +57,44 @@ def run_bench(
         torch_model = load_checkpoint(ckpt_path).model if ckpt_path is not None else None
         online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
     has_cuda = cuda_usable()
+
+    plan = _plan(bundle, torch_model, ckpt_path, sessions, online_path, batch_size, has_cuda, tmp)
+    load_before = os.getloadavg()
+    runs, failed = _run_plan(plan, bundle, console)
+    result = {
+        "benchmark": "score",
+        "machine": {
+            "cpu": _cpu(),
+            "gpu": _gpu() if has_cuda else None,
+            "cuda_ep": has_cuda,
+            "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],  # shared machines: context
+        },
+        "versions": _versions(),
+        "commit": git_commit(),
+        "data": data_desc,
+        "model": model_desc,
+        "runs": runs,
+        "failed": failed,
+        "metrics_agree_fp32_batch_runs": _agree([r for r in runs if r["mode"] == "batch" and not r["tf32"]]),
+        "speedup_ort_cpu_vs_torch_cpu": _ratio(runs, "ORT CPU EP", "torch eager CPU"),
+    }
+    if torch.cuda.is_available():
+        result["roofline_b1024"] = _roofline(bundle.n_items, bundle.hidden_size, bundle.n_layers, 1024, runs)
+    if out is not None:
+        from gru4rec.io import write_text_atomic
+
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {out}")
+    return result
+
+
+def _plan(bundle, torch_model, ckpt_path, sessions: Path, online_path: Path, batch_size: int, has_cuda: bool,
+          tmp: Path) -> list[tuple[str, object, int, str, Path]]:  # fmt: skip
+    """(label, backend factory, batch, mode, sessions) of every run, in the order they are timed."""
+    import torch
+
+    from gru4rec.score.ort_backend import OrtBackend
+    from gru4rec.score.torch_backend import TorchBackend
 
     def ort(provider: str, tf32: bool = False, cuda_graph: bool = False, bundle=bundle, with_topk=True):
         return lambda: OrtBackend.from_bundle(
@@ -120,9 +156,12 @@ def run_bench(
     if torch_model is not None and torch.cuda.is_available():
         plan.append(("torch eager CUDA b1024", torch_eager("cuda"), 1024, "batch", sessions))
         plan.append(("torch eager CUDA online", torch_eager("cuda"), 1, "online", online_path))
+    return plan
 
+
+def _run_plan(plan, bundle, console) -> tuple[list[dict], list[dict]]:
+    """Time every run of the plan; a failing configuration is recorded and the rest still run."""
     runs, failed = [], []
-    load_before = os.getloadavg()
     for label, make_backend, batch, mode, path in plan:
         with console.status(f"scoring: {label}"):
             try:
@@ -140,31 +179,7 @@ def run_bench(
             f"{label:28s} {r['events_per_s']:>12,.0f} events/s   step p50 {r['step_ms_p50']:.3f} ms  "
             f"p99 {r['step_ms_p99']:.3f} ms   recall@20 {r['recall@20']:.4f}"
         )
-    result = {
-        "benchmark": "score",
-        "machine": {
-            "cpu": _cpu(),
-            "gpu": _gpu() if has_cuda else None,
-            "cuda_ep": has_cuda,
-            "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],  # shared machines: context
-        },
-        "versions": _versions(),
-        "commit": git_commit(),
-        "data": data_desc,
-        "model": model_desc,
-        "runs": runs,
-        "failed": failed,
-        "metrics_agree_fp32_batch_runs": _agree([r for r in runs if r["mode"] == "batch" and not r["tf32"]]),
-        "speedup_ort_cpu_vs_torch_cpu": _ratio(runs, "ORT CPU EP", "torch eager CPU"),
-    }
-    if torch.cuda.is_available():
-        result["roofline_b1024"] = _roofline(bundle.n_items, bundle.hidden_size, bundle.n_layers, 1024, runs)
-    if out is not None:
-        from gru4rec.io import write_text_atomic
-
-        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {out}")
-    return result
+    return runs, failed
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
 from gru4rec.errors import UserError
+
+# `--engine` and the Ray settings, declared once (eval configs spell them as keys: engine, ray_address, workers).
+RAY_HELP = {
+    "--engine": "local: this process | ray: shards scored on a Ray cluster (--sessions: Parquet file, folder or glob; --out: a folder, one file per shard). Needs gru4rec\\[ray].",
+    "--ray-address": "--engine ray: auto | host:port | ray://host:10001 of a running cluster \\[default: start a local Ray runtime for the run].",
+    "--workers": "--engine ray: scorer actors \\[default: one per GPU, else one per --cpus-per-worker CPUs of the cluster].",
+    "--gpus-per-worker": "--engine ray: GPUs per scorer (ORT CUDA EP) \\[default: 1 where the cluster has GPUs, else 0: CPU EP].",
+    "--cpus-per-worker": "--engine ray: CPUs reserved per scorer (its ORT threads).",
+    "--shards": "--engine ray: sessions are cut into this many shards by a stable hash of the session id \\[default: max(16, 4 x workers)].",
+}
+Engine = Annotated[str, typer.Option("--engine", help=RAY_HELP["--engine"])]
+RayAddress = Annotated[str | None, typer.Option("--ray-address", help=RAY_HELP["--ray-address"])]
+Workers = Annotated[int | None, typer.Option("--workers", help=RAY_HELP["--workers"])]
+GpusPerWorker = Annotated[float | None, typer.Option("--gpus-per-worker", help=RAY_HELP["--gpus-per-worker"])]
+CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help=RAY_HELP["--cpus-per-worker"])]
+Shards = Annotated[int | None, typer.Option("--shards", help=RAY_HELP["--shards"])]
 
 
 def parse_cutoffs(text: str) -> tuple[int, ...]:
@@ -81,34 +98,12 @@ def register(app: typer.Typer) -> None:
         train: Path | None = typer.Option(
             None, "--train", help="Training events, for popularity@k (with --beyond-accuracy)."
         ),
-        engine: str = typer.Option(
-            "local",
-            "--engine",
-            help="local: this process | ray: shards scored on a Ray cluster (--sessions: Parquet file, folder or glob; --out: a folder, one file per shard). Needs gru4rec\\[ray].",
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="--engine ray: auto | host:port | ray://host:10001 of a running cluster \\[default: start a local Ray runtime for the run].",
-        ),
-        workers: int | None = typer.Option(
-            None,
-            "--workers",
-            help="--engine ray: scorer actors \\[default: one per GPU, else one per --cpus-per-worker CPUs of the cluster].",
-        ),
-        gpus_per_worker: float | None = typer.Option(
-            None,
-            "--gpus-per-worker",
-            help="--engine ray: GPUs per scorer (ORT CUDA EP) \\[default: 1 where the cluster has GPUs, else 0: CPU EP].",
-        ),
-        cpus_per_worker: float = typer.Option(
-            1.0, "--cpus-per-worker", help="--engine ray: CPUs reserved per scorer (its ORT threads)."
-        ),
-        shards: int | None = typer.Option(
-            None,
-            "--shards",
-            help="--engine ray: sessions are cut into this many shards by a stable hash of the session id \\[default: max(16, 4 x workers)].",
-        ),
+        engine: Engine = "local",
+        ray_address: RayAddress = None,
+        workers: Workers = None,
+        gpus_per_worker: GpusPerWorker = None,
+        cpus_per_worker: CpusPerWorker = 1.0,
+        shards: Shards = None,
     ) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
         from gru4rec.data import Keys

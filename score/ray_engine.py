@@ -43,20 +43,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gru4rec.bundle import companion_paths
-from gru4rec.data import ITEM, SESSION, TIME, Keys
 from gru4rec.errors import UserError
+from gru4rec.score.ray_shards import InputFile, ShardScorer, input_files, inspect_inputs, read_files
 
 RAY_INSTALL = "pip install 'gru4rec[ray]'"
-PART = "part-{:05d}.parquet"
 MAX_RETRIES = 3  # restarts of a dead scorer actor, and retries of the shard it held
 CONNECT_TIMEOUT_S = 10.0  # the TCP check of --ray-address
 # Test hook: a path; the first scorer that creates this file exits abruptly mid-shard (after writing
 # its recommendations under the temporary name, before committing them), as a crashed worker would.
 KILL_ENV = "GRU4REC_RAY_KILL_FIRST_ATTEMPT"
-_ROW_BITS = 40  # input position = file number << 40 | row in file (1e12 rows per file)
 
 
 @dataclass
@@ -96,228 +92,6 @@ def import_ray():
     except ImportError:
         raise UserError(f"--engine ray needs Ray, which is not installed here: {RAY_INSTALL}") from None
     return ray
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class InputFile:
-    path: str
-    index: int  # position in the sorted file list: ties in time are broken by (file, row)
-    columns: tuple[str, str, str]  # the file's session, item and time columns
-    n_rows: int
-
-
-def input_files(sessions: str | Path) -> list[Path]:
-    """The Parquet files of a file, folder or glob, as the core reader resolves them (sorted by path:
-    the order that breaks ties in time)."""
-    from gru4rec.data import event_files
-
-    files = event_files(str(sessions))
-    other = [p for p in files if p.suffix.lower() not in (".parquet", ".pq")]
-    if other:
-        raise UserError(
-            f"{other[0]}: --engine ray reads Parquet files; convert it (gru4rec-cli data ...) or use --engine local"
-        )
-    return files
-
-
-def inspect_inputs(files: list[Path], keys: Keys) -> list[InputFile]:
-    """Key columns, dtypes and null counts of every file from its Parquet footer, before any work."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from gru4rec.data import key_columns
-
-    out = []
-    for i, f in enumerate(files):
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:
-            raise UserError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
-        schema = pf.schema_arrow
-        cols = key_columns(schema.names, keys, f)  # the core's rule: named keys, else official headers
-        kinds = {dst: schema.field(src).type for dst, src in cols.items()}
-        s, it, t = kinds[SESSION], kinds[ITEM], kinds[TIME]
-        if not (pa.types.is_integer(s) or _is_text(s)):
-            raise UserError(
-                f"{f}: column '{cols[SESSION]}' must hold integer or string session ids, found {s}"
-            )
-        if not (pa.types.is_integer(it) or _is_text(it)):
-            raise UserError(f"{f}: column '{cols[ITEM]}' must hold integer or string ids, found {it}")
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)):
-            raise UserError(f"{f}: column '{cols[TIME]}' must be numeric seconds or a datetime, found {t}")
-        meta = pf.metadata
-        index = {name: j for j, name in enumerate(schema.names)}
-        for src in cols.values():
-            if src not in index or meta.num_row_groups == 0:
-                continue
-            nulls = 0
-            for g in range(meta.num_row_groups):
-                col = meta.row_group(g).column(index[src])
-                stats = col.statistics
-                if stats is not None and stats.has_null_count:
-                    nulls += stats.null_count
-            if nulls:
-                raise UserError(f"{f}: column '{src}' has {nulls} null value(s)")
-        out.append(InputFile(str(f.resolve()), i, (cols[SESSION], cols[ITEM], cols[TIME]), meta.num_rows))
-    if sum(f.n_rows for f in out) == 0:
-        raise UserError(f"{files[0] if len(files) == 1 else 'the input files'}: no events")
-    return out
-
-
-def _is_text(t) -> bool:
-    import pyarrow as pa
-
-    t = t.value_type if pa.types.is_dictionary(t) else t
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _ids(column):
-    """Integer ids as int64, text ids (also dictionary-encoded) as large strings."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if pa.types.is_integer(column.type):
-        return pc.cast(column, pa.int64())
-    if pa.types.is_dictionary(column.type):
-        column = (
-            column.dictionary_decode()
-            if hasattr(column, "dictionary_decode")
-            else pc.cast(column, column.type.value_type)
-        )
-    return pc.cast(column, pa.large_string())
-
-
-def _events_block(table, file_index: int, first_row: int, n_shards: int):
-    """A row group renamed to the canonical columns, with `_order` (input position) and `_shard`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from gru4rec.sharding import shard_of
-
-    session, item, time_ = (table.column(i) for i in range(3))
-    session, item = _ids(session), _ids(item)
-    time_ = pc.cast(time_, pa.timestamp("us")) if pa.types.is_temporal(time_.type) else time_
-    if pa.types.is_integer(time_.type):
-        time_ = pc.cast(time_, pa.int64())
-    elif pa.types.is_floating(time_.type):
-        time_ = pc.cast(time_, pa.float64())
-    order = (
-        (np.int64(file_index) << np.int64(_ROW_BITS)) + first_row + np.arange(table.num_rows, dtype=np.int64)
-    )
-    return pa.table(
-        {
-            SESSION: session,
-            ITEM: item,
-            TIME: time_,
-            "_order": order,
-            "_shard": shard_of(session, n_shards),
-        }
-    )
-
-
-def _read_files(batch, n_shards: int) -> Iterator:
-    """Ray Data map_batches function: file rows in, one events block per row group out."""
-    import pyarrow.parquet as pq
-
-    for row in batch.to_pylist():
-        pf = pq.ParquetFile(row["path"])
-        first = 0
-        for g in range(pf.num_row_groups):
-            table = pf.read_row_group(g, columns=list(row["columns"]))
-            table = table.select(list(row["columns"]))  # the order asked for, whatever the file's
-            yield _events_block(table, row["index"], first, n_shards)
-            first += table.num_rows
-
-
-# ---------------------------------------------------------------------------------------------- scorer
-class ShardScorer:
-    """One per Ray worker: loads the bundle once, then scores the shards of each block it is handed."""
-
-    def __init__(self, bundle_ref, cfg, provider: str, tf32: bool, threads: int, out_dir: str | None,
-                 source_name: str, kill_marker: str | None):  # fmt: skip
-        import ray
-
-        from gru4rec.bundle import load_bundle
-        from gru4rec.score.ort_backend import OrtBackend
-
-        files: dict[str, bytes] = ray.get(bundle_ref[0])
-        self._model_dir = tempfile.mkdtemp(prefix="gru4rec-model-")
-        for name, data in files.items():
-            Path(self._model_dir, name).write_bytes(data)
-        bundle = load_bundle(Path(self._model_dir, "m.onnx"))
-        self.items = bundle.items
-        self.backend = OrtBackend.from_bundle(
-            bundle, provider, tf32, threads=threads, with_topk=out_dir is not None
-        )
-        self.cfg, self.out_dir, self.source_name, self.kill_marker = cfg, out_dir, source_name, kill_marker
-
-    def __call__(self, block):
-        import polars as pl
-        import pyarrow as pa
-
-        frame = pl.from_arrow(block)
-        try:
-            rows = [self._score(int(shard), part) for (shard,), part in frame.group_by("_shard")]
-        except UserError as e:  # bad data: sent back as a row (Ray would wrap and retry an exception)
-            rows = [{"shard": -1, "totals": "", "latency": "", "n_predictions": 0, "batch": 0,
-                     "pid": os.getpid(), "error": str(e)}]  # fmt: skip
-        return pa.Table.from_pylist(rows, schema=_result_schema())
-
-    def _score(self, shard: int, part) -> dict:
-        from gru4rec.data import validate_events
-        from gru4rec.score.frame_source import FrameSource
-        from gru4rec.score.latency import LatencyRecorder
-        from gru4rec.score.outputs import open_recs, recs_schema
-        from gru4rec.score.scorer import replay_batch, replay_source
-
-        rec = LatencyRecorder()
-        with rec.phase("load"):
-            # file order first, then the stable (session, time) sort: ties in time keep input order
-            events = validate_events(
-                part.sort("_order").drop("_order", "_shard"),
-                self.source_name,
-                time_unit=self.cfg.keys.time_unit,
-            )
-            source = FrameSource(events, f"{self.source_name} (shard {shard})", self.cfg.chunk_events)
-        path = Path(self.out_dir, PART.format(shard)) if self.out_dir is not None else None
-        with open_recs(path, recs_schema(source.session_dtype, self.items.dtype)) as writer:
-            totals = replay_source(self.backend, self.items, source, self.cfg, writer, rec)
-            self._maybe_die()
-        return {
-            "shard": shard,
-            "totals": json.dumps(totals.state()),
-            "latency": json.dumps(rec.state()),
-            "n_predictions": totals.acc.n,
-            "batch": replay_batch(self.cfg, source) if source.stats.n_multi_sessions else 0,
-            "pid": os.getpid(),
-        }
-
-    def _maybe_die(self) -> None:
-        if not self.kill_marker:
-            return
-        try:
-            fd = os.open(self.kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(1)
-
-
-def _result_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("shard", pa.int32()),
-            ("totals", pa.string()),
-            ("latency", pa.string()),  # the shard's LatencyRecorder state: steps where they ran
-            ("n_predictions", pa.int64()),
-            ("batch", pa.int64()),  # the shard's replay batch
-            ("pid", pa.int64()),
-            ("error", pa.string()),  # a UserError of the worker (bad data), else null
-        ]
-    )
 
 
 # ---------------------------------------------------------------------------------------------- runtime
@@ -580,10 +354,28 @@ def _make_tmp_dir(out: Path) -> Path:
     return tmp
 
 
+def _read_and_shard(ray, ctx, files: list[dict], n_shards: int):
+    """The input as materialised blocks, block i holding exactly shard i."""
+    from ray.data.context import ShuffleStrategy
+
+    ds = ray.data.from_items(files, override_num_blocks=len(files))
+    ds = ds.map_batches(read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards})
+    # A range sort on the shard with one boundary per shard: block i holds exactly shard i, so every
+    # session is whole in one block. Materialised before the scorers start, so their reserved CPUs
+    # cannot starve the shuffle; the sort shuffle runs as plain tasks on Ray's pooled workers (the
+    # hash shuffle starts aggregator actors for every run, slow to start on a small machine).
+    previous = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        shuffled = ds.sort("_shard", boundaries=list(range(1, n_shards))).materialize()
+    finally:
+        ctx.shuffle_strategy = previous
+    return shuffled
+
+
 def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
     """Read and shard with Ray Data, score with an actor pool; one result row per shard with events."""
     from ray.data import ActorPoolStrategy, DataContext
-    from ray.data.context import ShuffleStrategy
 
     from gru4rec.score.progress import ScoreProgress
 
@@ -596,20 +388,7 @@ def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
     t0 = time.perf_counter()
     with bar:
         bar.stage("reading and sharding")
-        ds = ray.data.from_items(files, override_num_blocks=len(files))
-        ds = ds.map_batches(
-            _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"n_shards": job.n_shards}
-        )
-        # A range sort on the shard with one boundary per shard: block i holds exactly shard i, so every
-        # session is whole in one block. Materialised before the scorers start, so their reserved CPUs
-        # cannot starve the shuffle; the sort shuffle runs as plain tasks on Ray's pooled workers (the
-        # hash shuffle starts aggregator actors for every run, a minute on a small machine).
-        previous = ctx.shuffle_strategy
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        try:
-            shuffled = ds.sort("_shard", boundaries=list(range(1, job.n_shards))).materialize()
-        finally:
-            ctx.shuffle_strategy = previous
+        shuffled = _read_and_shard(ray, ctx, files, job.n_shards)
         t1 = time.perf_counter()
         bar.stage("scoring shards")
         bundle_ref = [

@@ -36,6 +36,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def synthetic_files(folder: Path, n_sessions: int, n_items: int, seed: int):
+    """Synthetic sessions written as folder/train.parquet and folder/test.parquet: (train, test) frames."""
+    from gru4rec.synth import generate
+
+    train, test = generate(n_sessions=n_sessions, n_items=n_items, seed=seed)
+    train.write_parquet(folder / "train.parquet")
+    test.write_parquet(folder / "test.parquet")
+    return train, test
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process."""
     proc = subprocess.run(

@@ -11,10 +11,10 @@ import re
 from collections import Counter
 
 import pytest
+from conftest import synthetic_files
 
 from gru4rec.errors import UserError
 from gru4rec.eval.benchmark import load_config, run
-from gru4rec.synth import generate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -22,9 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench-data")
-    train, test = generate(n_sessions=400, n_items=60, seed=11)
-    train.write_parquet(d / "train.parquet")
-    test.write_parquet(d / "test.parquet")
+    train, test = synthetic_files(d, n_sessions=400, n_items=60, seed=11)
     return d, train, test
 
 
@@ -124,7 +122,7 @@ def test_baselines_benchmark_cli(tmp_path, data, cli):
 def test_gru4rec_trained_exported_and_scored(tmp_path, data, capsys, monkeypatch):
     """A preset trained inside the benchmark, exported to ONNX and scored; PyTorch evaluation agrees."""
     from gru4rec import checkpoint as ckpt_io
-    from gru4rec.eval.benchmark import ort_provider
+    from gru4rec.eval.pipeline import ort_provider
     from gru4rec.evaluate import evaluate
     from gru4rec.score import ort_backend
 

@@ -35,9 +35,11 @@ ALLOWED_OPS = {
 }  # fmt: skip
 
 
-def random_model(mode: str, n_layers: int, seed: int, n_items: int = N) -> GRU4Rec:
-    """Random weights scaled up so scores spread out (a fresh init gives near-ties everywhere)."""
-    model = GRU4Rec(ModelConfig(n_items=n_items, layers=[H] * n_layers, **MODES[mode]), seed=seed)
+def random_model(mode: str, n_layers: int, seed: int, n_items: int = N, layers=None) -> GRU4Rec:
+    """Random weights scaled up so scores spread out (a fresh init gives near-ties everywhere);
+    `layers`: the layer sizes, else n_layers of H."""
+    sizes = list(layers) if layers is not None else [H] * n_layers
+    model = GRU4Rec(ModelConfig(n_items=n_items, layers=sizes, **MODES[mode]), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.Wy.mul_(10)
@@ -63,22 +65,28 @@ def save_model(model: GRU4Rec, path, seed: int = 0):
 # ---------------------------------------------------------------------------------------------- reference
 def reference_step(model: GRU4Rec, x: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 step from the spec: (scores [B,N], hidden [L,B,H])."""
+    scores, states = layered_reference_step(model, x, list(hidden))
+    return scores, np.stack(states)
+
+
+def layered_reference_step(model: GRU4Rec, x: np.ndarray, states: list[np.ndarray]):
+    """float64, any layer sizes: (scores [B, N], per-layer states [B, H_l])."""
     sd = {k: v.detach().double() for k, v in model.state_dict().items()}
+    sizes = model.cfg.layers
     idx = torch.from_numpy(x)
-    hs = [torch.from_numpy(h).double() for h in hidden]
-    out, layer = [], 0
-    if model.cfg.mode == "onehot":  # original cell, blocks [c, r, z], bias on the input side only
-        h = hs[0]
+    hs = [torch.from_numpy(h).double() for h in states]
+    out = []
+    if model.cfg.mode == "onehot":  # original cell, blocks [c, r, z]
+        H, h = sizes[0], hs[0]
         gx = sd["Wx0"][idx] + sd["Bx0"]
         rz = h @ sd["Wrz0"]
         r, z = torch.sigmoid(gx[:, H : 2 * H] + rz[:, :H]), torch.sigmoid(gx[:, 2 * H :] + rz[:, H:])
-        c = torch.tanh(gx[:, :H] + (r * h) @ sd["Wh0"])
-        inp = (1 - z) * h + z * c
+        inp = (1 - z) * h + z * torch.tanh(gx[:, :H] + (r * h) @ sd["Wh0"])
         out.append(inp)
-        hs = hs[1:]
+        hs, sizes = hs[1:], sizes[1:]
     else:
         inp = (sd["Wy"] if model.cfg.mode == "shared" else sd["E"])[idx]
-    for h in hs:
+    for layer, (h, H) in enumerate(zip(hs, sizes)):
         cell = torch.nn.GRUCell(inp.shape[1], H).double()
         cell.load_state_dict({
             "weight_ih": sd[f"W_ih.{layer}"], "weight_hh": sd[f"W_hh.{layer}"],
@@ -87,9 +95,8 @@ def reference_step(model: GRU4Rec, x: np.ndarray, hidden: np.ndarray) -> tuple[n
         with torch.no_grad():
             inp = cell(inp, h)
         out.append(inp)
-        layer += 1
     scores = inp @ sd["Wy"].T + sd["By"].T
-    return scores.numpy(), torch.stack(out).numpy()
+    return scores.numpy(), [h.numpy() for h in out]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -1,6 +1,6 @@
 """Unequal GRU layer sizes (e.g. layers=64,32): the padded [L, B, max(H)] state of the exported graphs.
 
-The reference step is written here in float64 from the spec (torch.nn.GRUCell per torch-cell layer,
+The reference step (test_export.layered_reference_step) is written in float64 from the spec (torch.nn.GRUCell per torch-cell layer,
 each of its own size; the original GRU4Rec cell by formula for a one-hot first layer).
 """
 
@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import polars as pl
 import pytest
-import torch
 from test_export import ALLOWED_OPS
+from test_export import layered_reference_step as reference_step
+from test_export import random_model as export_random_model
 from test_replay import assert_metrics_equal, brute_force_counts, random_events, reference_metrics
 
 from gru4rec import checkpoint as ckpt_io
@@ -22,7 +23,7 @@ from gru4rec.evaluate import evaluate
 from gru4rec.export.onnx_export import export_bundle
 from gru4rec.export.verify import ort_session
 from gru4rec.items import ItemMap
-from gru4rec.model import GRU4Rec, ModelConfig
+from gru4rec.model import GRU4Rec
 from gru4rec.score.scorer import ScoreConfig, score, score_source
 from gru4rec.score.source import SessionSource
 from gru4rec.score.torch_backend import TorchBackend
@@ -36,15 +37,7 @@ MODES = {
 
 
 def random_model(layers, mode: str, seed: int) -> GRU4Rec:
-    """Random weights scaled up so that scores spread out (a fresh init gives near-ties everywhere)."""
-    model = GRU4Rec(ModelConfig(n_items=N, layers=list(layers), **MODES[mode]), seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.Wy.mul_(10)
-        model.By.uniform_(-1, 1, generator=g)
-        for p in [*model.b_ih, *model.b_hh] + ([model.Bx0] if mode == "onehot" else []):
-            p.uniform_(-0.5, 0.5, generator=g)
-    return model.eval()
+    return export_random_model(mode, len(layers), seed, n_items=N, layers=layers)
 
 
 def save(model: GRU4Rec, path, seed: int = 0) -> None:
@@ -54,36 +47,6 @@ def save(model: GRU4Rec, path, seed: int = 0) -> None:
         original = ckpt_io.versions
         mp.setattr(ckpt_io, "versions", lambda: {k: str(v) for k, v in original().items()})
         ckpt_io.save(ck, path)
-
-
-def reference_step(model: GRU4Rec, x: np.ndarray, states: list[np.ndarray]):
-    """float64: (scores [B, N], per-layer states [B, H_l])."""
-    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
-    sizes = model.cfg.layers
-    idx = torch.from_numpy(x)
-    hs = [torch.from_numpy(h).double() for h in states]
-    out = []
-    if model.cfg.mode == "onehot":  # original cell, blocks [c, r, z]
-        H, h = sizes[0], hs[0]
-        gx = sd["Wx0"][idx] + sd["Bx0"]
-        rz = h @ sd["Wrz0"]
-        r, z = torch.sigmoid(gx[:, H : 2 * H] + rz[:, :H]), torch.sigmoid(gx[:, 2 * H :] + rz[:, H:])
-        inp = (1 - z) * h + z * torch.tanh(gx[:, :H] + (r * h) @ sd["Wh0"])
-        out.append(inp)
-        hs, sizes = hs[1:], sizes[1:]
-    else:
-        inp = (sd["Wy"] if model.cfg.mode == "shared" else sd["E"])[idx]
-    for layer, (h, H) in enumerate(zip(hs, sizes)):
-        cell = torch.nn.GRUCell(inp.shape[1], H).double()
-        cell.load_state_dict({
-            "weight_ih": sd[f"W_ih.{layer}"], "weight_hh": sd[f"W_hh.{layer}"],
-            "bias_ih": sd[f"b_ih.{layer}"], "bias_hh": sd[f"b_hh.{layer}"],
-        })  # fmt: skip
-        with torch.no_grad():
-            inp = cell(inp, h)
-        out.append(inp)
-    scores = inp @ sd["Wy"].T + sd["By"].T
-    return scores.numpy(), [h.numpy() for h in out]
 
 
 def plain_ops(path) -> set[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import synthetic_files
 from test_replay import make_model
 from test_score import export_model
 
@@ -24,13 +25,10 @@ PARAMS = "{ n_epochs = 1, layers = [16], n_sample = 16, batch_size = 16 }"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from gru4rec.eval.benchmark import export_onnx, train_gru4rec
-    from gru4rec.synth import generate
+    from gru4rec.eval.pipeline import export_onnx, train_gru4rec
 
     d = tmp_path_factory.mktemp("champ")
-    train, test = generate(n_sessions=600, n_items=100, seed=21)
-    train.write_parquet(d / "train.parquet")
-    test.write_parquet(d / "test.parquet")
+    train, test = synthetic_files(d, n_sessions=600, n_items=100, seed=21)
     rng = np.random.default_rng(0)  # the same item counts, the order of the clicks destroyed
     train.with_columns(item_id=pl.Series(rng.permutation(train["item_id"].to_numpy()))).write_parquet(
         d / "shuffled.parquet"

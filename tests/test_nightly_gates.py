@@ -16,6 +16,7 @@ import json
 
 import polars as pl
 import pytest
+from conftest import synthetic_files
 
 from gru4rec.eval.nightly import best_latency, load_config, regression_flags
 from gru4rec.eval.nightly import run as nightly_run
@@ -24,13 +25,10 @@ from gru4rec.eval.nightly import run as nightly_run
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A 1-epoch GRU4Rec on small synthetic data, exported: (folder, onnx path)."""
-    from gru4rec.eval.benchmark import export_onnx, train_gru4rec
-    from gru4rec.synth import generate
+    from gru4rec.eval.pipeline import export_onnx, train_gru4rec
 
     d = tmp_path_factory.mktemp("model")
-    train, test = generate(n_sessions=800, n_items=60, seed=11)
-    train.write_parquet(d / "train.parquet")
-    test.write_parquet(d / "test.parquet")
+    train, test = synthetic_files(d, n_sessions=800, n_items=60, seed=11)
     params = {"n_epochs": 1, "layers": [16], "n_sample": 8, "batch_size": 16}
     train_gru4rec(train, "demo", params, d / "model.pt", "cpu", 1)
     return d, export_onnx(d / "model.pt", d / "model.onnx")
@@ -191,7 +189,7 @@ def test_metrics_json_records_fingerprint_and_export_and_nightly_refuses_mismatc
     assert code == 2 and "was scored on other test data" in err, err
     assert not (tmp_path / "h.parquet").exists()
     # another export of the same checkpoint: another export id
-    from gru4rec.eval.benchmark import export_onnx
+    from gru4rec.eval.pipeline import export_onnx
 
     again = export_onnx(d / "model.pt", tmp_path / "again.onnx")
     code, _, err = nightly(d / "test.parquet", again)

@@ -226,14 +226,9 @@ def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_p
 
 def identical_champion_config(folder: Path, synthetic, engine: str, batch: int, extra: str = "") -> Path:
     """A nightly config whose champion (promote = true) is a byte copy of the challenger's bundle."""
-    import shutil
+    from gru4rec.eval.promote import copy_bundle
 
-    from gru4rec.eval.promote import bundle_files
-
-    champion = folder / "prod" / "m.onnx"
-    champion.parent.mkdir(parents=True)
-    for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
-        shutil.copyfile(src, dst)
+    champion = copy_bundle(Path(synthetic["onnx"]), folder / "prod" / "m.onnx")
     config = folder / "nightly.toml"
     config.write_text(
         f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'

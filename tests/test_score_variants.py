@@ -14,14 +14,15 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "score_variants.py"
 
 
+def run_tiny(provider: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """bench/score_variants.py on the tiny random model, a few steps per run."""
+    args = ["--provider", provider, "--tiny", "--steps", "3", "--warmup", "1", "--check-steps", "2"]
+    cmd = [sys.executable, str(SCRIPT), *args, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_score_variants_cpu_tiny(tmp_path):
-    args = ["--provider", "cpu", "--tiny", "--steps", "3", "--warmup", "1", "--check-steps", "2"]
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_tiny("cpu", tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads((tmp_path / "score_variants.json").read_text())
     runs = {r["variant"]: r for r in out["runs"]}
@@ -70,13 +71,7 @@ def test_agreement_is_measured_not_assumed():
 @pytest.mark.gpu
 def test_score_variants_cuda_tiny(tmp_path):
     """On a GPU: every variant builds and runs on the CUDA EP; exact variants agree with the base graph."""
-    args = ["--provider", "cuda", "--tiny", "--steps", "3", "--warmup", "1", "--check-steps", "2"]
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_tiny("cuda", tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads((tmp_path / "score_variants.json").read_text())
     for r in out["runs"]:

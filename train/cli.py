@@ -8,7 +8,17 @@ from pathlib import Path
 
 import typer
 
-from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+from gru4rec.cli_options import (
+    Device,
+    ItemKey,
+    Params,
+    ParamsFile,
+    Seed,
+    SessionKey,
+    Threads,
+    TimeKey,
+    TimeUnit,
+)
 from gru4rec.errors import EXIT_INTERRUPTED
 
 
@@ -41,19 +51,13 @@ def register(app: typer.Typer) -> None:
             "--preset",
             help="Named parameter set: rsc15, yoochoose, diginetica, retailrocket, rees46, coveo, demo.",
         ),
-        param: list[str] = typer.Option(
-            [], "-p", "--param", help="Override one parameter: -p key=value (repeatable)."
-        ),
-        params_file: Path = typer.Option(
-            None, "--params", help="TOML file of parameters (applied after --preset, before -p)."
-        ),
+        param: Params = [],  # noqa: B006  (typer copies the default)
+        params_file: ParamsFile = None,
         epochs: int = typer.Option(
             None, "--epochs", help="Shortcut for -p n_epochs=N (default: the preset's, else 10)."
         ),
-        device: str = typer.Option("auto", "--device", help="auto (GPU when present), cuda or cpu."),
-        seed: int = typer.Option(
-            42, "--seed", min=0, max=2**32 - 1, help="Random seed (initialisation, dropout, sampling)."
-        ),
+        device: Device = "auto",
+        seed: Seed = 42,
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved in --out."),
         overwrite: bool = typer.Option(
             False,
@@ -70,9 +74,7 @@ def register(app: typer.Typer) -> None:
         item_key: ItemKey = "item_id",
         time_key: TimeKey = "time",
         time_unit: TimeUnit = "auto",
-        threads: int = typer.Option(
-            None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
-        ),
+        threads: Threads = None,
         quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     ) -> None:
         """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
@@ -138,23 +140,19 @@ def register_bench(bench_app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(Path("bench/results/train-latest.json"), "--out", help="JSON result file."),
         epochs: int = typer.Option(10, "--epochs", help="Epochs per dataset."),
-        device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+        device: Device = "auto",
         datasets: str = typer.Option(
             "rsc15_100k,diginetica", "--datasets", help="Comma-separated datasets under --data-dir."
         ),
-        seed: int = typer.Option(42, "--seed", min=0, max=2**32 - 1, help="Random seed."),
-        params: list[str] = typer.Option(
-            [], "-p", "--param", help="Extra parameter override for every run, e.g. -p tf32=true."
-        ),
+        seed: Seed = 42,
+        params: Params = [],  # noqa: B006  (typer copies the default)
         preset: str = typer.Option(
             None,
             "--preset",
             help="Train every dataset with this preset (default: each dataset's own, rsc15 for rsc15_100k, diginetica for diginetica), e.g. the diginetica preset on rsc15_100k.",
         ),
         runs: int = typer.Option(1, "--runs", min=1, help="Runs per dataset (seeds SEED, SEED+1, ...)."),
-        threads: int = typer.Option(
-            None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."
-        ),
+        threads: Threads = None,
     ) -> None:
         """Training speed (events/s per epoch) and final Recall@20/MRR@20 per dataset, as JSON."""
         from gru4rec.train.bench import run_bench

@@ -5,21 +5,19 @@ for a CPU, where every small op and every pass over gathered rows costs:
 
 - Sampled negatives are scored once per distinct item: the S drawn samples become U distinct
   columns, each weighted by how often it was drawn (`losses.row_loss_sum(col_weight=...)`), which is
-  the same loss over fewer, exact columns; the output GEMMs and the item-row traffic shrink by S/U
-  (about 1.5x with the official presets on rsc15). With bpr-max, a sampled item that is also a
-  target gets no column of its own: its draws join the target's column (`Columns`' merge: ~5%
-  fewer columns with the diginetica preset).
+  the same loss over fewer, exact columns; the output GEMMs and the item-row traffic shrink by S/U.
+  With bpr-max, a sampled item that is also a target gets no column of its own: its draws join the
+  target's column (`Columns`' merge), so there are fewer columns still.
 - Gradients are written out: cross-entropy's closed form (softmax minus the one-hot target), the
   output layer's two GEMMs, the GRU cell's backward. The ranking losses take their score gradient
   from autograd over the small R x C loss graph only.
-- Layouts MKL is fastest with at these shapes (2-core AVX2 box, diginetica preset): the GRU
-  weights column-major (`column_major_`, before the optimiser makes its state like them), so the
-  forward products x W^T are plain GEMMs (3.6 vs 4.1 ms each; the weight gradients, written in the
-  same layout, lose a little back: net ~0.7 ms a step); the scores as [C, R] = W_rows out^T + b
-  (3.3 vs 4.1 ms), the losses' closed forms working down the columns.
+- Layouts MKL is fastest with at these shapes: the GRU weights column-major (`column_major_`,
+  before the optimiser makes its state like them), so the forward products x W^T are plain GEMMs
+  (the weight gradients, written in the same layout, give a little of that back); the scores as
+  [C, R] = W_rows out^T + b, the losses' closed forms working down the columns.
 - A row whose session starts this step has a zero state, so the products with h (forward, and the
-  W_hh gradient) run over the other rows only: a third of the rows at each step with the official
-  presets on rsc15, exact.
+  W_hh gradient) run over the other rows only, exactly: a good share of the rows start a session at
+  each step.
 - Dropout masks come from `gru4rec.dropout.mask`, as in the model's own training forward, in the
   same order, so a seed gives the same masks as the autograd step.
 - Item-table gradient rows go to the optimiser's `step_parts` as they are; Adagrad sums duplicates
@@ -190,8 +188,7 @@ class CpuStep:
         live = keep.reshape(-1).nonzero().view(-1)  # rows that go on with their session's state
         live = None if len(live) == len(keep) else live
         out, new_hidden, saved = self._forward(x_rows, [h * keep for h in hidden], live)
-        # scores as [C, R], W out^T: MKL's fastest layout for this product here (3.3 vs 4.1 ms
-        # at the diginetica preset's [128 x 512] x [512 x 1556])
+        # scores as [C, R], W out^T: MKL's fastest layout for this product (a few rows by many columns)
         scores_t = torch.addmm(col_b.unsqueeze(1), w_rows, out.T)
         loss, ds_t = self._xe_grad(scores_t) if self.xe else self._score_grad(scores_t, w)
 

@@ -68,6 +68,17 @@ def epochs_done(ck: ckpt_io.Checkpoint) -> int:
     return len(ck.info.get("history", []))
 
 
+def resumable(out: Path, params: dict, data_fp: str, seed: int) -> ckpt_io.Checkpoint | None:
+    """The checkpoint at `out` that `--resume` continues (None: no file yet); one of another run is refused."""
+    if not out.exists():
+        return None
+    ck = ckpt_io.load(out, map_location="cpu")
+    why = incompatibility(ck, params, data_fp, seed)
+    if why is not None:
+        raise UserError(f"{out}: cannot resume: {why}; pass --overwrite instead to replace it")
+    return ck
+
+
 def refuse_existing(out: Path, params: dict, data_fp: str, seed: int) -> None:
     """`out` exists and neither --resume nor --overwrite was given: one line saying what is there."""
     try:

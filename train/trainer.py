@@ -41,8 +41,8 @@ from gru4rec.train.safety import (
     RUNTIME_KEYS,  # noqa: F401  (its home was here; other code may import it from the trainer)
     TrainingInterrupted,
     check_train_output,
-    incompatibility,
     refuse_existing,
+    resumable,
     sigint_deferred,
 )
 from gru4rec.train.sampler import SampleStore
@@ -334,16 +334,6 @@ def model_config(cfg: TrainConfig, n_items: int) -> ModelConfig:
     )
 
 
-def _resume_from(out: Path, cfg: TrainConfig, data_fp: str, seed: int, dev) -> ckpt_io.Checkpoint | None:
-    if not out.exists():
-        return None
-    ck = ckpt_io.load(out, map_location="cpu")
-    why = incompatibility(ck, cfg.to_dict(), data_fp, seed)
-    if why is not None:
-        raise UserError(f"{out}: cannot resume: {why}; pass --overwrite instead to replace it")
-    return ck
-
-
 def train(
     train_events: pl.DataFrame,
     params: dict | TrainConfig,
@@ -364,8 +354,6 @@ def train(
     every epoch with that epoch's history row (loss, and the validation metrics when `valid_events`
     is given); tuning reports the metric to its trial there, and an exception it raises (a pruned
     trial) ends the run."""
-    from gru4rec.evaluate import evaluate
-
     cfg = from_dict(params)
     if out is not None:
         out = check_train_output(out, resume, overwrite)
@@ -389,26 +377,15 @@ def train(
     model = GRU4Rec(model_config(cfg, len(items)), seed=seed).to(dev)
     trainer = Trainer(model, cfg, sched, supp, dev, seed)
 
-    history: list[dict] = []
-    start = 0
-    prev = _resume_from(Path(out), cfg, data_fp, seed, dev) if (resume and out is not None) else None
-    if prev is not None:
-        with torch.no_grad():
-            model.load_state_dict(prev.model.state_dict())
-        trainer.load_state_dict(prev.train_state)
-        history = list(prev.info.get("history", []))
-        start = int(prev.train_state["epoch"])
-        if start >= cfg.n_epochs:
-            console.print(f"nothing to do: {out} already has {start} of {cfg.n_epochs} epochs")
-        else:
-            console.print(f"resuming {out} after epoch {start}")
-    elif resume:
+    prev = resumable(Path(out), cfg.to_dict(), data_fp, seed) if (resume and out is not None) else None
+    history, start = _restore(prev, model, trainer, out, cfg, console) if prev is not None else ([], 0)
+    if prev is None and resume:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
 
     t_start = time.perf_counter()
     ck = ckpt_io.Checkpoint(model=model, items=items, params=cfg.to_dict(), data_fingerprint=data_fp)
     saved, epoch = start, start  # epochs held by `out` (this run's or the resumed one's)
-    try:  # from the first line a user sees, Ctrl-C is an interrupted epoch (it raced the print in CI)
+    try:  # from the first line a user sees, Ctrl-C is an interrupted epoch: the message names what `out` holds
         console.print(
             f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
             f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}"
@@ -416,19 +393,7 @@ def train(
         )
         for epoch in range(start, cfg.n_epochs):
             stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
-            row = {
-                "epoch": epoch + 1,
-                "loss": stats.loss,
-                "seconds": stats.seconds,
-                "events_per_s": stats.events_per_s,
-            }
-            line = f"epoch {epoch + 1}/{cfg.n_epochs}  loss {stats.loss:.4f}  {stats.seconds:.1f}s  {stats.events_per_s:,.0f} events/s"
-            if valid_events is not None:
-                m = evaluate(
-                    model, items, valid_events, batch_size=cfg.eval_batch_size, cutoffs=(20,), device=dev
-                )
-                row.update({"recall@20": m["recall@20"], "mrr@20": m["mrr@20"]})
-                line += f"  valid Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}"
+            row, line = _epoch_row(stats, epoch, cfg, model, items, valid_events, dev)
             history.append(row)
             console.print(line)
             ck.train_state = {"epoch": epoch + 1, **trainer.state_dict()}
@@ -442,16 +407,53 @@ def train(
     except KeyboardInterrupt:
         raise TrainingInterrupted(out, saved, epoch + 1, cfg.n_epochs) from None
     model.eval()
-    total = time.perf_counter() - t_start
-    last = history[-1] if history else {}
-    summary = f"done: {len(history)} epochs, {total:.1f}s this run"
-    if "recall@20" in last:
-        summary += f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
-    if out is not None and len(history) > start:
-        summary += f", model saved to {out}"
-    console.print(summary)
+    console.print(_done_line(history, start, time.perf_counter() - t_start, out))
     ck.info = {"history": history, "seed": seed, "device": describe_device(dev)}
     return ck
+
+
+def _restore(
+    prev: ckpt_io.Checkpoint, model, trainer, out, cfg: TrainConfig, console
+) -> tuple[list[dict], int]:
+    """Load a resumed checkpoint into the model and trainer: (its history, the epochs it holds)."""
+    with torch.no_grad():
+        model.load_state_dict(prev.model.state_dict())
+    trainer.load_state_dict(prev.train_state)
+    start = int(prev.train_state["epoch"])
+    if start >= cfg.n_epochs:
+        console.print(f"nothing to do: {out} already has {start} of {cfg.n_epochs} epochs")
+    else:
+        console.print(f"resuming {out} after epoch {start}")
+    return list(prev.info.get("history", [])), start
+
+
+def _epoch_row(stats, epoch: int, cfg: TrainConfig, model, items, valid_events, dev) -> tuple[dict, str]:
+    """The epoch's history row (with the validation metrics when there are validation events) and its line."""
+    from gru4rec.evaluate import evaluate
+
+    row = {
+        "epoch": epoch + 1,
+        "loss": stats.loss,
+        "seconds": stats.seconds,
+        "events_per_s": stats.events_per_s,
+    }
+    line = f"epoch {epoch + 1}/{cfg.n_epochs}  loss {stats.loss:.4f}  {stats.seconds:.1f}s  {stats.events_per_s:,.0f} events/s"
+    if valid_events is not None:
+        m = evaluate(model, items, valid_events, batch_size=cfg.eval_batch_size, cutoffs=(20,), device=dev)
+        row.update({"recall@20": m["recall@20"], "mrr@20": m["mrr@20"]})
+        line += f"  valid Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}"
+    return row, line
+
+
+def _done_line(history: list[dict], start: int, seconds: float, out) -> str:
+    last = history[-1] if history else {}
+    valid = (
+        f", final valid Recall@20 {last['recall@20']:.4f} MRR@20 {last['mrr@20']:.4f}"
+        if "recall@20" in last
+        else ""
+    )
+    saved = f", model saved to {out}" if out is not None and len(history) > start else ""
+    return f"done: {len(history)} epochs, {seconds:.1f}s this run{valid}{saved}"
 
 
 def _check_validation(valid_events: pl.DataFrame, items: ItemMap, console) -> None:
