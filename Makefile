@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e '.[dev,mlflow,ray]'
+	$(PY) -m pip install -q -e '.[dev,mlflow,ray,serve]'
 	touch $(STAMP)
 
 demo: install
@@ -44,8 +44,8 @@ bench: install
 	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 
 lint: install
-	$(PY) -m ruff check gru4rec train export score eval tests bench
-	$(PY) -m ruff format --check gru4rec train export score eval tests bench
+	$(PY) -m ruff check gru4rec train export score eval serve tests bench
+	$(PY) -m ruff format --check gru4rec train export score eval serve tests bench
 
 clean:
 	rm -rf $(VENV) $(DEMO) build dist *.egg-info .pytest_cache .ruff_cache
