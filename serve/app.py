@@ -42,7 +42,11 @@ log = logging.getLogger("gru4rec.serve")
 
 MAX_ID_LENGTH = 256  # characters of a string id; longer ones are refused (422)
 INT64 = 2**63
-Id = StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+# Integer ids are int64 (as the item map and score store them); string ids 1..MAX_ID_LENGTH characters.
+Id = (
+    Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]
+    | Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+)
 
 
 @dataclass
@@ -150,8 +154,6 @@ class Service:
         if (model.id_kind == "int") != isinstance(ev.item_id, int):
             kind = "integer" if model.id_kind == "int" else "string"
             raise HTTPException(422, f"item_id: the model was trained on {kind} item ids")
-        if isinstance(ev.session_id, int) and not -INT64 <= ev.session_id < INT64:
-            raise HTTPException(422, "session_id: integers must fit in 64 bits")
         return ev.k or model.top_k
 
     async def apply(self, ev: EventIn, k: int) -> dict:

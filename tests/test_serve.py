@@ -1,0 +1,302 @@
+"""`gru4rec-cli serve` (serve/): the HTTP API against the offline path, hostile input, hot reload.
+
+Servers are real uvicorn servers on free 127.0.0.1 ports (a thread of this process, or a
+process for the CLI), called over HTTP. Recommendations are compared with `score --out` (the
+evaluation graph through the scorer: an independent path), never with the server's own output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import run_cli
+from serve_util import (
+    HTTP_TIMEOUT,
+    ServerThread,
+    build_model,
+    compare_lists,
+    offline_recs,
+    sessions_in_order,
+    wait_until,
+)
+
+from gru4rec.serve.app import ServeConfig
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny exported models by id type, each with its `score --out` reference (built on first use)."""
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"serve-{kind}")
+            m = build_model(root, kind)
+            m["offline"] = offline_recs(m, root / "recs.parquet")
+            cache[kind] = m
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=["int", "str"])
+def model(request, models):
+    return models(request.param)
+
+
+@pytest.fixture(scope="module")
+def int_model(models):
+    return models("int")
+
+
+def known_ids(m: dict) -> set:
+    from gru4rec.bundle import load_bundle
+
+    return set(load_bundle(m["onnx"]).items.ids.tolist())
+
+
+async def replay_http(url: str, sessions: dict, k: int, concurrency: int = 16) -> dict:
+    """Every session's events through the API, sessions interleaved and concurrent: half of them one
+    POST /v1/events per event, the other half in POST /v1/events:batch requests that mix the events
+    of 4 sessions (so one request holds several events of each session, which must apply in order).
+    -> {(session_id, event index): response}."""
+    results: dict = {}
+    ids = list(sessions)
+    singles, grouped = ids[::2], ids[1::2]
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT) as client:
+
+        async def one_by_one(sid):
+            async with limit:
+                for j, item in enumerate(sessions[sid]):
+                    r = await client.post("/v1/events", json={"session_id": sid, "item_id": item, "k": k})
+                    assert r.status_code == 200, r.text
+                    results[(sid, j)] = r.json()
+
+        async def in_batches(group):
+            async with limit:
+                order = [(sid, j) for j in range(max(len(sessions[s]) for s in group)) for sid in group]
+                order = [(sid, j) for sid, j in order if j < len(sessions[sid])]
+                for start in range(0, len(order), 7):  # several requests, each mixing sessions
+                    part = order[start : start + 7]
+                    body = {"events": [{"session_id": s, "item_id": sessions[s][j], "k": k} for s, j in part]}
+                    r = await client.post("/v1/events:batch", json=body)
+                    assert r.status_code == 200, r.text
+                    for key, res in zip(part, r.json()["results"], strict=True):
+                        results[key] = res
+
+        groups = [grouped[i : i + 4] for i in range(0, len(grouped), 4)]
+        await asyncio.gather(*map(one_by_one, singles), *map(in_batches, groups))
+    return results
+
+
+def check_against_offline(sessions: dict, online: dict, offline: dict, known: set) -> dict:
+    """Each known event's answer vs score's row for it; an unknown event answers the session's last
+    answer (empty before any known item). -> counts."""
+    counts = {"compared": 0, "swaps": 0, "unknown": 0, "last_events": 0}
+    for sid, items in sessions.items():
+        position, last = 0, None
+        n_known = sum(item in known for item in items)
+        for j, item in enumerate(items):
+            res = online[(sid, j)]
+            assert res["session_id"] == sid and res["item_id"] == item
+            if item not in known:
+                counts["unknown"] += 1
+                assert res["unknown_item"] is True
+                want = last or {"items": [], "scores": []}
+                assert res["items"] == want["items"] and res["scores"] == want["scores"]
+                continue
+            assert res["unknown_item"] is False
+            if position < n_known - 1:  # score has a row for every known event but the last
+                ids, scores = offline[(sid, position)]
+                counts["swaps"] += compare_lists(res["items"], res["scores"], ids, scores)
+                counts["compared"] += 1
+            else:
+                counts["last_events"] += 1
+            position, last = position + 1, res
+    assert counts["compared"] == len(offline)  # every row of score --out was compared
+    return counts
+
+
+def test_online_equals_offline(model, tmp_path):
+    sessions = sessions_in_order(model["events"])
+    config = ServeConfig(model=model["onnx"], provider="cpu", threads=1, max_batch=16, max_wait_ms=2)
+    with ServerThread(config) as server:
+        online = asyncio.run(replay_http(server.url, sessions, model["top_k"]))
+    counts = check_against_offline(sessions, online, model["offline"], known_ids(model))
+    print(f"online = offline ({model['kind']} ids): {counts}")
+    assert counts["compared"] > 150 and counts["unknown"] > 10
+    assert counts["swaps"] <= counts["compared"] // 100  # only near-ties may swap, and they are rare
+
+
+def test_replay_over_redis_equals_offline(model, redis_url):
+    """The same replay with the state in Redis (raw float32 records, one MGET + one pipeline per batch)."""
+    sessions = sessions_in_order(model["events"])
+    config = ServeConfig(model=model["onnx"], state=redis_url, provider="cpu", threads=1)
+    with ServerThread(config) as server:
+        online = asyncio.run(replay_http(server.url, sessions, model["top_k"], concurrency=8))
+    counts = check_against_offline(sessions, online, model["offline"], known_ids(model))
+    assert counts["compared"] == len(model["offline"])
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from serve_util import start_redis, stop_process
+
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop_process(proc)
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+def hostile_requests(top_k: int) -> list[tuple[str, str, dict]]:
+    """200 malformed or hostile requests: (method, path, httpx keyword arguments)."""
+    good = {"session_id": 1, "item_id": 1000, "k": 3}
+    big_id = "x" * 10_000
+    bodies = [
+        {**good, "session_id": 1.5}, {**good, "session_id": [1]}, {**good, "session_id": {"a": 1}},
+        {**good, "session_id": True}, {**good, "session_id": None}, {**good, "session_id": ""},
+        {**good, "item_id": 1.0}, {**good, "item_id": False}, {**good, "item_id": None},
+        {**good, "item_id": [1000]}, {**good, "item_id": "1000"}, {**good, "k": "3"}, {**good, "k": 2.5},
+        {**good, "k": True}, {**good, "k": -1}, {**good, "k": 0}, {**good, "k": top_k + 1},
+        {**good, "k": 10**30}, {**good, "session_id": 2**70}, {**good, "session_id": -(2**70)},
+        {**good, "item_id": 2**70}, {**good, "session_id": big_id}, {**good, "item_id": big_id},
+        {"session_id": 1}, {"item_id": 1000}, {}, {**good, "extra": 1}, {**good, "session_id": "a\x00b"},
+    ]  # fmt: skip
+    reqs: list[tuple[str, str, dict]] = [("POST", "/v1/events", {"json": b}) for b in bodies]
+    raw = [b"", b"{", b"[]", b'"x"', b"3", b"null", b'{"session_id": 1, "item_id": 1000', b"\xff\xfe",
+           b'{"session_id": 1, "item_id": 1000, "k": NaN}', b"{" * 5000]  # fmt: skip
+    reqs += [
+        ("POST", "/v1/events", {"content": r, "headers": {"content-type": "application/json"}}) for r in raw
+    ]
+    reqs += [("POST", "/v1/events", {"content": b"session_id=1", "headers": {"content-type": "text/plain"}})]
+    mega = b'{"session_id": 1, "item_id": 1000, "pad": "' + b"x" * 1_000_000 + b'"}'
+    reqs += [("POST", "/v1/events", {"content": mega, "headers": {"content-type": "application/json"}})] * 4
+
+    def chunked():
+        yield b'{"session_id": 1, "item_id": 1000, "pad": "'
+        for _ in range(16):
+            yield b"y" * 65536
+        yield b'"}'
+
+    reqs += [("POST", "/v1/events", {"content_factory": chunked})] * 2  # no Content-Length
+    reqs += [("POST", "/v1/events:batch", {"json": b}) for b in (
+        {"events": []}, {"events": [good] * 1001}, {"events": [{**good, "k": -3}]}, {"events": "x"},
+        {"events": [good, {**good, "item_id": 1.5}]}, {"events": [{**good, "session_id": big_id}]}, {},
+    )]  # fmt: skip
+    reqs += [("GET", "/v1/events", {}), ("PUT", "/v1/events", {"json": good}), ("GET", "/nope", {})]
+    reqs += [("DELETE", "/v1/sessions/" + "z" * 10_000, {}), ("DELETE", "/v1/sessions/", {})]
+    bad_auth = [{"authorization": "Bearer wrong"}, {"authorization": "Basic c2VjcmV0"}, {"authorization": ""},
+                {"authorization": "Bearer"}, {"authorization": "Bearer " + "t" * 5000}, {}]  # fmt: skip
+    reqs += [("POST", "/v1/events", {"json": good, "headers": h, "no_auth": True}) for h in bad_auth]
+    reqs += [("GET", "/metrics", {"headers": h, "no_auth": True}) for h in bad_auth[:3]]
+    # unknown items: answered (200), flagged; never an error
+    reqs += [
+        ("POST", "/v1/events", {"json": {**good, "session_id": i, "item_id": 99_000 + i}}) for i in range(20)
+    ]
+    n_fixed = len(reqs)
+    rng = np.random.default_rng(0)  # the rest: random mutations of the fixed ones
+    reqs += [reqs[i] for i in rng.integers(0, n_fixed, 200 - n_fixed)]
+    assert len(reqs) == 200
+    return reqs
+
+
+def test_200_hostile_requests_get_4xx_never_5xx(int_model):
+    model = int_model
+    config = ServeConfig(model=model["onnx"], provider="cpu", threads=1, api_key="secret-token")
+    auth = {"authorization": "Bearer secret-token"}
+    statuses: list[int] = []
+    with ServerThread(config) as server, httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+        for method, path, kw in hostile_requests(model["top_k"]):
+            kw = dict(kw)
+            headers = {**({} if kw.pop("no_auth", False) else auth), **kw.pop("headers", {})}
+            if "content_factory" in kw:
+                kw["content"] = kw.pop("content_factory")()
+            r = client.request(method, path, headers=headers, **kw)
+            assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+            if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+                assert "error" in r.json() or "detail" in r.json()
+            statuses.append(r.status_code)
+        assert client.get("/healthz").status_code == 200
+        ok = client.post("/v1/events", json={"session_id": 5, "item_id": 1001, "k": 2}, headers=auth)
+        assert ok.status_code == 200 and len(ok.json()["items"]) == 2
+        metrics = client.get("/metrics", headers=auth).text
+    n5xx = sum(s >= 500 for s in statuses)
+    print(f"200 hostile requests: {n5xx} 5xx, {sum(400 <= s < 500 for s in statuses)} 4xx, "
+          f"{sum(s == 200 for s in statuses)} 200 (unknown items)")  # fmt: skip
+    assert n5xx == 0 and statuses.count(413) >= 4 and statuses.count(401) >= 6
+    assert "gru4rec_serve_unknown_items_total" in metrics
+
+
+# ---------------------------------------------------------------------------------------------- reload
+def test_hot_reload_switches_model_without_dropping_a_request(int_model, tmp_path):
+    """Promote a second export over the served bundle (the nightly's promote_bundle) under load."""
+    from gru4rec.bundle import load_bundle
+    from gru4rec.eval.promote import promote_bundle
+
+    served = tmp_path / "champion" / "m.onnx"
+    model = int_model
+    promote_bundle(Path(model["onnx"]), served)
+    other = build_model(tmp_path / "challenger", "int", seed=11)
+    old_id, new_id = (load_bundle(p).meta["export_id"] for p in (model["onnx"], other["onnx"]))
+    config = ServeConfig(model=served, provider="cpu", threads=1, reload_interval=0.2)
+    errors, seen, stop = [], set(), threading.Event()
+    with ServerThread(config) as server, httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+        first = client.post("/v1/events", json={"session_id": "old", "item_id": 1003}).json()
+        assert first["model"] == old_id
+
+        def load() -> None:
+            with httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as c:
+                i = 0
+                while not stop.is_set():
+                    r = c.post("/v1/events", json={"session_id": f"load-{i % 5}", "item_id": 1000 + i % 60})
+                    if r.status_code != 200:
+                        errors.append(r.text)
+                    else:
+                        seen.add(r.json()["model"])
+                    i += 1
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            promote_bundle(Path(other["onnx"]), served)
+            wait_until(lambda: new_id in seen, 60, "the promoted model to answer")
+        finally:
+            stop.set()
+            loader.join(timeout=30)
+        # The old model's session starts fresh on the new one: same answer as a brand-new session.
+        cont = client.post("/v1/events", json={"session_id": "old", "item_id": 1004}).json()
+        fresh = client.post("/v1/events", json={"session_id": "new", "item_id": 1004}).json()
+        metrics = client.get("/metrics").text
+    assert not errors and new_id in seen
+    assert cont["model"] == new_id and cont["items"] == fresh["items"] and cont["scores"] == fresh["scores"]
+    assert f'gru4rec_serve_model_info{{export_id="{new_id}"}} 1.0' in metrics
+    assert f'export_id="{old_id}"' not in metrics
+    assert 'gru4rec_serve_reloads_total{result="ok"} 1.0' in metrics
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_serve_cli_errors_are_one_line_and_exit_2(tmp_path, int_model):
+    model = int_model
+    cases = [
+        (["--model", tmp_path / "missing.onnx"], "not found"),
+        (["--model", model["onnx"], "--max-batch", "0"], "--max-batch"),
+        (["--model", model["onnx"], "--state", "mysql://x"], "--state"),
+        (["--model", model["onnx"], "--state", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
+        (["--model", model["onnx"], "--api-key-file", tmp_path / "nokey"], "API key file"),
+    ]
+    for args, words in cases:
+        proc = run_cli("serve", *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        assert words in lines[0]
+    help_text = run_cli("serve", "--help", check=True).stdout
+    for option in ("--state", "--session-ttl", "--max-batch", "--max-wait-ms", "--api-key-file", "--host"):
+        assert option in help_text
