@@ -19,110 +19,19 @@ from serve_util import (
     HTTP_TIMEOUT,
     ServerThread,
     build_model,
-    compare_lists,
-    offline_recs,
+    check_against_offline,
+    known_ids,
+    replay_http,
     sessions_in_order,
     wait_until,
 )
 
 from gru4rec.serve.app import ServeConfig
 
-pytest.importorskip("fastapi")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny exported models by id type, each with its `score --out` reference (built on first use)."""
-    cache: dict = {}
-
-    def get(kind: str) -> dict:
-        if kind not in cache:
-            root = tmp_path_factory.mktemp(f"serve-{kind}")
-            m = build_model(root, kind)
-            m["offline"] = offline_recs(m, root / "recs.parquet")
-            cache[kind] = m
-        return cache[kind]
-
-    return get
-
 
 @pytest.fixture(scope="module", params=["int", "str"])
 def model(request, models):
     return models(request.param)
-
-
-@pytest.fixture(scope="module")
-def int_model(models):
-    return models("int")
-
-
-def known_ids(m: dict) -> set:
-    from gru4rec.bundle import load_bundle
-
-    return set(load_bundle(m["onnx"]).items.ids.tolist())
-
-
-async def replay_http(url: str, sessions: dict, k: int, concurrency: int = 16) -> dict:
-    """Every session's events through the API, sessions interleaved and concurrent: half of them one
-    POST /v1/events per event, the other half in POST /v1/events:batch requests that mix the events
-    of 4 sessions (so one request holds several events of each session, which must apply in order).
-    -> {(session_id, event index): response}."""
-    results: dict = {}
-    ids = list(sessions)
-    singles, grouped = ids[::2], ids[1::2]
-    limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT) as client:
-
-        async def one_by_one(sid):
-            async with limit:
-                for j, item in enumerate(sessions[sid]):
-                    r = await client.post("/v1/events", json={"session_id": sid, "item_id": item, "k": k})
-                    assert r.status_code == 200, r.text
-                    results[(sid, j)] = r.json()
-
-        async def in_batches(group):
-            async with limit:
-                order = [(sid, j) for j in range(max(len(sessions[s]) for s in group)) for sid in group]
-                order = [(sid, j) for sid, j in order if j < len(sessions[sid])]
-                for start in range(0, len(order), 7):  # several requests, each mixing sessions
-                    part = order[start : start + 7]
-                    body = {"events": [{"session_id": s, "item_id": sessions[s][j], "k": k} for s, j in part]}
-                    r = await client.post("/v1/events:batch", json=body)
-                    assert r.status_code == 200, r.text
-                    for key, res in zip(part, r.json()["results"], strict=True):
-                        results[key] = res
-
-        groups = [grouped[i : i + 4] for i in range(0, len(grouped), 4)]
-        await asyncio.gather(*map(one_by_one, singles), *map(in_batches, groups))
-    return results
-
-
-def check_against_offline(sessions: dict, online: dict, offline: dict, known: set) -> dict:
-    """Each known event's answer vs score's row for it; an unknown event answers the session's last
-    answer (empty before any known item). -> counts."""
-    counts = {"compared": 0, "swaps": 0, "unknown": 0, "last_events": 0}
-    for sid, items in sessions.items():
-        position, last = 0, None
-        n_known = sum(item in known for item in items)
-        for j, item in enumerate(items):
-            res = online[(sid, j)]
-            assert res["session_id"] == sid and res["item_id"] == item
-            if item not in known:
-                counts["unknown"] += 1
-                assert res["unknown_item"] is True
-                want = last or {"items": [], "scores": []}
-                assert res["items"] == want["items"] and res["scores"] == want["scores"]
-                continue
-            assert res["unknown_item"] is False
-            if position < n_known - 1:  # score has a row for every known event but the last
-                ids, scores = offline[(sid, position)]
-                counts["swaps"] += compare_lists(res["items"], res["scores"], ids, scores)
-                counts["compared"] += 1
-            else:
-                counts["last_events"] += 1
-            position, last = position + 1, res
-    assert counts["compared"] == len(offline)  # every row of score --out was compared
-    return counts
 
 
 def test_online_equals_offline(model, tmp_path):
@@ -144,15 +53,6 @@ def test_replay_over_redis_equals_offline(model, redis_url):
         online = asyncio.run(replay_http(server.url, sessions, model["top_k"], concurrency=8))
     counts = check_against_offline(sessions, online, model["offline"], known_ids(model))
     assert counts["compared"] == len(model["offline"])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    from serve_util import start_redis, stop_process
-
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop_process(proc)
 
 
 # ---------------------------------------------------------------------------------------------- hostile input
