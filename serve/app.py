@@ -199,7 +199,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         ):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    guarded = [Depends(authorized)]
+    guarded = [Depends(authorized)] if config.api_key is not None else []  # no per-request cost without
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

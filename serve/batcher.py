@@ -2,7 +2,7 @@
 batchers do.
 
 The first queued event starts a window of at most `max_wait_ms`; the batch closes when it holds
-`max_batch` events or the window ends. Per batch: one state read for all its sessions (one MGET
+`max_batch` events, as many as the previous batch, or the window ends. Per batch: one state read for all its sessions (one MGET
 on Redis), one `ServedModel.step` in a worker thread (ORT releases the GIL, so the event loop
 keeps parsing the next requests meanwhile, and they queue for the next batch), one state write
 (one pipeline), then every event's future is resolved. Because the write completes before the
@@ -65,6 +65,7 @@ class Batcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gru4rec-ort")
         self._task: asyncio.Task | None = None
         self._carry: deque[Event] = deque()  # events held back for the next batch (see _collect)
+        self._last_size = 1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -104,18 +105,23 @@ class Batcher:
             add(await queue.get())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.max_wait_ms / 1000
+        # The window closes early once the batch is as large as the previous one: under load the
+        # clients answered by the last batch come back within the window, while an idle server
+        # (previous batch of 1) never delays a lone request.
+        enough = min(cfg.max_batch, self._last_size)
         while len(batch) < cfg.max_batch:
             if not queue.empty():
                 add(queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or len(batch) >= enough:
                 break
             try:
                 add(await asyncio.wait_for(queue.get(), remaining))
             except TimeoutError:
                 break
         self._carry.extendleft(reversed(later))
+        self._last_size = len(batch)
         return batch
 
     async def _loop(self) -> None:

@@ -224,6 +224,26 @@ def stateful_vs_stateless(
     return rows
 
 
+def ort_step_ms(model, batches: tuple[int, ...], repeats: int = 30) -> dict:
+    """Median time of one ONNX Runtime call of the serving graph at each batch size (no HTTP, no
+    state store): the floor under the served latency, and batch / time the ceiling on events/s."""
+    L_, H = model.state_shape
+    out = {}
+    for b in batches:
+        idx = np.arange(b, dtype=np.int64) % len(model.bundle.items)
+        h = np.zeros((L_, b, H), np.float32)
+        for _ in range(3):
+            model.step(idx, h)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.step(idx, h)
+            times.append(time.perf_counter() - t0)
+        ms = 1000 * float(np.median(times))
+        out[str(b)] = {"ms": round(ms, 3), "events_per_s": round(1000 * b / ms, 1)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def _start_server(onnx: Path, cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
     from gru4rec.serve.app import ServeConfig  # noqa: F401 -- fail here, not in the child, without the extra
@@ -326,6 +346,13 @@ def run_bench(cfg: BenchConfig) -> dict:
         stateless = stateful_vs_stateless(
             served, sessions, cfg.lengths, cfg.stateless_sessions, lambda: bar.advance(task)
         )
+    ort_steps = ort_step_ms(served, tuple(sorted({1, 16, cfg.max_batch})))
+    console.print(
+        "ORT serving graph alone: "
+        + ", ".join(
+            f"batch {b} {v['ms']:.2f} ms ({v['events_per_s']:,.0f} events/s)" for b, v in ort_steps.items()
+        )
+    )
     for row in stateless:
         if row.get("events"):
             console.print(
@@ -357,6 +384,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         },
         "bounds": {"max_requests": cfg.max_requests, "max_seconds": cfg.max_seconds, "k": k},
         "levels": levels,
+        "ort_step_alone": ort_steps,
         "stateful_vs_stateless": stateless,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
