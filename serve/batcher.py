@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class ModelHolder:
 class Batcher:
     def __init__(self, models: ModelHolder, store: StateStore, config: BatchConfig, on_batch=None):
         self.models, self.store, self.config = models, store, config
-        self.on_batch = on_batch  # callback(batch size, n model rows): metrics
+        self.on_batch = on_batch  # callback(batch size, n model rows, ORT seconds, store seconds)
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         # One worker: ORT already uses every intra-op thread it was given; a second concurrent
         # run would only compete for the same cores.
@@ -138,7 +139,10 @@ class Batcher:
         model = self.models.current
         shape, k = model.state_shape, model.top_k
         keys = [record_key(model.export_id, ev.session_id) for ev in batch]
-        records = [decode(raw, shape, k) for raw in await self.store.get_many(keys)]
+        t0 = time.perf_counter()
+        raws = await self.store.get_many(keys)
+        state_s, model_s = time.perf_counter() - t0, 0.0
+        records = [decode(raw, shape, k) for raw in raws]
         lookup = [model.lookup(ev.item_id) for ev in batch]  # None: unknown, state left unchanged
         rows = [i for i, idx in enumerate(lookup) if idx is not None]
         outcomes: dict[int, Outcome] = {}
@@ -149,12 +153,16 @@ class Batcher:
                     hidden[:, j] = records[i].hidden
             item_idx = np.array([lookup[i] for i in rows], dtype=np.int64)
             loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
             res = await loop.run_in_executor(self._pool, model.step, item_idx, hidden)
+            model_s = time.perf_counter() - t0
             writes = []
             for j, i in enumerate(rows):
                 writes.append((keys[i], encode(res.hidden[:, j], res.topk_scores[j], res.topk_idx[j])))
                 outcomes[i] = Outcome(model, res.topk_idx[j], res.topk_scores[j], False)
+            t0 = time.perf_counter()
             await self.store.set_many(writes)  # before any future resolves: stored, then answered
+            state_s += time.perf_counter() - t0
         empty = Outcome(model, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), True)
         for i, ev in enumerate(batch):
             out = outcomes.get(i)
@@ -164,4 +172,4 @@ class Batcher:
             if not ev.future.done():  # a cancelled request (client gone) has a done future
                 ev.future.set_result(out)
         if self.on_batch is not None:
-            self.on_batch(len(batch), len(rows))
+            self.on_batch(len(batch), len(rows), model_s, state_s)

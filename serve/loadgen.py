@@ -4,8 +4,9 @@ Replays a test set's sessions against a server on the loopback interface (one it
 unless `--url` names a running one) at each concurrency level: C clients, each replaying whole
 sessions one event at a time (the next event is sent when the previous answer is in, as a user
 would), over keep-alive connections (aiohttp). Every level is bounded in requests and seconds.
-Reports events/s and client-side request latency p50/p95/p99, plus the server's mean batch size
-from its /metrics.
+Reports events/s and client-side request latency p50/p95/p99, plus where the server's time went
+(from its /metrics: mean batch, ONNX Runtime and state-store time per batch, server-side request
+time; the rest of a request's latency is HTTP, JSON and the load generator).
 
 Then the cost comparison with a stateless server, in this process without HTTP: the same
 sessions, truncated to each length L, through the same ONNX graph at batch 1, either carrying the
@@ -148,21 +149,47 @@ async def _load_level(
     }
 
 
+SCRAPED = {
+    "gru4rec_serve_batch_size": "batch",
+    "gru4rec_serve_model_seconds": "model",
+    "gru4rec_serve_state_seconds": "state",
+    "gru4rec_serve_request_seconds": "request",  # route /v1/events only
+}
+
+
 def _scrape(url: str) -> dict:
-    """Batch-size sum and count from the server's /metrics."""
+    """{'batch_sum': .., 'batch_count': .., 'model_sum': .., ...} from the server's /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out = {}
+    out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "gru4rec_serve_batch_size":
-            for s in family.samples:
-                if s.name.endswith(("_sum", "_count")):
-                    out[s.name.rsplit("_", 1)[1]] = s.value
+        short = SCRAPED.get(family.name)
+        for sample in family.samples if short else ():
+            if (
+                sample.name.endswith(("_sum", "_count"))
+                and sample.labels.get("route", "/v1/events") == "/v1/events"
+            ):
+                out[f"{short}_{sample.name.rsplit('_', 1)[1]}"] = sample.value
     return out
+
+
+def server_breakdown(before: dict, after: dict) -> dict:
+    """Where the server's time went during one level (from /metrics deltas)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches, requests = d.get("batch_count", 0), d.get("request_count", 0)
+    if not batches or not requests:
+        return {}
+    return {
+        "mean_batch": round(d["batch_sum"] / batches, 2),
+        "ort_ms_per_batch": round(1000 * d["model_sum"] / batches, 3),
+        "ort_ms_per_event": round(1000 * d["model_sum"] / d["batch_sum"], 3),
+        "state_ms_per_batch": round(1000 * d["state_sum"] / batches, 3),
+        "server_request_ms_mean": round(1000 * d["request_sum"] / requests, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- stateless
@@ -322,10 +349,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 level = asyncio.run(
                     _load_level(url, sessions, c, cfg, f"{tag}-c{c}", k, lambda t=advance: bar.advance(t))
                 )
-            after = _scrape(url)
-            n_batches = after.get("count", 0) - before.get("count", 0)
-            if n_batches:
-                level["server_mean_batch"] = round((after["sum"] - before["sum"]) / n_batches, 2)
+            level["server"] = server_breakdown(before, _scrape(url))
             levels.append(level)
             lat = level["latency_ms"]
             console.print(

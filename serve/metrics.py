@@ -44,6 +44,18 @@ class ServeMetrics:
         self.batch_size = Histogram(
             "gru4rec_serve_batch_size", "Events per micro-batch", buckets=BATCH_BUCKETS, registry=r
         )
+        self.model_seconds = Histogram(
+            "gru4rec_serve_model_seconds",
+            "ONNX Runtime time per micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.state_seconds = Histogram(
+            "gru4rec_serve_state_seconds",
+            "State store time per micro-batch (read + write)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.events = Counter("gru4rec_serve_events", "Events applied (known items)", registry=r)
         self.unknown = Counter(
             "gru4rec_serve_unknown_items", "Events of items the model does not know", registry=r
@@ -67,8 +79,10 @@ class ServeMetrics:
         self.model_info.labels(export_id).set(1)
         self._export_id = export_id
 
-    def on_batch(self, size: int, known: int) -> None:
+    def on_batch(self, size: int, known: int, model_s: float, state_s: float) -> None:
         self.batch_size.observe(size)
+        self.model_seconds.observe(model_s)
+        self.state_seconds.observe(state_s)
         self.events.inc(known)
         if size > known:
             self.unknown.inc(size - known)
