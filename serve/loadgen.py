@@ -272,7 +272,7 @@ def ort_step_ms(model, batches: tuple[int, ...], repeats: int = 30) -> dict:
 def _start_server(onnx: Path, cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
     from gru4rec.serve.app import ServeConfig  # noqa: F401 -- fail here, not in the child, without the extra
 
-    port = _free_port()
+    port = free_port()
     args = [
         sys.executable, "-m", "gru4rec.cli", "serve", "--model", str(onnx), "--port", str(port),
         "--provider", cfg.provider, "--threads", str(cfg.threads), "--max-batch", str(cfg.max_batch),
@@ -291,12 +291,24 @@ def _start_server(onnx: Path, cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
     raise UserError("bench serve: the server was not ready after 300 s")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (a server finishes its requests), SIGKILL if it is still there after `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
 
 
 def _ready(url: str) -> bool:
@@ -355,12 +367,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             )
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+            stop_process(proc)
     served = load_model(onnx, cfg.provider, cfg.threads)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("stateful vs stateless", total=len(cfg.lengths))

@@ -109,7 +109,9 @@ def int_model(models):
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A real redis-server on a free loopback port for the module (skips where it is not installed)."""
-    from serve_util import start_redis, stop_process
+    from serve_util import start_redis
+
+    from gru4rec.serve.loadgen import stop_process
 
     proc, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,11 @@ import polars as pl
 import pytest
 from conftest import REPO, run_cli
 
+from gru4rec.serve.loadgen import free_port, stop_process
+
 HTTP_TIMEOUT = 20.0  # seconds, every HTTP call
 START_TIMEOUT = 90.0  # a server process imports torch/onnx/fastapi: slow on a busy 2-core machine
 SCORE_TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -109,13 +104,8 @@ class ServerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        if self.proc is not None:
+            stop_process(self.proc, timeout=15)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
@@ -148,16 +138,6 @@ def start_redis(directory: Path):
         proc.wait(timeout=10)
         raise
     return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------- models
