@@ -87,7 +87,14 @@ def load_sessions(path: Path) -> list[list]:
 
 # ---------------------------------------------------------------------------------------------- HTTP load
 async def _load_level(
-    url: str, sessions: list[list], concurrency: int, cfg: BenchConfig, tag: str, k: int, progress
+    url: str,
+    sessions: list[list],
+    concurrency: int,
+    cfg: BenchConfig,
+    tag: str,
+    k: int,
+    progress,
+    server_pid: int | None = None,
 ):
     import aiohttp
     import orjson
@@ -110,6 +117,7 @@ async def _load_level(
 
         for i in range(WARMUP_REQUESTS):  # connections, ORT first runs: not measured
             await post(f"{tag}-warmup-{i % 8}", sessions[i % len(sessions)][0])
+        cpu0 = time.process_time(), process_cpu_seconds(server_pid) if server_pid else None
 
         deadline = time.monotonic() + cfg.max_seconds
 
@@ -136,7 +144,12 @@ async def _load_level(
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        server_cpu = process_cpu_seconds(server_pid) if server_pid else None
+        loadgen_cpu = time.process_time() - cpu0[0]
     ok = statuses.get(200, 0)
+    cpu_ms = {"load_generator": round(1000 * loadgen_cpu / max(ok, 1), 3)}
+    if server_cpu is not None and cpu0[1] is not None:
+        cpu_ms["server"] = round(1000 * (server_cpu - cpu0[1]) / max(ok, 1), 3)
     return {
         "concurrency": concurrency,
         "requests": len(latencies) + errors,
@@ -146,6 +159,7 @@ async def _load_level(
         "seconds": round(elapsed, 3),
         "events_per_s": round(ok / elapsed, 1),
         "latency_ms": percentiles(latencies),
+        "cpu_ms_per_event": cpu_ms,  # CPU time (all threads) per answered event, by process
     }
 
 
@@ -175,6 +189,16 @@ def _scrape(url: str) -> dict:
             ):
                 out[f"{short}_{sample.name.rsplit('_', 1)[1]}"] = sample.value
     return out
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc); None elsewhere. CPU time, unlike
+    wall time, is what a request costs whatever else the machine is running."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_breakdown(before: dict, after: dict) -> dict:
@@ -356,14 +380,24 @@ def run_bench(cfg: BenchConfig) -> dict:
             with Progress(console=console, transient=True) as bar:
                 advance = bar.add_task(f"concurrency {c}", total=cfg.max_requests)
                 level = asyncio.run(
-                    _load_level(url, sessions, c, cfg, f"{tag}-c{c}", k, lambda t=advance: bar.advance(t))
+                    _load_level(
+                        url,
+                        sessions,
+                        c,
+                        cfg,
+                        f"{tag}-c{c}",
+                        k,
+                        lambda t=advance: bar.advance(t),
+                        proc and proc.pid,
+                    )
                 )
             level["server"] = server_breakdown(before, _scrape(url))
             levels.append(level)
             lat = level["latency_ms"]
             console.print(
                 f"concurrency {c:>3}: {level['events_per_s']:>8,.0f} events/s   latency p50 {lat.get('p50')} "
-                f"p95 {lat.get('p95')} p99 {lat.get('p99')} ms   status {level['status']} errors {level['errors']}"
+                f"p95 {lat.get('p95')} p99 {lat.get('p99')} ms   errors {level['errors']}   "
+                f"CPU ms/event {level['cpu_ms_per_event']}, server {level['server']}"
             )
     finally:
         if proc is not None:

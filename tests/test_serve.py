@@ -200,3 +200,24 @@ def test_serve_cli_errors_are_one_line_and_exit_2(tmp_path, int_model):
     help_text = run_cli("serve", "--help", check=True).stdout
     for option in ("--state", "--session-ttl", "--max-batch", "--max-wait-ms", "--api-key-file", "--host"):
         assert option in help_text
+
+
+def test_openapi_schema_documents_the_api(int_model):
+    config = ServeConfig(model=int_model["onnx"], provider="cpu", threads=1, reload_interval=0)
+    with ServerThread(config) as server, httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+        schema = client.get("/openapi.json").json()
+        docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert {
+        "/v1/events",
+        "/v1/events:batch",
+        "/v1/sessions/{session_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(schema["paths"])
+    event = schema["components"]["schemas"]["EventIn"]
+    assert set(event["properties"]) == {"session_id", "item_id", "k"} and set(event["required"]) == {
+        "session_id",
+        "item_id",
+    }
