@@ -10,6 +10,7 @@ import typer
 from gru4rec.errors import UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def read_api_key(path: Path | None) -> str | None:
@@ -147,9 +148,19 @@ def register(app: typer.Typer) -> None:
         )
         served = load_model(model, provider, threads)
         if host not in LOOPBACK:
-            print(f"notice: binding {host}: the API is reachable from other machines", file=sys.stderr)
+            unguarded = (
+                "" if config.api_key else " and, without --api-key-file, open to anyone who reaches it"
+            )
+            print(
+                f"notice: binding {host}: the API is reachable from other machines{unguarded}",
+                file=sys.stderr,
+            )
         app = create_app(config, served)
         import uvicorn
+
+        # ORT runs in a worker thread and needs the GIL back to hand its result over; with Python's
+        # default 5 ms switch interval it can wait that long behind the busy event loop on every batch.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
         print(
             f"serving export {served.export_id} ({len(served.bundle.items)} items, top-{served.top_k}, "
