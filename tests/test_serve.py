@@ -21,6 +21,7 @@ from serve_util import (
     build_model,
     check_against_offline,
     known_ids,
+    offline_recs,
     replay_http,
     sessions_in_order,
     wait_until,
@@ -221,3 +222,30 @@ def test_openapi_schema_documents_the_api(int_model):
         "session_id",
         "item_id",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_online_equals_offline_on_diginetica_sessions(shared_data, tmp_path):
+    """A real catalog (diginetica: 43k items, so near-ties happen) and 250 real test sessions, the
+    model random-weighted and small (training is not what is tested here)."""
+    import polars as pl
+    from test_replay import make_model
+    from test_score import export_model
+
+    from gru4rec.data import read_events
+    from gru4rec.items import ItemMap
+
+    items = ItemMap.from_events(read_events(shared_data / "diginetica" / "train.parquet"))
+    test = read_events(shared_data / "diginetica" / "test.parquet")
+    keep = test["session_id"].unique().sort().head(250)
+    test.filter(pl.col("session_id").is_in(keep.implode())).write_parquet(tmp_path / "test.parquet")
+    onnx = export_model(make_model(len(items), hidden=32, seed=3), items, tmp_path, 20)
+    m = {"onnx": onnx, "sessions": tmp_path / "test.parquet", "top_k": 20}
+    offline = offline_recs(m, tmp_path / "recs.parquet")
+    sessions = sessions_in_order(read_events(m["sessions"]))
+    with ServerThread(ServeConfig(model=onnx, provider="cpu", threads=1)) as server:
+        online = asyncio.run(replay_http(server.url, sessions, 20))
+    counts = check_against_offline(sessions, online, offline, set(items.ids.tolist()))
+    print(f"online = offline (diginetica, 43k items): {counts}")
+    assert counts["compared"] > 600
