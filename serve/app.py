@@ -31,7 +31,6 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from gru4rec.serve.batcher import BatchConfig, Batcher, ModelHolder, Outcome
-from gru4rec.serve.guard import BodyLimit
 from gru4rec.serve.metrics import RequestMetrics, ServeMetrics
 from gru4rec.serve.model import ServedModel, load_model
 from gru4rec.serve.ordering import SessionLocks
@@ -186,6 +185,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         description=__doc__.split("\n\n", 1)[1] if __doc__ else "",
         version="1",
         lifespan=lifespan,
+        max_body_size=config.max_body_bytes,  # 413 past it, counted as the body arrives (chunked too)
     )
     app.state.service = service
 
@@ -291,6 +291,5 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
             service.metrics.sessions.set(await asyncio.wait_for(service.store.count(), 2))
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
