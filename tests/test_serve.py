@@ -54,6 +54,36 @@ def test_replay_over_redis_equals_offline(model, redis_url):
         online = asyncio.run(replay_http(server.url, sessions, model["top_k"], concurrency=8))
     counts = check_against_offline(sessions, online, model["offline"], known_ids(model))
     assert counts["compared"] == len(model["offline"])
+    # One record per session that saw a known item: raw float32 state + top-k, with the TTL set.
+    import redis
+
+    from gru4rec.bundle import load_bundle
+
+    bundle = load_bundle(model["onnx"])
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    keys = list(client.scan_iter(f"gru4rec:{bundle.meta['export_id']}:*", count=1000))
+    assert len(keys) == sum(any(i in known_ids(model) for i in items) for items in sessions.values())
+    assert {len(client.get(k)) for k in keys} == {
+        4 * (bundle.n_layers * bundle.hidden_size + 2 * bundle.top_k)
+    }
+    assert all(0 < client.ttl(k) <= 1800 for k in keys[:20])
+    client.flushdb()
+
+
+def test_deleted_session_starts_fresh(int_model):
+    config = ServeConfig(model=int_model["onnx"], provider="cpu", threads=1, reload_interval=0)
+    with ServerThread(config) as server, httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+        for item in (1001, 1002, 1003):
+            client.post("/v1/events", json={"session_id": 77, "item_id": item})
+        assert client.delete("/v1/sessions/77").json() == {"session_id": "77", "deleted": True}
+        assert client.delete("/v1/sessions/77").json()["deleted"] is False
+        again = client.post("/v1/events", json={"session_id": 77, "item_id": 1004}).json()
+        fresh = client.post("/v1/events", json={"session_id": 78, "item_id": 1004}).json()
+        gone = client.post("/v1/events", json={"session_id": 79, "item_id": 1005}).json()
+        client.delete("/v1/sessions/79")
+        probe = client.post("/v1/events", json={"session_id": 79, "item_id": 99_999}).json()
+    assert again["items"] == fresh["items"] and again["scores"] == fresh["scores"]
+    assert gone["items"] and probe == {**probe, "items": [], "scores": [], "unknown_item": True}
 
 
 # ---------------------------------------------------------------------------------------------- hostile input
