@@ -284,15 +284,20 @@ def score_onnx(
 
     rec = LatencyRecorder()
     cfg = ScoreConfig(cutoffs=cutoffs, tie_mode=mode, batch_size=batch_size)
-    if engine is not None and engine.name == "ray":
-        from gru4rec.score.ray_engine import RayOptions, score_ray
-
-        options = RayOptions(address=engine.ray_address, workers=engine.workers)
-        report = score_ray(onnx, test, config=cfg, provider=provider, options=options, recorder=rec)
-    else:
-        report = score(onnx, test, config=cfg, recorder=rec, provider=provider)
+    report = score(onnx, test, config=cfg, recorder=rec, provider=provider, engine=score_engine(engine))
     steps = np.concatenate(rec.steps) * 1e3 if rec.steps else np.zeros(0)
     return report, steps
+
+
+def score_engine(spec: EngineSpec | None):
+    """The score stage's engine for an eval config's engine settings (local when none)."""
+    if spec is not None and spec.name == "ray":
+        from gru4rec.score.ray_engine import RayEngine
+
+        return RayEngine(address=spec.ray_address, workers=spec.workers)
+    from gru4rec.score.scorer import LocalEngine
+
+    return LocalEngine()
 
 
 @functools.cache

@@ -133,7 +133,7 @@ def nightly_cmd(
 ) -> None:
     """Train/export/score as configured, append to the history, compare with earlier runs.
 
-    Metrics are compared with the previous and the best run; latency with the median of the last runs (latency_window, default 5), so one lucky fast run does not raise the bar; a latency past its tolerance is timed again (latency_confirm, default 2) and the best measurement counts, so a stall of the machine is not a regression.
+    Metrics are compared with the previous and the best run (window runs: earlier days are the trend, not the gate). Latency: against a champion, both are timed side by side in interleaved pairs (latency_pairs, default 7) and a regression needs the challenger slower in three quarters of them; without one, against the median of the last runs (latency_window, default 5), only where runs of one export measure the spread (a rise is timed again, latency_confirm, default 2). Repeats of one model spreading wider than the tolerance are "latency inconclusive": reported, never a failure.
 
     Exit codes: 0 no regression; 1 regression (a metric dropped or a latency rose past the tolerances); 2 bad input or config, missing files or an unreadable history (all checked before any work).
 

@@ -6,15 +6,15 @@ trend plots. Exit codes (CLI): 0 no regression, 1 regression, 2 bad config, miss
 an unreadable history (checked before any work; nothing is written then).
 
 What a figure is compared with:
-  - a metric (higher is better) with the previous run and, with `compare_best`, the best run so far;
-  - a latency (lower is better, milliseconds per replay step) with the median of the last
-    `latency_window` runs (default 5). Step timings of an unchanged model vary from run to run on
-    a shared machine; against the fastest run ever (or one lucky previous run) the check would
-    ratchet down to the luckiest measurement and then fail at random. The recent median follows
-    the usual speed, so one fast or slow run moves it little, while a real slowdown stands out.
-    A latency past its tolerance is timed again (`latency_confirm` times, default 2, after a
-    pause) and the best measurement counts: a stall of the machine slows one measurement, a
-    slower model every one. With `metrics_json` there is nothing to time again.
+  - a metric (higher is better) with the previous run and, with `compare_best`, the best run so far
+    (window runs: each day tests other sessions, so earlier days are the trend, never the gate);
+  - a latency (lower is better), with a champion: champion and challenger timed side by side
+    (eval/latency_gate.py, interleaved pairs in one process or one Ray worker); without one, with the
+    median of the last `latency_window` runs, and only where runs of one same export measure the
+    spread between runs within the tolerance (an unchanged model cannot regress; its runs that
+    differ measure the machine). A latency past its tolerance there is timed again
+    (`latency_confirm` times) and the best measurement counts. Repeats of one model that spread
+    wider than the tolerance make the verdict "inconclusive": reported, never a failure.
 A figure regresses when it is worse than its reference by more than `abs + rel·|reference|`
 (numpy's isclose rule: set either tolerance to 0 to use only the other). Only runs on the same test
 data (by content) in the same tie mode are compared.
@@ -42,7 +42,7 @@ names, training preset and params); eval/configs/nightly.example.toml documents 
 
     [nightly.tolerances]
     metrics = ["recall@20", "mrr@20"]     # higher is better
-    latency = ["step_ms_p50", "step_ms_p95"]   # lower is better
+    latency = ["ms_per_1k_events"]        # lower is better
     metric_drop_abs = 0.005
     metric_drop_rel = 0.02
     latency_rise_abs_ms = 1.0
@@ -53,11 +53,16 @@ names, training preset and params); eval/configs/nightly.example.toml documents 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
+import os
 import re
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,6 +70,7 @@ from typing import Any
 
 import polars as pl
 
+from gru4rec.data import ITEM, SESSION, TIME, TIME_UNITS
 from gru4rec.errors import UserError
 from gru4rec.eval.benchmark import read_toml
 from gru4rec.eval.config import (
@@ -111,6 +117,8 @@ class Tolerances:
     min_latency_steps: int = 30  # a latency gate over fewer replay steps is refused, not trusted
     latency_confirm: int = 2  # a latency past its tolerance is timed again this often; the best counts
     max_unknown_share: float = 0.5  # test events of items the model does not know, at most
+    latency_pairs: int = 7  # champion vs challenger: interleaved timing pairs (A B, B A, ...)
+    latency_sample_events: int = 50_000  # ... each a replay of the test's first sessions up to this size
 
     def allowed(self, figure: str, reference: float) -> float:
         if figure in self.latency:
@@ -139,9 +147,14 @@ class Tolerances:
             f"of the reference, compared with the previous run"
             + (" and the best run" if self.compare_best else "")
             + f"; latency ({', '.join(self.latency)}) may rise by {self.latency_rise_abs_ms:g} ms + "
-            f"{self.latency_rise_rel:.0%} over the median of the last {self.latency_window} runs "
-            f"(each from at least {self.min_latency_steps} replay steps; a rise is timed again up to "
-            f"{self.latency_confirm} times, the best counts); at most "
+            f"{self.latency_rise_rel:.0%}: against a champion, both timed in {self.latency_pairs} interleaved "
+            f"pairs in one process on up to {self.latency_sample_events:,} test events, a regression when the "
+            "challenger is slower by more than that in three quarters of the pairs; against earlier runs, "
+            f"over the median of the last {self.latency_window} runs (each from at least "
+            f"{self.min_latency_steps} replay steps; a rise is timed again up to {self.latency_confirm} "
+            "times, the best counts). Either is 'inconclusive' (reported, not a failure) when repeats of one "
+            "model spread wider than the tolerance, or across runs when no model was run twice. Window "
+            "runs: earlier days tested other sessions, so their metrics are the trend, not the gate. At most "
             f"{self.max_unknown_share:.0%} of the test events may be of items the model does not know."
         )
 
@@ -270,6 +283,8 @@ def _tolerances(t: Table) -> Tolerances:
         min_latency_steps=t.integer("min_latency_steps", 30, 1),
         latency_confirm=t.integer("latency_confirm", 2, 0),
         max_unknown_share=_share(t, "max_unknown_share", 0.5),
+        latency_pairs=t.integer("latency_pairs", 7, 2, 1000),
+        latency_sample_events=t.integer("latency_sample_events", 50_000, 2),
     )
 
 
@@ -297,6 +312,11 @@ def _window_spec(t: Table) -> WindowSpec:
         min_item_support=t.integer("min_item_support", 5, 1),
         min_session_length=t.integer("min_session_length", 2, 2),
         dedup=t.boolean("dedup", False),
+        min_test_events=t.integer("min_test_events", 500, 1),
+        session_key=t.string("session_key", SESSION),
+        item_key=t.string("item_key", ITEM),
+        time_key=t.string("time_key", TIME),
+        time_unit=t.string("time_unit", "auto", ("auto", *TIME_UNITS)),
     )
     return spec
 
@@ -462,12 +482,18 @@ def _missing_figures(report: dict, tol: Tolerances) -> list[str]:
 def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = None) -> dict:
     """Do one nightly run; returns the summary (regressions empty when all is well).
 
-    `as_of` (window runs): the day to test on, overriding [nightly.window] as_of."""
+    `as_of` (window runs): the day to test on, overriding [nightly.window] as_of. Everything the run
+    writes under `out` is made in a temporary folder beside it and moved in only when the run
+    completes: a run that stops (bad input, too small a window) leaves `out` exactly as it was."""
     # Unusable outputs and an unreadable history stop the run before any work (and before a long
     # training), and the history is never written when it could not be read.
     check_output_file(cfg.history, inputs=_inputs(cfg))
     history = read_history(cfg.history)
-    check_output_dir(cfg.out)
+    check_output_dir(cfg.out.parent)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(f"{cfg.out}: output folder path is an existing file")
+    if cfg.out.is_dir() and not os.access(cfg.out, os.W_OK | os.X_OK):
+        raise UserError(f"{cfg.out}: output folder is not writable")
     if as_of is not None and cfg.window is None:
         raise UserError(f"--as-of needs a [nightly.window] table in {cfg.source}")
     if cfg.metrics_json is None and cfg.train is None and cfg.model.suffix == ".onnx":
@@ -476,6 +502,27 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
         from gru4rec.bundle import load_bundle
 
         load_bundle(cfg.champion.model)  # a broken champion bundle stops the run before training
+    stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".run", dir=cfg.out.parent))
+    try:
+        with _engine_session(cfg):
+            summary = _run_staged(dataclasses.replace(cfg, out=stage), cfg.out, history, now, as_of)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if cfg.mlflow is not None:  # after the history and report are in place: tracking never loses them
+        summary["mlflow_run_ids"], summary["tracking_error"] = _track(
+            cfg, summary, Path(summary["current"]["model"])
+        )
+    return summary
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, markup=False, highlight=False)
+
+
+def _run_staged(cfg: NightlyConfig, out: Path, history: pl.DataFrame, now, as_of) -> dict:
+    """The run, writing into `cfg.out` (the stage), which is moved to `out` once all is written."""
     now = now or dt.datetime.now(dt.UTC)
     test, train_events, window = cfg.test, None, None
     if cfg.window is not None:
@@ -483,12 +530,15 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
     if cfg.metrics_json is None and cfg.tolerances.latency:
         check_latency_steps({"latency": planned_steps(test, cfg.batch_size)}, cfg.tolerances,
                             f"{cfg.source}: scoring {test} at batch_size {cfg.batch_size} (before any training)")  # fmt: skip
+    _say(f"nightly: working in {cfg.out}, moved into {out} when the run completes")
     report, model = _measure(cfg, test, train_events)
     champion_report = _score_champion(cfg, test)
+    paired = _paired_latency(cfg, test, model, champion_report)
     for attempt in range(cfg.tolerances.latency_confirm + 1):
         row, champion_row, regressions, table = _judge(cfg, history, report, champion_report, model, now,
-                                                       test, window)  # fmt: skip
-        slow = [e["name"] for e in table if e.get("regressed") and e["name"] in cfg.tolerances.latency]
+                                                       test, window, paired)  # fmt: skip
+        slow = [e["name"] for e in table if e.get("regressed") and e["name"] in cfg.tolerances.latency
+                and "pairs" not in e]  # fmt: skip
         if not slow or cfg.metrics_json is not None or attempt == cfg.tolerances.latency_confirm:
             break
         # A stall of the machine (another job, a page-cache flush) slows one measurement, a slower
@@ -497,6 +547,10 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
     row["latency_attempts"] = attempt + 1
     if attempt:
         write_text_atomic(cfg.out / "metrics.json", json.dumps(report, indent=2, default=str) + "\n")
+    final = _final_paths(cfg.out, out)
+    for r in (row, champion_row):
+        if r is not None:
+            r["model"], r["test"] = final(r["model"]), final(r["test"])
     rows = [row] + ([champion_row] if champion_row is not None else [])
     row["status"] = "regression" if regressions else "ok"
     # which figures regressed: the trend plots circle those series only
@@ -506,33 +560,67 @@ def run(cfg: NightlyConfig, now: dt.datetime | None = None, as_of: str | None = 
         from gru4rec.eval.promote import promote_bundle
 
         promoted = promote_bundle(Path(model), cfg.champion.model)
+        promoted["from"] = final(promoted["from"])
         row["status"] = "promoted"
     key = ("as_of", "role") if window is not None else None
     n_comparable = _comparable(history, row).height
-    history = upsert_runs(cfg.history, history, rows, key)
+    inconclusive = [e["name"] for e in table if e.get("verdict") == "inconclusive"]
     summary = {
         "current": row,
         "champion": champion_row,
         "promoted": promoted,
         "regressions": regressions,
+        "latency_inconclusive": inconclusive,
         "table": table,
         "window": window.info() if window is not None else None,
-        "n_runs": history.height,
+        "n_runs": history.height + len(rows),
         "n_comparable": n_comparable,
         "tolerances": cfg.tolerances.describe(),
-        "report": str(cfg.out / "report.md"),
+        "report": str(out / "report.md"),
         "model_settings": model_settings(model, cfg),
     }
+    history = upsert_runs(cfg.history, history, rows, key)
+    summary["n_runs"] = history.height
     plots = _trend_plots(_comparable(history, row, same_day=True), cfg)
     from gru4rec.eval.report import nightly_markdown
 
     write_text_atomic(cfg.out / "report.md", nightly_markdown(summary, plots))
     write_text_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    _move_into(cfg.out, out)
     summary["plots"] = plots
     summary["tracking_error"] = None
-    if cfg.mlflow is not None:  # after the history and report are written: tracking never loses them
-        summary["mlflow_run_ids"], summary["tracking_error"] = _track(cfg, summary, Path(model))
     return summary
+
+
+@contextlib.contextmanager
+def _engine_session(cfg: NightlyConfig):
+    """On Ray, one runtime (or one connection to the cluster) for every scoring and timing of the run."""
+    if cfg.engine.name != "ray" or cfg.metrics_json is not None:
+        yield
+        return
+    from gru4rec.eval.benchmark import score_engine
+    from gru4rec.score.ray_engine import import_ray, ray_runtime
+
+    with ray_runtime(import_ray(), score_engine(cfg.engine)):
+        yield
+
+
+def _final_paths(stage: Path, out: Path):
+    """Map a path inside the stage to where it will be once moved into `out`."""
+
+    def final(path):
+        text = str(path)
+        return str(out / Path(text).relative_to(stage)) if text.startswith(str(stage) + os.sep) else text
+
+    return final
+
+
+def _move_into(stage: Path, out: Path) -> None:
+    """Move every file the run wrote into `out`, each replacing its namesake (other files stay)."""
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = out / path.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def _track(cfg: NightlyConfig, summary: dict, model: Path):
@@ -592,7 +680,13 @@ def _cut(cfg: NightlyConfig, as_of: str | None):
 
     window = cut_window(cfg.window, as_of)
     info = window.info()
-    Console(stderr=True).print(
+    console = Console(stderr=True)
+    if window.as_of_reason.startswith("latest"):
+        console.print(f"nightly: as_of {window.as_of_reason}", markup=False, highlight=False)
+    if window.empty_test_days:
+        console.print(f"warning: test day(s) {', '.join(window.empty_test_days)} hold no events in "
+                      f"{cfg.window.events} (as_of beyond the log?)", markup=False, highlight=False)  # fmt: skip
+    console.print(
         f"nightly: window as of {info['as_of']}: train {info['window_start']} .. {info['window_boundary']} "
         f"({info['n_train_events']:,} events), test to {info['window_end']} ({info['n_window_test_events']:,} "
         f"events; {info['n_test_dropped_unseen']:,} dropped: items unseen in training); {window.n_files} file(s) read",
@@ -605,20 +699,17 @@ def _cut(cfg: NightlyConfig, as_of: str | None):
 
 
 def _judge(cfg: NightlyConfig, history: pl.DataFrame, report: dict, champion_report: dict | None,
-           model: str, now, test, window):  # fmt: skip
+           model: str, now, test, window, paired: list | None):  # fmt: skip
     """(row, champion row, regressions, comparison table) of one measurement."""
     row = _row(cfg, report, model, now, test, window, role="challenger" if cfg.champion else "")
-    regressions, table = compare(_comparable(history, row), row, cfg.tolerances)
-    if window is not None and cfg.champion is not None:
-        # Each day's sessions differ: with a champion scored on the same sessions, that comparison
-        # is the gate, and the earlier days are the trend (shown, not enforced).
-        regressions = []
-        for entry in table:
-            entry.pop("regressed", None)
+    # Each window day tests other sessions: earlier days are the trend of the metrics, never their
+    # gate. With a champion, latency is judged against it (timed side by side), not against history.
+    regressions, table = compare(_comparable(history, row), row, cfg.tolerances, gate_metrics=window is None,
+                                 gate_latency=cfg.champion is None)  # fmt: skip
     regressions += unknown_share_check(row, cfg.tolerances, table)
     champion_row = None
     if champion_report is not None:
-        champion_row, lost = _versus_champion(cfg, champion_report, now, test, window, row, table)
+        champion_row, lost = _versus_champion(cfg, champion_report, now, test, window, row, table, paired)
         regressions += lost
     return row, champion_row, regressions, table
 
@@ -635,8 +726,6 @@ def _time_again(cfg: NightlyConfig, test: Path, model: str, report: dict, champi
     )  # fmt: skip
     time.sleep(CONFIRM_PAUSE_S)
     report = best_latency(report, _score(cfg, Path(model), test, engine=cfg.engine))
-    if champion_report is not None:  # both sides timed as often: the comparison stays fair
-        champion_report = best_latency(champion_report, _score(cfg, cfg.champion.model, test))
     return report, champion_report
 
 
@@ -661,7 +750,7 @@ def _score_champion(cfg: NightlyConfig, test: Path | None) -> dict | None:
     Console(stderr=True).print(
         f"nightly: scoring the champion {champ} on {test}", markup=False, highlight=False
     )
-    return _score(cfg, champ, test)
+    return _score(cfg, champ, test, engine=cfg.engine)
 
 
 def _score(cfg: NightlyConfig, model: Path, test: Path, engine=None) -> dict:
@@ -673,28 +762,56 @@ def _score(cfg: NightlyConfig, model: Path, test: Path, engine=None) -> dict:
     return report
 
 
-def _versus_champion(cfg: NightlyConfig, report: dict, now, test: Path, window, row: dict, table: list[dict]):
-    """The champion's row from its `report` on the same sessions; (its row, reasons the challenger lost)."""
+def _versus_champion(cfg: NightlyConfig, report: dict, now, test: Path, window, row: dict, table: list[dict],
+                     paired: list | None):  # fmt: skip
+    """The champion's row from its `report` on the same sessions; (its row, reasons the challenger lost).
+    Metrics: the challenger's against the champion's. Latency: the interleaved verdicts (`paired`)."""
     champ = cfg.champion.model
     champion_row = _row(cfg, report, str(champ), now, test, window, role="champion")
     champion_row["status"] = "champion"
     tol = cfg.tolerances
+    verdicts = {v.figure: v for v in paired or []}
     lost = []
     for entry in table:
         figure = entry["name"]
-        if figure not in tol.metrics + tol.latency:
+        if figure in verdicts:
+            v = verdicts[figure]
+            entry.update(champion=v.champion, challenger_paired=v.challenger, champion_change=_change(v.challenger, v.champion),
+                         verdict=v.verdict, spread=v.spread, allowed=v.allowed, slower_pairs=v.slower_pairs,
+                         pairs=v.pairs)  # fmt: skip
+            if v.verdict == "regression":
+                entry["regressed"] = True
+                lost.append(v.message(champ))
+            continue
+        if figure not in tol.metrics:
             continue
         ref, cur = champion_row[figure], row[figure]
         entry.update(champion=ref, champion_change=_change(cur, ref))
-        lower_better = figure in tol.latency
-        worse = (cur - ref) if lower_better else (ref - cur)
-        if math.isnan(cur) or worse > tol.allowed(figure, ref):
-            entry["regressed"] = True
-            unit = " ms" if lower_better else ""
-            word = "slower" if lower_better else "worse"
-            lost.append(f"challenger {figure} {cur:.4f}{unit} is {word} than the champion's {ref:.4f}{unit} "
-                        f"(allowed {tol.allowed(figure, ref):.4f}{unit}); the champion {champ} stays")  # fmt: skip
+        if math.isnan(cur) or ref - cur > tol.allowed(figure, ref):
+            entry["regressed"] = entry["champion_regressed"] = True
+            lost.append(f"challenger {figure} {cur:.4f} is worse than the champion's {ref:.4f} "
+                        f"(allowed {tol.allowed(figure, ref):.4f}); the champion {champ} stays")  # fmt: skip
     return champion_row, lost
+
+
+def _paired_latency(cfg: NightlyConfig, test: Path, model: str, champion_report: dict | None) -> list | None:
+    """Champion and challenger timed side by side (eval.latency_gate); a Verdict per latency figure."""
+    tol = cfg.tolerances
+    if champion_report is None or not tol.latency or not str(model).endswith(".onnx"):
+        return None
+    from rich.console import Console
+
+    from gru4rec.eval.benchmark import score_engine
+    from gru4rec.eval.latency_gate import paired_verdict, time_models
+
+    Console(stderr=True).print(
+        f"nightly: timing champion and challenger in {tol.latency_pairs} interleaved pairs",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    champ, chall = time_models([cfg.champion.model, Path(model)], test, cfg.batch_size, tol.latency_pairs,
+                               tol.latency_sample_events, score_engine(cfg.engine))  # fmt: skip
+    check_latency_steps({"latency": champ[0]}, tol, f"{cfg.source}: the latency sample of {test}")
+    return [paired_verdict(f, [r[f] for r in champ], [r[f] for r in chall], tol) for f in tol.latency]
 
 
 def _inputs(cfg: NightlyConfig) -> tuple[Path, ...]:
@@ -855,8 +972,12 @@ def _comparable(history: pl.DataFrame, row: dict, same_day: bool = False) -> pl.
     return h
 
 
-def compare(history: pl.DataFrame, row: dict, tol: Tolerances) -> tuple[list[str], list[dict]]:
-    """Regression messages and the comparison table of `row` against earlier runs (see the module doc)."""
+def compare(history: pl.DataFrame, row: dict, tol: Tolerances, gate_metrics: bool = True,
+            gate_latency: bool = True) -> tuple[list[str], list[dict]]:  # fmt: skip
+    """Regression messages and the comparison table of `row` against earlier runs (see the module
+    doc). A figure that is not gated (`gate_metrics`, `gate_latency` false) is shown as the trend."""
+    from gru4rec.eval.latency_gate import spread_across_runs
+
     regressions: list[str] = []
     table: list[dict] = []
     for figure in tol.metrics + tol.latency:
@@ -872,6 +993,17 @@ def compare(history: pl.DataFrame, row: dict, tol: Tolerances) -> tuple[list[str
             kind, ref = tol.reference(figure, past)
             entry.update(previous=past[-1], previous_change=_change(cur, past[-1]),
                          reference=ref, reference_change=_change(cur, ref), reference_kind=kind)  # fmt: skip
+        table.append(entry)
+        if not (gate_latency if lower_better else gate_metrics):
+            entry["verdict"] = "trend"
+            continue
+        if lower_better and past:
+            recent = history.tail(tol.latency_window)
+            spread = spread_across_runs(recent, figure, row.get("model_export_id", ""), cur)
+            entry["spread"] = spread
+            if spread is None or spread > tol.allowed(figure, entry["reference"]):
+                entry["verdict"] = "inconclusive"
+                continue
         for which, ref in tol.checked(figure, past):
             worse = (cur - ref) if lower_better else (ref - cur)
             if math.isnan(cur) or worse > tol.allowed(figure, ref):
@@ -883,7 +1015,7 @@ def compare(history: pl.DataFrame, row: dict, tol: Tolerances) -> tuple[list[str
                     f"{(cur - ref) / ref * 100 if ref else float('nan'):+.1f}%, allowed "
                     f"{tol.allowed(figure, ref):.4f}{unit})"
                 )
-        table.append(entry)
+        entry.setdefault("verdict", "regression" if entry.get("regressed") else "ok")
     return regressions, table
 
 

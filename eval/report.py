@@ -154,6 +154,10 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
     ]
     if summary["regressions"]:
         lines += ["## Regressions", ""] + [f"- {r}" for r in summary["regressions"]] + [""]
+    if summary.get("latency_inconclusive"):
+        lines += [f"Latency inconclusive ({', '.join(summary['latency_inconclusive'])}): repeats of one model "
+                  "spread wider than the tolerance, or no model was run twice to measure the spread across "
+                  "runs; reported, not a failure.", ""]  # fmt: skip
     if summary.get("promoted"):
         p = summary["promoted"]
         kept = (
@@ -175,25 +179,35 @@ def nightly_markdown(summary: dict, plots: dict[str, str]) -> str:
             f"left too short). {w['n_files_read']} file(s) read.",
             "",
         ]
+        if str(w.get("as_of_reason", "")).startswith("latest"):
+            lines += [f"as_of {w['as_of_reason']}.", ""]
+        if w.get("empty_test_days"):
+            lines += [f"**Test day(s) without events: {w['empty_test_days']}** (as_of beyond the log?).", ""]
     champ = summary.get("champion")
     if champ:
         lines += ["## Challenger vs champion (same test sessions)", "",
-                  "| figure | challenger | champion | Δ |", "|---|---|---|---|"]  # fmt: skip
+                  "| figure | challenger | champion | Δ | verdict |", "|---|---|---|---|---|"]  # fmt: skip
         for c in summary["table"]:
             if "champion" in c:
+                cur = c.get("challenger_paired", c["current"])
+                verdict = c.get("verdict", "regression" if c.get("regressed") else "ok")
+                if "pairs" in c:
+                    verdict += f" (slower in {c['slower_pairs']}/{c['pairs']} pairs; spread {_f(c['spread'])} ms, allowed {_f(c['allowed'])} ms)"
                 lines.append(
-                    f"| {c['name']} | {_f(c['current'])} | {_f(c['champion'])} | {_pct(c.get('champion_change'))} |"
+                    f"| {c['name']} | {_f(cur)} | {_f(c['champion'])} | {_pct(c.get('champion_change'))} | {verdict} |"
                 )
-        lines += ["", f"Champion: `{champ.get('model')}`.", ""]
+        lines += ["", f"Champion: `{champ.get('model')}`. Latency figures here are medians of the interleaved "
+                  "repeats (champion and challenger timed alternately in one process, after the same warm-up).", ""]  # fmt: skip
     lines += ["## This run against earlier runs", ""]
     lines += [
-        "| figure | this run | previous | change | reference | change | reference is |",
-        "|---|---|---|---|---|---|---|",
+        "| figure | this run | previous | change | reference | change | reference is | gate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["table"]:
+        gate = "trend" if c.get("verdict") == "trend" or "pairs" in c else c.get("verdict", "–")
         lines.append(
             f"| {c['name']} | {_f(c['current'])} | {_f(c.get('previous'))} | {_pct(c.get('previous_change'))} "
-            f"| {_f(c.get('reference'))} | {_pct(c.get('reference_change'))} | {c.get('reference_kind', '–')} |"
+            f"| {_f(c.get('reference'))} | {_pct(c.get('reference_change'))} | {c.get('reference_kind', '–')} | {gate} |"
         )
     lines += ["", "Tolerances: " + summary["tolerances"], ""]
     if summary.get("model_settings"):

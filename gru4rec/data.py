@@ -161,11 +161,7 @@ def open_events(source: str | Path, keys: Keys = Keys(), keep_file=None) -> Even
     `keep_file(path) -> bool` prunes files before any is opened (e.g. hive partitions outside a
     time window); a source left with no file is an error."""
     path = str(source)
-    files = event_files(path)
-    if keep_file is not None:
-        files = [f for f in files if keep_file(f)]
-        if not files:
-            raise UserError(f"{path}: no file left after partition pruning")
+    files = event_files(path, keep_file)
     fmt = _one_format(files)
     schemas = [(f, _schema(f, fmt)) for f in files]
     columns = list(schemas[0][1])
@@ -186,8 +182,11 @@ def open_events(source: str | Path, keys: Keys = Keys(), keep_file=None) -> Even
     return EventSource(path, files, fmt, names, ignored, schemas[0][1], partitions, keys.time_unit)
 
 
-def event_files(path: str) -> list[Path]:
-    """The data files a source names: itself, a folder's files (recursive), or a glob's matches."""
+def event_files(path: str, keep_file=None, check: bool = True) -> list[Path]:
+    """The data files a source names: itself, a folder's files (recursive), or a glob's matches.
+
+    `keep_file(path) -> bool` prunes them before any is checked or opened: what it drops (another
+    day's partition) may be empty or broken without stopping the run. `check=False` only lists them."""
     if any(ch in path for ch in "*?["):
         matched = [Path(p) for p in sorted(globlib.glob(path, recursive=True))]
         files = [p for p in matched if p.is_file() and not _hidden(p)]
@@ -205,7 +204,11 @@ def event_files(path: str) -> list[Path]:
                 raise UserError(f"{p}: folder holds no Parquet, TSV or CSV files")
         else:
             files = [p]
-    for f in files:
+    if keep_file is not None:
+        files = [f for f in files if keep_file(f)]
+        if not files:
+            raise UserError(f"{path}: no file left after partition pruning")
+    for f in files if check else ():
         if f.suffix.lower() not in FORMATS:
             raise UserError(f"{f}: unknown file type '{f.suffix}' (use .parquet, .tsv/.txt or .csv)")
         if f.stat().st_size == 0:

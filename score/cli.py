@@ -125,31 +125,22 @@ def register(app: typer.Typer) -> None:
             beyond_accuracy=beyond_accuracy,
         )
         if engine == "ray":
-            from gru4rec.score.ray_engine import RayOptions, score_ray
+            from gru4rec.score.ray_engine import RayEngine
 
-            if beyond_accuracy or train is not None:
-                raise UserError("--beyond-accuracy and --train: only with --engine local")
-            opts = RayOptions(ray_address, workers, gpus_per_worker, cpus_per_worker, shards)
-            report = score_ray(model, sessions, out, metrics, cfg, provider, tf32, opts, progress=True)
+            runner = RayEngine(ray_address, workers, gpus_per_worker, cpus_per_worker, shards)
         elif engine == "local":
+            from gru4rec.score.scorer import LocalEngine
+
             ray_only = {"--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
                         "--shards": shards, "--cpus-per-worker": None if cpus_per_worker == 1.0 else cpus_per_worker}  # fmt: skip
             given = [name for name, value in ray_only.items() if value is not None]
             if given:
                 raise UserError(f"{', '.join(given)}: only with --engine ray")
-            report = score(
-                model,
-                sessions,
-                out=out,
-                metrics=metrics,
-                config=cfg,
-                provider=provider,
-                tf32=tf32,
-                progress=True,
-                train=train,
-            )
+            runner = LocalEngine()
         else:
             raise UserError(f"--engine must be local or ray, got {engine!r}")
+        report = score(model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32,
+                       progress=True, train=train, engine=runner)  # fmt: skip
         print_report(report)
         for path, what in ((out, "recommendations"), (metrics, "metrics")):
             if path is not None:
@@ -183,12 +174,12 @@ def print_report(report: dict) -> None:
     console.print(
         f"{m['n']:,} predictions in {report['n_scored_sessions']:,} sessions, tie mode {report['tie_mode']}"
     )
-    if "engine" in report:  # --engine ray
-        e = report["engine"]
+    e = report["engine"]
+    if e["name"] != "local":
         console.print(
-            f"ray: {e['workers']} worker(s), {e['shards']} shards, {e['runtime']}; job wall time "
-            f"{report['latency']['wall_s']:.1f} s ({report['latency']['events_per_s']:,.0f} scored events/s); "
-            f"replay figures below are summed over the workers"
+            f"{e['name']}: {e['workers']} worker(s), {e['shards']} shards, {e['runtime']}; job wall time "
+            f"{report['latency']['wall_s']:.1f} s ({report['latency']['wall_events_per_s']:,.0f} scored events/s); "
+            f"replay figures below are per step where it ran, phase times summed over the workers"
         )
     console.print(table)
     if report["n_skipped_sessions"]:

@@ -33,6 +33,7 @@ class LatencyRecorder:
     phases: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "replay": 0.0, "write": 0.0})
     steps: list[np.ndarray] = field(default_factory=list)
     widths: list[np.ndarray] = field(default_factory=list)  # rows per step (its batch bucket)
+    full: list[np.ndarray] = field(default_factory=list)  # per step: did it run its replay's whole batch
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -42,12 +43,41 @@ class LatencyRecorder:
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
-    def add_steps(self, seconds: np.ndarray, widths: np.ndarray | None = None) -> None:
-        """Step times and each step's batch width (unknown: 0)."""
+    def add_steps(
+        self, seconds: np.ndarray, widths: np.ndarray | None = None, batch: int | None = None
+    ) -> None:
+        """Step times, each step's batch width (unknown: 0) and the replay's batch (its full width).
+
+        A shard of a distributed run replays with its own batch (never more than its sessions), so
+        "full" is decided here, where the batch is known, not later against a configured size."""
         seconds = np.asarray(seconds, dtype=np.float64)
+        widths = np.zeros(len(seconds), np.int64) if widths is None else np.asarray(widths, np.int64)
         self.steps.append(seconds)
-        self.widths.append(
-            np.zeros(len(seconds), np.int64) if widths is None else np.asarray(widths, np.int64)
+        self.widths.append(widths)
+        self.full.append(widths == batch if batch is not None else np.zeros(len(seconds), bool))
+
+    def merge(self, other: LatencyRecorder) -> LatencyRecorder:
+        """Add another recorder's steps and phase times (phases become worker-seconds)."""
+        self.steps += other.steps
+        self.widths += other.widths
+        self.full += other.full
+        for name, seconds in other.phases.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+        return self
+
+    def state(self) -> dict:
+        """Plain lists and floats: what a remote worker sends back."""
+        cat = lambda parts, dtype: np.concatenate(parts).tolist() if parts else np.zeros(0, dtype).tolist()  # noqa: E731
+        return {"steps": cat(self.steps, np.float64), "widths": cat(self.widths, np.int64),
+                "full": cat(self.full, bool), "phases": dict(self.phases)}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict) -> LatencyRecorder:
+        return cls(
+            phases={k: float(v) for k, v in state["phases"].items()},
+            steps=[np.asarray(state["steps"], np.float64)],
+            widths=[np.asarray(state["widths"], np.int64)],
+            full=[np.asarray(state["full"], bool)],
         )
 
     def report(self, n_events: int, n_sessions: int, **run_info) -> dict:
@@ -60,7 +90,7 @@ class LatencyRecorder:
         # event with every step counted at the median time of the steps of its batch width (one
         # stalled step moves a median, not the figure).
         widths = np.concatenate(self.widths) if self.widths else np.zeros(0, np.int64)
-        full = steps[widths == run_info.get("batch_size", -1)]
+        full = steps[np.concatenate(self.full)] if self.full else steps[:0]
         f50, f95 = (np.percentile(full, [50, 95]) * 1e3) if len(full) else (float("nan"),) * 2
         robust = sum(np.median(steps[widths == w]) * np.sum(widths == w) for w in np.unique(widths))
         return {

@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -61,13 +60,22 @@ _ROW_BITS = 40  # input position = file number << 40 | row in file (1e12 rows pe
 
 
 @dataclass
-class RayOptions:
+class RayEngine:
+    """`score --engine ray`: the options of a Ray run; `gru4rec.score.scorer.score` runs it."""
+
+    name = "ray"
     address: str | None = None  # None: start a local Ray runtime for the run
     workers: int | None = None  # None: every GPU (or every cpus_per_worker CPUs) of the cluster
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
     shards: int | None = None  # None: max(16, 4 x workers)
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+    def check_outputs(self, model, sessions, out, metrics, cfg, provider: str = "auto") -> Path | None:
+        return check_outputs(self, model, sessions, out, metrics, cfg, provider)
+
+    def run(self, job):
+        return run_job(self, job)
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -252,8 +260,8 @@ class ShardScorer:
         try:
             rows = [self._score(int(shard), part) for (shard,), part in frame.group_by("_shard")]
         except UserError as e:  # bad data: sent back as a row (Ray would wrap and retry an exception)
-            rows = [{"shard": -1, "totals": "", "n_predictions": 0, "step_s": [], "load_s": 0.0,
-                     "replay_s": 0.0, "write_s": 0.0, "pid": os.getpid(), "error": str(e)}]  # fmt: skip
+            rows = [{"shard": -1, "totals": "", "latency": "", "n_predictions": 0, "batch": 0,
+                     "pid": os.getpid(), "error": str(e)}]  # fmt: skip
         return pa.Table.from_pylist(rows, schema=_result_schema())
 
     def _score(self, shard: int, part) -> dict:
@@ -261,7 +269,7 @@ class ShardScorer:
         from gru4rec.score.frame_source import FrameSource
         from gru4rec.score.latency import LatencyRecorder
         from gru4rec.score.outputs import open_recs, recs_schema
-        from gru4rec.score.scorer import replay_source
+        from gru4rec.score.scorer import replay_batch, replay_source
 
         rec = LatencyRecorder()
         with rec.phase("load"):
@@ -276,15 +284,12 @@ class ShardScorer:
         with open_recs(path, recs_schema(source.session_dtype, self.items.dtype)) as writer:
             totals = replay_source(self.backend, self.items, source, self.cfg, writer, rec)
             self._maybe_die()
-        steps = np.concatenate(rec.steps) if rec.steps else np.zeros(0)
         return {
             "shard": shard,
             "totals": json.dumps(totals.state()),
+            "latency": json.dumps(rec.state()),
             "n_predictions": totals.acc.n,
-            "step_s": steps.tolist(),
-            "load_s": rec.phases["load"],
-            "replay_s": rec.phases["replay"],
-            "write_s": rec.phases["write"],
+            "batch": replay_batch(self.cfg, source) if source.stats.n_multi_sessions else 0,
             "pid": os.getpid(),
         }
 
@@ -306,11 +311,9 @@ def _result_schema():
         [
             ("shard", pa.int32()),
             ("totals", pa.string()),
+            ("latency", pa.string()),  # the shard's LatencyRecorder state: steps where they ran
             ("n_predictions", pa.int64()),
-            ("step_s", pa.list_(pa.float64())),
-            ("load_s", pa.float64()),
-            ("replay_s", pa.float64()),
-            ("write_s", pa.float64()),
+            ("batch", pa.int64()),  # the shard's replay batch
             ("pid", pa.int64()),
             ("error", pa.string()),  # a UserError of the worker (bad data), else null
         ]
@@ -333,7 +336,7 @@ def _reachable(address: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def ray_runtime(ray, options: RayOptions) -> Iterator[str]:
+def ray_runtime(ray, options: RayEngine) -> Iterator[str]:
     """Connect to `options.address` or start a local runtime (stopped afterwards); an already
     initialised Ray (a notebook, a test) is used as it is. Yields a description of the runtime."""
     if ray.is_initialized():
@@ -360,7 +363,7 @@ def ray_runtime(ray, options: RayOptions) -> Iterator[str]:
         ray.shutdown()
 
 
-def _plan_resources(ray, options: RayOptions, provider: str) -> tuple[int, float, str, int]:
+def _plan_resources(ray, options: RayEngine, provider: str) -> tuple[int, float, str, int]:
     """(workers, GPUs per worker, worker provider, shards) from the options and the cluster's resources."""
     res = ray.cluster_resources()
     n_gpu, n_cpu = float(res.get("GPU", 0)), float(res.get("CPU", 0))
@@ -442,32 +445,12 @@ def _commit_dir(tmp: Path, out: Path, shards: set[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def score_ray(
-    model: str | Path,
-    sessions: str | Path,
-    out: str | Path | None = None,
-    metrics: str | Path | None = None,
-    config=None,
-    provider: str = "auto",
-    tf32: bool = False,
-    options: RayOptions | None = None,
-    progress: bool = False,
-    recorder=None,
-) -> dict:
-    """Score `sessions` (Parquet file, folder or glob) on Ray; returns the metrics-JSON dict of
-    `score.scorer.score`, plus `engine` (workers, shards, runtime) and job wall time in `latency`.
-    A `recorder` (LatencyRecorder) receives every worker's step times."""
-    from gru4rec.bundle import load_bundle
-    from gru4rec.data import open_events
+def check_outputs(engine: RayEngine, model, sessions, out, metrics, cfg, provider) -> Path | None:
+    """Every check that needs no Ray: options, provider, output paths (a recs folder, not a file)."""
     from gru4rec.io import check_output_file
     from gru4rec.score.ort_backend import PROVIDERS
-    from gru4rec.score.outputs import write_metrics_json
-    from gru4rec.score.scorer import ReplayTotals, ScoreConfig, build_report, check_scored
 
-    ray = import_ray()
-    cfg = config or ScoreConfig()
-    opts = options or RayOptions()
-    opts.check()
+    engine.check()
     if provider not in PROVIDERS:
         raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     if out is None and cfg.k is not None:
@@ -480,33 +463,59 @@ def score_ray(
         check_output_file(metrics, inputs=(*files, *model_files))
         if out is not None and Path(metrics).resolve().is_relative_to(Path(out).resolve()):
             raise UserError("--metrics must not be inside the --out folder")
-    inputs = inspect_inputs(files, cfg.keys)
-    # one time unit for every shard, fixed here as the local reader fixes it for every chunk
-    unit = open_events(sessions, cfg.keys).resolve_time_unit()
-    cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, time_unit=unit))
-    bundle = load_bundle(model)
-    cfg.check(bundle.n_items, bundle.top_k)
-    n_input_rows = sum(f.n_rows for f in inputs)
+    return out
 
-    t0 = time.perf_counter()
-    with ray_runtime(ray, opts) as runtime:
-        workers, gpus, worker_provider, n_shards = _plan_resources(ray, opts, provider)
-        tmp = None
-        if out is not None:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
+
+@dataclass
+class RayJob:
+    """One distributed run, as planned on the driver: what the read, shuffle and scorer pool need."""
+
+    inputs: list[InputFile]
+    bundle: object  # gru4rec.bundle.Bundle
+    cfg: object  # ScoreConfig, with the time unit fixed for every shard
+    source_name: str
+    provider: str  # of the workers: cuda or cpu
+    tf32: bool
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    n_shards: int
+    out_tmp: Path | None  # the recs folder under its temporary name
+    progress: bool
+
+    @property
+    def n_rows(self) -> int:
+        return sum(f.n_rows for f in self.inputs)
+
+
+def run_job(engine: RayEngine, job) -> object:
+    """The Ray engine's part of `score.scorer.score`: plan, read, shard, score; an EngineResult."""
+    from gru4rec.data import open_events
+    from gru4rec.score.scorer import EngineResult, ReplayTotals, check_scored, sessions_fingerprint
+
+    ray = import_ray()
+    cfg = job.cfg
+    inputs = inspect_inputs(input_files(job.sessions), cfg.keys)
+    # one time unit for every shard, fixed here as the local reader fixes it for every chunk
+    unit = open_events(job.sessions, cfg.keys).resolve_time_unit()
+    cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, time_unit=unit))
+    # The test data's content digest is defined over the local reader's order, which shards do not
+    # share: the driver computes it beside the job (a read of the file, while the workers score).
+    fingerprint = _Background(sessions_fingerprint, job.sessions, cfg.keys)
+    out = job.out
+    with ray_runtime(ray, engine) as runtime:
+        workers, gpus, worker_provider, n_shards = _plan_resources(ray, engine, job.provider)
+        tmp = _make_tmp_dir(out) if out is not None else None
+        plan = RayJob(inputs, job.bundle, cfg, str(job.sessions), worker_provider, job.tf32, workers, gpus,
+                      engine.cpus_per_worker, n_shards, tmp, job.progress)  # fmt: skip
         try:
-            rows, phases = _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n_shards,
-                        tmp, str(sessions), n_input_rows, progress)  # fmt: skip
+            rows, phases = _run(ray, plan)
             totals = ReplayTotals.from_state(json.loads(rows[0]["totals"]))
             for row in rows[1:]:
                 totals.merge(ReplayTotals.from_state(json.loads(row["totals"])))
-            if totals.n_events != n_input_rows:
-                raise RuntimeError(f"shards hold {totals.n_events} events, the input {n_input_rows}")
-            check_scored(totals, sessions)
-            wall = time.perf_counter() - t0
+            if totals.n_events != plan.n_rows:
+                raise RuntimeError(f"shards hold {totals.n_events} events, the input {plan.n_rows}")
+            check_scored(totals, job.sessions)
             if tmp is not None:
                 _commit_dir(tmp, out, {int(r["shard"]) for r in rows})
                 tmp = None
@@ -514,47 +523,82 @@ def score_ray(
             if tmp is not None:
                 _remove_tree(tmp)
         ray_version = ray.__version__
-    latency = _latency(rows, totals, wall, cfg, workers, worker_provider, recorder)
-    report = build_report(totals, cfg, latency)
-    report["model"] = str(model)
-    report["latency"]["tf32"] = bool(tf32) and worker_provider == "cuda"
-    report["engine"] = {
-        "name": "ray",
-        "runtime": runtime,
-        "address": opts.address,
-        "workers": workers,
-        "gpus_per_worker": gpus,
-        "cpus_per_worker": opts.cpus_per_worker,
-        "shards": n_shards,
-        "shards_with_events": len(rows),
-        "input_files": len(inputs),
-        "worker_processes": len({int(r["pid"]) for r in rows}),
-        "ray_version": ray_version,
-        **phases,  # the job's wall time split: Ray Data read + hash shuffle, then the scorer pool
-    }
-    if metrics is not None:
-        write_metrics_json(metrics, report)
-    return report
+    _merge_latency(job.recorder, rows)
+    return EngineResult(
+        totals,
+        job.recorder,
+        fingerprint.result(),
+        provider=f"ort-{worker_provider}",
+        device=_device_name(worker_provider),
+        batch_size=max(int(r["batch"]) for r in rows),
+        tf32=bool(job.tf32) and worker_provider == "cuda",
+        engine={
+            "name": "ray",
+            "workers": workers,
+            "shards": n_shards,
+            "runtime": runtime,
+            "address": engine.address,
+            "gpus_per_worker": gpus,
+            "cpus_per_worker": engine.cpus_per_worker,
+            "shards_with_events": len(rows),
+            "input_files": len(inputs),
+            "worker_processes": len({int(r["pid"]) for r in rows}),
+            "ray_version": ray_version,
+            **phases,  # the job's wall time split: Ray Data read + shuffle, then the scorer pool
+        },
+    )
 
 
-def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n_shards, tmp, source_name,
-         n_input_rows, progress) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
+class _Background:
+    """A function run in a thread; `result()` joins it and re-raises what it raised."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._target, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _target(self, fn, *args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _make_tmp_dir(out: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
     """Read and shard with Ray Data, score with an actor pool; one result row per shard with events."""
     from ray.data import ActorPoolStrategy, DataContext
     from ray.data.context import ShuffleStrategy
 
+    from gru4rec.score.progress import ScoreProgress
+
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's notices are not the user's business
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours below counts shards, events/s and the ETA
+    ctx.enable_progress_bars = False  # ours below counts scored events, as the local engine's does
     ctx.print_on_execution_start = False
-    files = [{"path": f.path, "index": f.index, "columns": list(f.columns)} for f in inputs]
-    bar = _ShardProgress(progress, n_shards, n_input_rows)
+    files = [{"path": f.path, "index": f.index, "columns": list(f.columns)} for f in job.inputs]
+    bar = ScoreProgress(job.progress, job.n_rows)
     t0 = time.perf_counter()
     with bar:
         bar.stage("reading and sharding")
         ds = ray.data.from_items(files, override_num_blocks=len(files))
         ds = ds.map_batches(
-            _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards}
+            _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"n_shards": job.n_shards}
         )
         # A range sort on the shard with one boundary per shard: block i holds exactly shard i, so every
         # session is whole in one block. Materialised before the scorers start, so their reserved CPUs
@@ -563,32 +607,33 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
         previous = ctx.shuffle_strategy
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         try:
-            shuffled = ds.sort("_shard", boundaries=list(range(1, n_shards))).materialize()
+            shuffled = ds.sort("_shard", boundaries=list(range(1, job.n_shards))).materialize()
         finally:
             ctx.shuffle_strategy = previous
         t1 = time.perf_counter()
         bar.stage("scoring shards")
-        bundle_ref = [ray.put(_bundle_bytes(bundle))]  # in a list: Ray must not resolve it for us
-        threads = max(1, int(opts.cpus_per_worker))
+        bundle_ref = [
+            ray.put(bundle_files_bytes(job.bundle.onnx_path))
+        ]  # in a list: Ray must not resolve it for us
+        threads = max(1, int(job.cpus_per_worker))
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # Ray marks **ray_remote_args as deprecated; no other spelling yet
+            # Ray marks **ray_remote_args as deprecated; no other spelling yet
+            warnings.simplefilter("ignore")
             scored = shuffled.map_batches(
                 ShardScorer,
                 batch_size=None,
                 batch_format="pyarrow",
-                compute=ActorPoolStrategy(size=workers),
-                num_cpus=opts.cpus_per_worker,
-                num_gpus=gpus or None,
+                compute=ActorPoolStrategy(size=job.workers),
+                num_cpus=job.cpus_per_worker,
+                num_gpus=job.gpus_per_worker or None,
                 fn_constructor_args=(
                     bundle_ref,
-                    cfg,
-                    worker_provider,
-                    tf32,
+                    job.cfg,
+                    job.provider,
+                    job.tf32,
                     threads,
-                    str(tmp) if tmp is not None else None,
-                    source_name,
+                    str(job.out_tmp) if job.out_tmp is not None else None,
+                    job.source_name,
                     os.environ.get(KILL_ENV),
                 ),  # fmt: skip
                 max_restarts=MAX_RETRIES,
@@ -602,7 +647,7 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
                     if row.get("error"):
                         raise UserError(row["error"])
                     rows.append(row)
-                    bar.shard_done(row)
+                    bar.advance(int(row["n_predictions"]))
         finally:
             # On an error, stop the scorers now (closing the iterator shuts Ray Data's executor and
             # its actor pool down): scorers still running would write parts into the recs folder
@@ -619,89 +664,24 @@ def _run(ray, inputs, bundle, cfg, opts, tf32, workers, gpus, worker_provider, n
     return sorted(rows, key=lambda r: r["shard"]), phases
 
 
-def _bundle_bytes(bundle) -> dict[str, bytes]:
-    """The bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
-    eval_path, sidecar = companion_paths(bundle.onnx_path)
-    names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (bundle.onnx_path, eval_path, sidecar)))
+def bundle_files_bytes(onnx: str | Path) -> dict[str, bytes]:
+    """A bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
+    eval_path, sidecar = companion_paths(onnx)
+    names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (onnx, eval_path, sidecar)))
     return {name: Path(path).read_bytes() for name, path in names.items()}
 
 
-def _latency(rows, totals, wall: float, cfg, workers: int, provider: str, recorder=None) -> dict:
-    """Per-step percentiles over the union of all workers' steps; throughput over the job's wall time."""
-    from gru4rec.score.latency import LatencyRecorder, cpu_name
+def _merge_latency(recorder, rows) -> None:
+    """Every worker's step times (with their widths) into the run's recorder: the percentiles and
+    the time per event are over the union of all steps, defined as the local engine defines them."""
+    from gru4rec.score.latency import LatencyRecorder
+
+    for r in rows:
+        recorder.merge(LatencyRecorder.from_state(json.loads(r["latency"])))
+
+
+def _device_name(provider: str) -> str:
+    from gru4rec.score.latency import cpu_name
     from gru4rec.score.ort_backend import gpu_name
 
-    rec = recorder if recorder is not None else LatencyRecorder()
-    for r in rows:
-        rec.add_steps(np.asarray(r["step_s"], dtype=np.float64))
-        for phase in ("load", "replay", "write"):
-            rec.phases[phase] += r[f"{phase}_s"]
-    lat = rec.report(
-        totals.acc.n,
-        totals.n_scored_sessions,
-        provider=f"ort-{provider}",
-        batch_size=1 if cfg.latency_mode == "online" else cfg.batch_size,
-        device=gpu_name() if provider == "cuda" else cpu_name(),
-        mode=cfg.latency_mode,
-    )
-    # load_s/replay_s/write_s above are summed over the workers (worker-seconds); the job's
-    # throughput is over its wall time (start of reading to the last shard), Ray's overhead included
-    lat["wall_s"] = wall
-    lat["events_per_s"] = totals.acc.n / wall if wall > 0 else float("nan")
-    lat["sessions_per_s"] = totals.n_scored_sessions / wall if wall > 0 else float("nan")
-    lat["workers"] = workers
-    return lat
-
-
-class _ShardProgress:
-    """rich progress on stderr: shards done / total, scored events/s and ETA (off when not a terminal)."""
-
-    def __init__(self, enabled: bool, n_shards: int, n_events: int):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.n_shards, self.n_events, self._bar, self._done, self._predictions = (
-            n_shards,
-            n_events,
-            None,
-            0,
-            0,
-        )
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("shards · {task.fields[rate]}"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("reading", total=None, rate="")
-        self._t0 = time.perf_counter()
-        return self
-
-    def stage(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, description=text)
-            if text.startswith(
-                "scoring"
-            ):  # shards that hold no event never come back: the total is an upper bound
-                self._bar.update(self._task, total=self.n_shards, completed=0)
-                self._t0 = time.perf_counter()
-
-    def shard_done(self, row: dict) -> None:
-        self._done += 1
-        self._predictions += int(row["n_predictions"])
-        if self._bar is not None:
-            rate = self._predictions / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(self._task, completed=self._done, rate=f"{rate:,.0f} events/s")
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+    return gpu_name() if provider == "cuda" else cpu_name()

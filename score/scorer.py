@@ -3,14 +3,18 @@
     from gru4rec.score.scorer import score
     report = score("m.onnx", "test.parquet", out="recs.parquet", metrics="metrics.json")
 
-`score` loads the bundle and an ONNX Runtime backend; `score_source` is the loop itself and takes
-any step backend (the PyTorch one in tests and benchmarks).
+`score` is the one orchestration of every scoring run (CLI, benchmark, nightly, tuning): it checks
+the inputs, hands the replay to an engine (`LocalEngine` here, `score.ray_engine.RayEngine` for
+Ray shards) and assembles the one report from what the engine returns. `run_source` is the local
+replay itself and takes any step backend (`score_source` gives its report: tests, benchmarks).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +34,7 @@ from gru4rec.metrics import (
 from gru4rec.provenance import EventsDigest
 from gru4rec.score.latency import LatencyRecorder
 from gru4rec.score.outputs import open_recs, recs_frame, recs_schema, write_metrics_json
+from gru4rec.score.progress import ScoreProgress
 from gru4rec.score.replay import StepBackend, plan_chunk, replay
 from gru4rec.score.source import DEFAULT_CHUNK_EVENTS, SessionSource
 
@@ -76,6 +81,61 @@ class ScoreConfig:
             )
 
 
+@dataclass
+class ScoreJob:
+    """What an engine is asked to do: replay `sessions` through the loaded `bundle`."""
+
+    model: Path
+    bundle: Any  # gru4rec.bundle.Bundle
+    sessions: str | Path
+    out: Path | None
+    cfg: ScoreConfig
+    provider: str = "auto"
+    tf32: bool = False
+    progress: bool = False
+    recorder: LatencyRecorder = field(default_factory=LatencyRecorder)
+
+
+@dataclass
+class EngineResult:
+    """What an engine returns; the core turns it into the one report (no engine writes its own)."""
+
+    totals: ReplayTotals
+    recorder: LatencyRecorder  # every step where it ran, with its width; phases in worker-seconds
+    test_fingerprint: str  # the sessions' content digest, as `sessions_fingerprint` computes it
+    provider: str  # e.g. ort-cpu
+    device: str
+    batch_size: int  # the replay's batch (at most the sessions to score)
+    tf32: bool  # TF32 in effect (not merely asked for)
+    engine: dict  # name, workers, shards, runtime, ...: where and how it ran
+    beyond: dict | None = None  # coverage@k / popularity@k
+
+
+class LocalEngine:
+    """Chunks of the sessions file replayed in this process (ONNX Runtime, CPU or CUDA EP)."""
+
+    name = "local"
+
+    def check_outputs(
+        self, model, sessions, out, metrics, cfg: ScoreConfig, provider: str = "auto"
+    ) -> Path | None:
+        check_outputs(model, sessions, out, metrics, cfg)
+        return Path(out) if out is not None else None
+
+    def run(self, job: ScoreJob) -> EngineResult:
+        from gru4rec.score.ort_backend import OrtBackend
+
+        cfg, rec = job.cfg, job.recorder
+        with rec.phase("load"):
+            source = SessionSource(job.sessions, cfg.keys, cfg.chunk_events)
+            backend = OrtBackend.from_bundle(
+                job.bundle, job.provider, job.tf32, with_topk=job.out is not None or cfg.beyond_accuracy
+            )
+        result = run_source(backend, job.bundle.items, source, cfg, job.out, rec, job.progress)
+        result.tf32 = backend.tf32
+        return result
+
+
 def score(
     model: str | Path,
     sessions: str | Path,
@@ -87,33 +147,38 @@ def score(
     progress: bool = False,
     recorder: LatencyRecorder | None = None,
     train: str | Path | None = None,
+    engine=None,
 ) -> dict:
-    """Score `sessions` with the exported `model` (m.onnx); returns the metrics-JSON dict.
+    """Score `sessions` with the exported `model` (m.onnx) on `engine` (default: LocalEngine; a
+    `score.ray_engine.RayEngine` for Ray); returns the metrics-JSON dict, written to `metrics`.
 
+    The one orchestration of every scoring run: inputs checked before any work, the engine replays,
+    the report (metrics, counts, latency, provenance) is assembled here for every engine alike.
     Pass a `recorder` to keep the raw per-step times (the JSON only holds percentiles); `train`
     (the training events) gives popularity@k when `config.beyond_accuracy` is on."""
     from gru4rec.bundle import load_bundle
-    from gru4rec.score.ort_backend import OrtBackend
 
     cfg = config or ScoreConfig()
-    check_outputs(model, sessions, out, metrics, cfg)
+    engine = engine if engine is not None else LocalEngine()
+    if engine.name != "local" and (cfg.beyond_accuracy or train is not None):
+        raise UserError(f"--beyond-accuracy and --train: only with --engine local, not {engine.name}")
+    out = engine.check_outputs(model, sessions, out, metrics, cfg, provider)
     rec = recorder if recorder is not None else LatencyRecorder()
+    t0 = time.perf_counter()
     with rec.phase("load"):
         bundle = load_bundle(model)
         cfg.check(bundle.n_items, bundle.top_k)
-        source = SessionSource(sessions, cfg.keys, cfg.chunk_events)
         if train is not None:
             if not cfg.beyond_accuracy:
                 raise UserError("--train gives popularity@k for --beyond-accuracy; add --beyond-accuracy")
             cfg.popularity = item_popularity(bundle.items, train, cfg.keys)
-        backend = OrtBackend.from_bundle(
-            bundle, provider, tf32, with_topk=out is not None or cfg.beyond_accuracy
-        )
-    report = score_source(backend, bundle.items, source, cfg, out=out, recorder=rec, progress=progress)
+    job = ScoreJob(Path(model), bundle, sessions, out, cfg, provider, tf32, progress, rec)
+    result = engine.run(job)
+    check_scored(result.totals, sessions)
+    report = assemble_report(result, cfg, wall_s=time.perf_counter() - t0)
     report["model"] = str(model)
     # What the figures belong to: `eval nightly` refuses a metrics JSON of other data or another model.
     report["model_export_id"] = bundle.meta["export_id"]
-    report["latency"]["tf32"] = backend.tf32
     if metrics is not None:
         write_metrics_json(metrics, report)
     return report
@@ -220,7 +285,7 @@ def _replay_chunk(chunk, backend, items: ItemMap, cfg: ScoreConfig, batch: int, 
         return
     with rec.phase("replay"):
         res = replay(backend, plan, fetch_topk=writer is not None or beyond is not None, on_step=on_step)
-    rec.add_steps(res.step_seconds, plan.width)
+    rec.add_steps(res.step_seconds, plan.width, batch)
     ranks = ranks_from_counts(res.n_greater, res.n_equal, cfg.tie_mode)
     totals.acc.add(ranks)
     if beyond is not None:
@@ -262,6 +327,44 @@ def build_report(totals: ReplayTotals, cfg: ScoreConfig, latency: dict) -> dict:
     }
 
 
+def run_source(
+    backend: StepBackend,
+    items: ItemMap,
+    source: SessionSource,
+    cfg: ScoreConfig,
+    out: str | Path | None = None,
+    recorder: LatencyRecorder | None = None,
+    progress: bool = False,
+) -> EngineResult:
+    """Replay every chunk of `source` through `backend` in this process: the local engine's work."""
+    cfg.check(backend.n_items, backend.top_k)
+    if len(items) != backend.n_items:
+        raise UserError(f"item map has {len(items)} items but the model scores {backend.n_items}")
+    rec = recorder if recorder is not None else LatencyRecorder()
+    beyond = None
+    if cfg.beyond_accuracy:
+        ks = tuple(k for k in cfg.cutoffs if k <= backend.top_k)
+        if not ks:
+            raise UserError(f"--beyond-accuracy needs a cut-off up to the model's top-k {backend.top_k}")
+        beyond = BeyondAccuracy(backend.n_items, ks, cfg.popularity)
+    digest = EventsDigest()
+    bar = ScoreProgress(progress, source.stats.n_events - source.stats.n_sessions)
+    with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
+        totals = replay_source(backend, items, source, cfg, writer, rec, bar.advance, beyond, digest)
+        check_scored(totals, source.path)  # before the recs file is committed
+    return EngineResult(
+        totals,
+        rec,
+        digest.hexdigest(),
+        provider=backend.name,
+        device=backend.device,
+        batch_size=replay_batch(cfg, source),
+        tf32=bool(getattr(backend, "tf32", False)),
+        engine={"name": "local", "workers": 1, "shards": 1, "runtime": "this process"},
+        beyond=beyond.result() if beyond is not None else None,
+    )
+
+
 def score_source(
     backend: StepBackend,
     items: ItemMap,
@@ -271,35 +374,32 @@ def score_source(
     recorder: LatencyRecorder | None = None,
     progress: bool = False,
 ) -> dict:
-    """Replay every chunk of `source` through `backend`; metrics + latency dict (JSON schema)."""
-    cfg.check(backend.n_items, backend.top_k)
-    if len(items) != backend.n_items:
-        raise UserError(f"item map has {len(items)} items but the model scores {backend.n_items}")
-    rec = recorder or LatencyRecorder()
-    beyond = None
-    if cfg.beyond_accuracy:
-        ks = tuple(k for k in cfg.cutoffs if k <= backend.top_k)
-        if not ks:
-            raise UserError(f"--beyond-accuracy needs a cut-off up to the model's top-k {backend.top_k}")
-        beyond = BeyondAccuracy(backend.n_items, ks, cfg.popularity)
-    digest = EventsDigest()
-    bar = _Progress(progress, source.stats.n_events - source.stats.n_sessions)
-    with bar, open_recs(out, recs_schema(source.session_dtype, items.dtype)) as writer:
-        totals = replay_source(backend, items, source, cfg, writer, rec, bar.advance, beyond, digest)
-        check_scored(totals, source.path)
-    batch = replay_batch(cfg, source)
-    latency = rec.report(
-        totals.acc.n,
+    """The metrics-JSON dict (without `model`) of any step backend over `source` (tests, benchmarks)."""
+    t0 = time.perf_counter()
+    result = run_source(backend, items, source, cfg, out, recorder, progress)
+    return assemble_report(result, cfg, wall_s=time.perf_counter() - t0)
+
+
+def assemble_report(result: EngineResult, cfg: ScoreConfig, wall_s: float) -> dict:
+    """The one report schema of every engine: metrics, counts, latency, provenance."""
+    totals, n = result.totals, result.totals.acc.n
+    latency = result.recorder.report(
+        n,
         totals.n_scored_sessions,
-        provider=backend.name,
-        batch_size=batch,
-        device=backend.device,
+        provider=result.provider,
+        batch_size=result.batch_size,
+        device=result.device,
         mode=cfg.latency_mode,
     )
+    # Step figures and events_per_s are per replay step where it ran (replay_s sums the workers'
+    # replay time); the job's own throughput, start to finish, is wall_events_per_s.
+    latency.update(tf32=result.tf32, workers=result.engine["workers"], wall_s=wall_s,
+                   wall_events_per_s=n / wall_s if wall_s > 0 else float("nan"))  # fmt: skip
     report = build_report(totals, cfg, latency)
-    if beyond is not None:
-        report["metrics"] |= beyond.result()
-    report["test_fingerprint"] = digest.hexdigest()
+    if result.beyond is not None:
+        report["metrics"] |= result.beyond
+    report["test_fingerprint"] = result.test_fingerprint
+    report["engine"] = result.engine
     return report
 
 
@@ -320,32 +420,3 @@ def sessions_fingerprint(path: str | Path, keys: Keys = Keys()) -> str:
     for chunk in SessionSource(path, keys).chunks():
         digest.update(chunk)
     return digest.hexdigest()
-
-
-class _Progress:
-    """A rich progress bar over scored events (total is an upper bound: unknown items shrink it)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self._pending, self._bar = enabled, total, 0, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("score", total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self._bar is not None:
-            self._pending += n
-            if self._pending >= 4096:  # rich redraws at its own rate; batch the bookkeeping
-                self._bar.advance(self._task, self._pending)
-                self._pending = 0
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()

@@ -121,7 +121,10 @@ def test_latest_is_the_logs_last_day_and_config_checks(tmp_path, log, run):
     code, out, err = run("eval", "nightly", "--config", path)
     assert code == 0, err
     hist = pl.read_parquet(tmp_path / "h.parquet")
-    assert hist["as_of"].to_list() == [(DAY0 + dt.timedelta(days=N_DAYS - 1)).isoformat()]
+    # the log's last day is not over as far as the log knows: latest is the day before it
+    assert hist["as_of"].to_list() == [(DAY0 + dt.timedelta(days=N_DAYS - 2)).isoformat()]
+    assert "the last day the log covers completely" in err
+    assert "the last day the log covers completely" in (tmp_path / "out" / "report.md").read_text()
     code, _, err = run("eval", "nightly", "--config", path, "--as-of", "2026-13-01")
     assert code == 2 and "--as-of must be latest, today or a date YYYY-MM-DD" in err
     code, _, err = run("eval", "nightly", "--config", path, "--as-of", "2019-01-01")
@@ -132,3 +135,115 @@ def test_latest_is_the_logs_last_day_and_config_checks(tmp_path, log, run):
     )
     with pytest.raises(UserError, match="test / metrics_json and \\[nightly.window\\] exclude each other"):
         load_config(bad)
+
+
+def last_day() -> dt.date:
+    return DAY0 + dt.timedelta(days=N_DAYS - 1)
+
+
+def copy_log(root, tmp_path):
+    import shutil
+
+    shutil.copytree(root / "log", tmp_path / "log")
+    return tmp_path
+
+
+def test_files_outside_the_window_are_never_opened(tmp_path, log, run):
+    """An empty file in another day's partition and a stray file at the dataset root (its events
+    long before the window) do not stop the run, nor turn pruning off for the broken partition."""
+    root, events, onnx = log
+    copy_log(root, tmp_path)
+    (tmp_path / "log" / "date=2020-01-02").mkdir()
+    (tmp_path / "log" / "date=2020-01-02" / "part-0.parquet").write_bytes(b"")
+    events.head(50).with_columns(pl.col("time") - 10**8).write_parquet(tmp_path / "log" / "stray.parquet")
+    path = config(tmp_path, tmp_path, onnx)
+    code, _, err = run("eval", "nightly", "--config", path, "--as-of", last_day().isoformat())
+    assert code == 0, err
+    assert pl.read_parquet(tmp_path / "h.parquet")["n_files_read"].to_list() == [5]  # 4 days + the stray
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_run_leaves_out_exactly_as_it_was(tmp_path, log, run):
+    root, events, onnx = log
+    path = config(tmp_path, root, onnx)
+    day = last_day() - dt.timedelta(days=1)
+    code, _, err = run("eval", "nightly", "--config", path, "--as-of", day.isoformat())
+    assert code == 0, err
+    before = snapshot(tmp_path / "out")
+    assert (tmp_path / "out" / "window" / "test.parquet").is_file() and (
+        tmp_path / "out" / "report.md"
+    ).is_file()
+    # the next day stops after the cut (the latency gate cannot have enough steps): exit 2
+    strict = tmp_path / "strict.toml"
+    strict.write_text(open(path).read().replace("min_latency_steps = 5", "min_latency_steps = 100000"))
+    code, _, err = run("eval", "nightly", "--config", strict, "--as-of", last_day().isoformat())
+    assert code == 2 and "min_latency_steps" in err, err
+    assert snapshot(tmp_path / "out") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stage left behind
+
+
+def test_as_of_beyond_the_log_names_the_empty_days_and_a_small_window_is_refused(tmp_path, log, run):
+    root, events, onnx = log
+    beyond = (last_day() + dt.timedelta(days=2)).isoformat()
+    path = config(tmp_path, root, onnx, "min_test_events = 50")
+    text = open(path).read().replace("test_days = 1", "test_days = 3")
+    (tmp_path / "n.toml").write_text(text)
+    code, _, err = run("eval", "nightly", "--config", tmp_path / "n.toml", "--as-of", beyond)
+    assert code == 0, err
+    empty = [(last_day() + dt.timedelta(days=i)).isoformat() for i in (1, 2)]
+    assert f"test day(s) {', '.join(empty)} hold no events" in err
+    assert f"Test day(s) without events: {','.join(empty)}" in (tmp_path / "out" / "report.md").read_text()
+    # a test window too small to judge: one line with its size, before any training or scoring
+    (tmp_path / "n.toml").write_text(text.replace("min_test_events = 50", "min_test_events = 1000000"))
+    code, _, err = run("eval", "nightly", "--config", tmp_path / "n.toml", "--as-of", beyond)
+    assert code == 2 and err.startswith("error:") and "fewer than min_test_events = 1,000,000" in err, err
+    assert "scoring" not in err and err.count("\n") <= 2
+
+
+def test_window_reads_a_log_with_its_own_column_names(tmp_path, log, run):
+    root, events, onnx = log
+    folder = tmp_path / "log" / f"date={last_day().isoformat()}"
+    for (day,), part in events.with_columns(d=pl.from_epoch("time", time_unit="s").dt.date()).group_by(["d"]):
+        folder = tmp_path / "log" / f"date={day.isoformat()}"
+        folder.mkdir(parents=True)
+        part.drop("d").rename({"session_id": "visit", "item_id": "sku", "time": "ts"}).write_parquet(
+            folder / "p.parquet"
+        )
+    keys = 'session_key = "visit"\nitem_key = "sku"\ntime_key = "ts"\ntime_unit = "s"'
+    path = config(tmp_path, tmp_path, onnx, keys)
+    code, _, err = run("eval", "nightly", "--config", path, "--as-of", last_day().isoformat())
+    assert code == 0, err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, _, err = run(
+        "eval", "nightly", "--config", config(plain, root, onnx), "--as-of", last_day().isoformat()
+    )
+    assert code == 0, err
+    a, b = (pl.read_parquet(d / "h.parquet").row(0, named=True) for d in (tmp_path, plain))
+    assert a["n_window_test_events"] == b["n_window_test_events"] and a["recall@20"] == b["recall@20"]
+
+
+def test_consecutive_days_without_a_champion_are_a_trend_not_a_gate(tmp_path, log, run):
+    """Each day tests other sessions: with no tolerance at all, a day with lower metrics than the
+    day before still exits 0 (the metrics are the trend); the report says so."""
+    root, events, onnx = log
+    path = config(tmp_path, root, onnx)
+    text = (
+        open(path)
+        .read()
+        .replace("[nightly.tolerances]\n", "[nightly.tolerances]\nmetric_drop_abs = 0\nmetric_drop_rel = 0\n")
+    )
+    (tmp_path / "n.toml").write_text(text)
+    days = [last_day() - dt.timedelta(days=i) for i in (3, 2, 1, 0)]
+    for day in days:
+        code, _, err = run("eval", "nightly", "--config", tmp_path / "n.toml", "--as-of", day.isoformat())
+        assert code == 0, err
+    hist = pl.read_parquet(tmp_path / "h.parquet")
+    recalls = hist["recall@20"].to_list()
+    assert any(b < a for a, b in zip(recalls, recalls[1:]))  # a drop the old gate would have failed
+    assert set(hist["status"].to_list()) == {"ok"}
+    summary = __import__("json").loads((tmp_path / "out" / "summary.json").read_text())
+    assert {e["verdict"] for e in summary["table"] if e["name"] in ("recall@20", "mrr@20")} == {"trend"}

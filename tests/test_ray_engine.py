@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -64,6 +64,17 @@ def synthetic(tmp_path_factory):
 
 
 def assert_same_run(local: dict, distributed: dict) -> None:
+    # one report schema: every key of a local report, with the same meaning, and equal provenance
+    assert set(distributed) == set(local)
+    assert set(distributed["latency"]) == set(local["latency"])
+    assert set(local["engine"]) <= set(distributed["engine"])
+    assert (local["engine"]["name"], distributed["engine"]["name"]) == ("local", "ray")
+    for key in ("test_fingerprint", "model_export_id", "tie_mode", "cutoffs", "model"):
+        assert distributed[key] == local[key] and local[key], key
+    for key in ("mode", "provider", "tf32"):  # batch_size: a shard replays at most its own sessions
+        assert distributed["latency"][key] == local["latency"][key], key
+    for lat in (local["latency"], distributed["latency"]):  # full-batch steps are recognised in both
+        assert lat["n_full_steps"] > 0 and lat["ms_per_1k_events"] > 0
     for key, value in local["metrics"].items():
         assert distributed["metrics"][key] == pytest.approx(value, abs=1e-12, rel=0), key
     for key in ("n_events", "n_sessions", "n_scored_sessions", "n_skipped_sessions", "n_predictions",
@@ -101,7 +112,7 @@ def test_two_workers_equal_local_on_multi_file_input(ray_cluster, synthetic, tmp
 
 
 def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthetic, tmp_path, monkeypatch):
-    from gru4rec.score.ray_engine import KILL_ENV, RayOptions, score_ray
+    from gru4rec.score.ray_engine import KILL_ENV, RayEngine
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_ENV, str(marker))
@@ -110,8 +121,8 @@ def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthe
         synthetic["onnx"], synthetic["whole"], out=tmp_path / "local.parquet", provider="cpu", config=cfg
     )
     cfg = ScoreConfig(batch_size=16, k=3, tie_mode="median")
-    report = score_ray(synthetic["onnx"], synthetic["folder"], out=tmp_path / "recs", config=cfg,
-                       options=RayOptions(workers=2, shards=5))  # fmt: skip
+    report = score(synthetic["onnx"], synthetic["folder"], out=tmp_path / "recs", config=cfg, provider="cpu",
+                   engine=RayEngine(workers=2, shards=5))  # fmt: skip
     assert marker.exists()  # one scorer did exit mid-shard, with its part file written but not committed
     assert_same_run(local, report)
     assert_same_recs(tmp_path / "local.parquet", tmp_path / "recs", report["engine"]["shards_with_events"])
@@ -119,7 +130,7 @@ def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthe
 
 @pytest.mark.data
 def test_rsc15_two_workers_equal_local(ray_cluster, shared_data, tmp_path):
-    from gru4rec.score.ray_engine import RayOptions, score_ray
+    from gru4rec.score.ray_engine import RayEngine
 
     items = ItemMap.from_events(read_events(shared_data / "rsc15_100k" / "train.parquet"))
     onnx = export_model(make_model(len(items), hidden=48, seed=11), items, tmp_path, top_k=20)
@@ -127,8 +138,8 @@ def test_rsc15_two_workers_equal_local(ray_cluster, shared_data, tmp_path):
     local = score(
         onnx, test, out=tmp_path / "local.parquet", config=ScoreConfig(batch_size=512), provider="cpu"
     )
-    report = score_ray(onnx, test, out=tmp_path / "recs", config=ScoreConfig(batch_size=512),
-                       options=RayOptions(workers=2))  # fmt: skip
+    report = score(onnx, test, out=tmp_path / "recs", config=ScoreConfig(batch_size=512), provider="cpu",
+                   engine=RayEngine(workers=2))  # fmt: skip
     assert report["n_predictions"] == local["n_predictions"] > 10_000
     assert_same_run(local, report)
     assert_same_recs(tmp_path / "local.parquet", tmp_path / "recs", report["engine"]["shards_with_events"])
@@ -142,13 +153,12 @@ def free_port() -> int:
 
 
 def test_unreachable_address_is_one_error_line_within_bounded_time(synthetic):
-    t0 = time.perf_counter()
+    # bounded by the subprocess timeout: a hang fails the test (no wall-clock comparison here)
     proc = subprocess.run(
         [sys.executable, "-m", "gru4rec.cli", "score", "--model", synthetic["onnx"], "--sessions",
          str(synthetic["whole"]), "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
-    assert time.perf_counter() - t0 < 60
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: --ray-address 127.0.0.1:") and "cannot reach" in proc.stderr
 
@@ -214,6 +224,36 @@ def test_nightly_with_engine_ray_scores_like_local(ray_cluster, synthetic, tmp_p
     assert code == 2 and "workers need engine" in err and err.count("\n") == 1
 
 
+def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthetic, tmp_path, run):
+    """The issue's case: on Ray the champion was scored locally and its latency compared with the
+    challenger's Ray figure, so a copy of the model never won. Both are now scored on Ray and timed
+    side by side on one Ray worker: the copy is promoted (or kept), never a regression."""
+    import shutil
+
+    from gru4rec.eval.promote import bundle_files
+
+    champion = tmp_path / "prod" / "m.onnx"
+    champion.parent.mkdir()
+    for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
+        shutil.copyfile(src, dst)
+    config = tmp_path / "nightly.toml"
+    config.write_text(
+        f'[nightly]\nhistory = "{tmp_path / "h.parquet"}"\nout = "{tmp_path / "latest"}"\n'
+        f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 16\n'
+        'engine = "ray"\nworkers = 2\n'
+        f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
+        "[nightly.tolerances]\nlatency_pairs = 4\n"
+    )
+    for _ in range(2):
+        code, _, err = run("eval", "nightly", "--config", config)
+        assert code == 0, err
+    hist = pl.read_parquet(tmp_path / "h.parquet")
+    assert hist["status"].to_list() == ["promoted", "champion"] * 2
+    challenger, champ = hist.row(2, named=True), hist.row(3, named=True)
+    assert challenger["test_fingerprint"] == champ["test_fingerprint"] != ""
+    assert challenger["recall@20"] == champ["recall@20"]
+
+
 def test_bad_events_found_by_a_worker_are_one_error_line(ray_cluster, synthetic, tmp_path, run):
     """A NaN time is invisible in Parquet footers: the worker's validation reports it, as local does."""
     folder = tmp_path / "bad"
@@ -242,3 +282,34 @@ def test_cli_starts_and_stops_its_own_local_runtime(synthetic, tmp_path):
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["engine"]["runtime"] == "local Ray runtime" and report["engine"]["workers"] == 1
     assert_same_run(local, report)
+
+
+@pytest.mark.slow
+def test_identical_champion_ten_local_and_five_ray_nightlies_never_regress(
+    ray_cluster, synthetic, tmp_path, run
+):
+    """The issue's 'done when' at test size: an unchanged model as its own champion, 10 nightly runs
+    on the local engine and 5 on Ray, each promotes (or keeps) it; 0 exits 1. (The realistic-size
+    version is bench/nightly_false_alarms.py.)"""
+    import shutil
+
+    from gru4rec.eval.promote import bundle_files
+
+    for engine, runs in (("local", 10), ("ray", 5)):
+        folder = tmp_path / engine
+        champion = folder / "prod" / "m.onnx"
+        champion.parent.mkdir(parents=True)
+        for src, dst in zip(bundle_files(Path(synthetic["onnx"])), bundle_files(champion), strict=True):
+            shutil.copyfile(src, dst)
+        config = folder / "nightly.toml"
+        config.write_text(
+            f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
+            f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = 8\n'
+            + ('engine = "ray"\nworkers = 2\n' if engine == "ray" else "")
+            + f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n'
+        )
+        for _ in range(runs):
+            code, _, err = run("eval", "nightly", "--config", config)
+            assert code == 0, err
+        statuses = pl.read_parquet(folder / "h.parquet")["status"].to_list()
+        assert statuses == ["promoted", "champion"] * runs
