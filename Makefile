@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# A bare `torch` requirement would pull a multi-GB CUDA build: install the CPU build first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e '.[dev,mlflow,ray,docs]'
+	$(PY) -m pip install -q -e '.[dev,mlflow,ray,serve,docs]'
 	touch $(STAMP)
 
 demo: install
@@ -44,6 +44,7 @@ bench: install
 	$(CLI) bench score-memory --out bench/results/score-memory.json
 	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 	$(PY) bench/nightly_false_alarms.py --out bench/results/nightly-false-alarms.json
+	$(CLI) bench serve --out bench/results/serve-cpu.json
 
 # The measured tables come from bench/results/*.json and the CLI reference from the typer app itself,
 # both regenerated on every build, so neither can drift; --strict fails on a broken link.
@@ -53,8 +54,8 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: install
-	$(PY) -m ruff check gru4rec train export score eval tests bench docs
-	$(PY) -m ruff format --check gru4rec train export score eval tests bench docs
+	$(PY) -m ruff check gru4rec train export score eval serve tests bench docs
+	$(PY) -m ruff format --check gru4rec train export score eval serve tests bench docs
 
 clean:
 	rm -rf $(VENV) $(DEMO) site build dist *.egg-info .pytest_cache .ruff_cache

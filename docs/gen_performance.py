@@ -243,7 +243,61 @@ def baselines() -> str:
     return table(["data", *order], rows) + note
 
 
+def serve() -> str:
+    d = load("serve-cpu.json")
+    rows = []
+    for lv in d["levels"]:
+        lat, cpu = lv["latency_ms"], lv["cpu_ms_per_event"]
+        rows.append([str(lv["concurrency"]), f"{lv['events_per_s']:,.0f}", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f}",
+                     f"{lv['server']['mean_batch']:.1f}", f"{cpu['server']:.2f} / {cpu['load_generator']:.2f}"])  # fmt: skip
+    m, load_avg = d["model"], d["machine"].get("load_avg_1m_before_after")
+    busy = f" Load average before / after: {load_avg[0]:.1f} / {load_avg[1]:.1f}." if load_avg else ""
+    note = (f"\nServer, ONNX Runtime ({d['machine']['provider']}) and load generator on one machine ({d['machine']['cpu']}); "
+            f"{'random-weight ' if m.get('random_weights') else ''}model of {m['n_items']:,} items, layers {m['layers']}; "
+            f"{d['server']['state']} state, max batch {d['server']['max_batch']}.{busy} Reproduce: `gru4rec-cli bench serve "
+            "--out bench/results/serve-cpu.json` (`make bench`).\n")  # fmt: skip
+    head = [
+        "concurrency",
+        "events/s",
+        "latency p50 / p95 / p99 (ms)",
+        "mean batch",
+        "CPU ms per event: server / load generator",
+    ]
+    return table(head, rows) + note
+
+
+def serve_stateless() -> str:
+    d = load("serve-cpu.json")
+    rows = [[str(r["length"]), f"{r['stateful_ms_per_event']:.1f}", f"{r['stateless_ms_per_event']:.1f}", f"{r['ratio']:.1f}x",
+             f"{r['model_calls_per_event']['stateless']:.1f}"] for r in d["stateful_vs_stateless"]]  # fmt: skip
+    head = [
+        "session length",
+        "stateful ms/event",
+        "stateless ms/event",
+        "ratio",
+        "model calls per event, stateless",
+    ]
+    return (
+        table(head, rows)
+        + "\nThe same sessions at batch 1 through the same graph, no HTTP; file: `bench/results/serve-cpu.json`.\n"
+    )
+
+
+def nightly() -> str:
+    d = load("nightly-false-alarms.json")
+    rows = [[engine, str(len(runs)), str(d["false_regressions"][engine]), str(d["errors"][engine]),
+             ", ".join(f"{k} {v}" for k, v in d["verdicts"][engine].items() if v)] for engine, runs in d["runs"].items()]  # fmt: skip
+    head = ["engine", "nightly runs", "false regressions", "errors", "latency verdicts"]
+    return table(head, rows) + (
+        f"\nAn unchanged model ({d['model']}) as its own champion with `promote = true`. Reproduce: `python "
+        "bench/nightly_false_alarms.py --out bench/results/nightly-false-alarms.json` (`make bench`).\n"
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "serve": serve,
+    "serve-stateless": serve_stateless,
+    "nightly": nightly,
     "accuracy": accuracy,
     "train-gpu": train_gpu,
     "train-cpu": train_cpu,

@@ -15,7 +15,7 @@ from gru4rec.errors import EXIT_USER_ERROR, UserError
 
 app = typer.Typer(
     name="gru4rec-cli",
-    help="GRU4Rec session-based recommenders: train, export to ONNX, score, evaluate.",
+    help="GRU4Rec session-based recommenders: train, export to ONNX, score, evaluate, serve.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -34,11 +34,12 @@ def _register_all() -> None:
     from gru4rec.eval import cli as eval_cli
     from gru4rec.export import cli as export_cli
     from gru4rec.score import cli as score_cli
+    from gru4rec.serve import cli as serve_cli
     from gru4rec.train import cli as train_cli
 
-    for module in (data_commands, train_cli, export_cli, score_cli, eval_cli):
+    for module in (data_commands, train_cli, export_cli, score_cli, eval_cli, serve_cli):
         module.register(app)
-    for module in (train_cli, score_cli):
+    for module in (train_cli, score_cli, serve_cli):
         module.register_bench(bench_app)
     score_cli.register_bench_memory(bench_app)
 

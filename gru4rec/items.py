@@ -7,6 +7,7 @@ data of the other instead of silently finding every item unknown.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -75,6 +76,11 @@ class ItemMap:
         out = events.join(self.frame(), on=ITEM, how="left", maintain_order="left")
         known = out.filter(pl.col(INDEX).is_not_null())
         return known, out.height - known.height
+
+    @cached_property
+    def index(self) -> dict:
+        """id -> index as a dict, built once: one event's lookup (online serving) without a join."""
+        return {x: i for i, x in enumerate(self.ids.tolist())}
 
     def to_ids(self, idx: np.ndarray) -> np.ndarray:
         return self.ids[idx]

@@ -148,6 +148,39 @@ def _drop_outputs(graph, names: set[str]) -> None:
         graph.initializer.remove(init)
 
 
+def make_session(
+    model: bytes | str | Path,
+    source: str | Path,
+    kind: str,
+    threads: int = 0,
+    tf32: bool = False,
+    cuda_graph: bool = False,
+):
+    """An ONNX Runtime session on `kind` ('cuda' or 'cpu', see `resolve_provider`) for a serialized
+    graph or a file; UserError (naming `source`) when ORT cannot load it or the CUDA EP does not
+    take it. `threads` 0 = ORT's default intra-op thread count."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    providers: list = [CPU_EP]
+    if kind == "cuda":
+        options = {"device_id": 0, "use_tf32": int(tf32), "enable_cuda_graph": int(cuda_graph)}
+        providers = [(CUDA_EP, options), CPU_EP]
+    model = str(model) if isinstance(model, Path) else model
+    try:
+        session = ort.InferenceSession(model, so, providers=providers)
+    except Exception as e:
+        raise UserError(
+            f"{source}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0][:160]})"
+        ) from None
+    if kind == "cuda" and session.get_providers()[0] != CUDA_EP:
+        raise UserError("the CUDA execution provider failed to initialise for this model")
+    return session
+
+
 def gpu_name() -> str:
     try:
         import torch
@@ -178,7 +211,6 @@ class OrtBackend:
 
         `with_topk=False` builds a ranks-only graph (metrics without recommendations)."""
         import onnx
-        import onnxruntime as ort
 
         from gru4rec.score.latency import cpu_name
 
@@ -193,23 +225,10 @@ class OrtBackend:
             raise UserError(
                 f"{eval_path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})"
             ) from None
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        providers: list = [CPU_EP]
         self.cuda_graph = bool(cuda_graph) and self.kind == "cuda"
-        if self.kind == "cuda":
-            options = {"device_id": 0, "use_tf32": int(tf32), "enable_cuda_graph": int(self.cuda_graph)}
-            providers = [(CUDA_EP, options), CPU_EP]
-        try:
-            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        except Exception as e:
-            raise UserError(
-                f"{eval_path}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0][:160]})"
-            ) from None
-        if self.kind == "cuda" and self.session.get_providers()[0] != CUDA_EP:
-            raise UserError("the CUDA execution provider failed to initialise for this model")
+        self.session = make_session(
+            model.SerializeToString(), eval_path, self.kind, threads, tf32, self.cuda_graph
+        )
         self.name = f"ort-{self.kind}"
         self.device = gpu_name() if self.kind == "cuda" else cpu_name()
         self.tf32 = bool(tf32) and self.kind == "cuda"

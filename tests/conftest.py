@@ -90,3 +90,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------- serve tests
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny exported models by id type, each with its `score --out` reference (built on first use)."""
+    from serve_util import build_model, offline_recs
+
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"serve-{kind}")
+            m = build_model(root, kind)
+            m["offline"] = offline_recs(m, root / "recs.parquet")
+            cache[kind] = m
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def int_model(models):
+    return models("int")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free loopback port for the module (skips where it is not installed)."""
+    from serve_util import start_redis
+
+    from gru4rec.serve.loadgen import stop_process
+
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop_process(proc)

@@ -1,4 +1,4 @@
-"""The wheel: stages install under gru4rec/, nothing named train/export/score/eval at the top level."""
+"""The wheel: stages install under gru4rec/, nothing named train/export/score/eval/serve at the top level."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("train", "export", "score", "eval")
+STAGES = ("train", "export", "score", "eval", "serve")
 SOURCES = ("pyproject.toml", "README.md", "gru4rec", *STAGES)
 
 
