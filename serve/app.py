@@ -188,10 +188,20 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         max_body_size=config.max_body_bytes,  # 413 past it, counted as the body arrives (chunked too)
     )
     app.state.service = service
+    guarded = _guard(config)
+    _add_error_handlers(app)
+    _add_event_routes(app, service, config, guarded)
+    _add_operations_routes(app, service, guarded)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    return app
+
+
+def _guard(config: ServeConfig) -> list:
+    """The bearer-token dependency of the guarded routes (none without --api-key-file: no per-request cost)."""
+    if config.api_key is None:
+        return []
 
     async def authorized(request: Request) -> None:
-        if config.api_key is None:
-            return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(
@@ -199,8 +209,10 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         ):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    guarded = [Depends(authorized)] if config.api_key is not None else []  # no per-request cost without
+    return [Depends(authorized)]
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         # The message names the field and the problem but never echoes the input (it may be huge).
@@ -219,20 +231,23 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
             response.headers[k] = v
         return response
 
-    async def answer(coro) -> Response:
-        try:
-            return _json(await coro)
-        except HTTPException:
-            raise
-        except Exception as e:  # the state store or the model failed, not the request
-            log.error("request failed: %s: %s", type(e).__name__, e)
-            return _error(503, f"service unavailable: {type(e).__name__}")
 
+async def _answer(coro) -> Response:
+    try:
+        return _json(await coro)
+    except HTTPException:
+        raise
+    except Exception as e:  # the state store or the model failed, not the request
+        log.error("request failed: %s: %s", type(e).__name__, e)
+        return _error(503, f"service unavailable: {type(e).__name__}")
+
+
+def _add_event_routes(app: FastAPI, service: Service, config: ServeConfig, guarded: list) -> None:
     @app.post("/v1/events", response_model=EventOut, dependencies=guarded)
     async def post_event(event: EventIn) -> Response:
         """Apply one event to its session; answer the session's top-k after it."""
         k = service.check_event(event)
-        return await answer(service.apply(event, k))
+        return await _answer(service.apply(event, k))
 
     @app.post("/v1/events:batch", response_model=BatchOut, dependencies=guarded)
     async def post_events(batch: BatchIn) -> Response:
@@ -246,7 +261,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
             results = await asyncio.gather(*(service.apply(ev, k) for ev, k in zip(batch.events, ks)))
             return {"results": list(results)}
 
-        return await answer(run())
+        return await _answer(run())
 
     @app.delete("/v1/sessions/{session_id}", dependencies=guarded)
     async def delete_session(
@@ -266,8 +281,10 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
                     deleted += await service.store.delete([record_key(export_id, sid)])
             return {"session_id": session_id, "deleted": deleted > 0}
 
-        return await answer(run())
+        return await _answer(run())
 
+
+def _add_operations_routes(app: FastAPI, service: Service, guarded: list) -> None:
     @app.get("/healthz")
     async def healthz() -> Response:
         """The process is up and answering."""
@@ -290,6 +307,3 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         with contextlib.suppress(Exception):  # a store that does not answer leaves the last value
             service.metrics.sessions.set(await asyncio.wait_for(service.store.count(), 2))
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
-    return app

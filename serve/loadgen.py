@@ -348,11 +348,10 @@ def _ready(url: str) -> bool:
 
 def run_bench(cfg: BenchConfig) -> dict:
     from rich.console import Console
-    from rich.progress import Progress
 
+    from gru4rec.bundle import read_metadata
     from gru4rec.io import check_output_file, write_text_atomic
-    from gru4rec.provenance import git_commit
-    from gru4rec.score.bench import _cpu, _model, _sessions, _versions
+    from gru4rec.score.bench import _model, _sessions
     from gru4rec.serve.model import load_model
 
     url = check_loopback(cfg.url) if cfg.url else None
@@ -368,41 +367,50 @@ def run_bench(cfg: BenchConfig) -> dict:
     if url is None:
         with console.status("starting the server"):
             proc, url = _start_server(onnx, cfg)
-    from gru4rec.bundle import read_metadata
-
     k = min(K, read_metadata(onnx)["top_k"])
-    tag = f"bench-{os.getpid()}-{int(time.time())}"
-    levels = []
     load_before = os.getloadavg()
     try:
-        for c in cfg.concurrency:
-            before = _scrape(url)
-            with Progress(console=console, transient=True) as bar:
-                advance = bar.add_task(f"concurrency {c}", total=cfg.max_requests)
-                level = asyncio.run(
-                    _load_level(
-                        url,
-                        sessions,
-                        c,
-                        cfg,
-                        f"{tag}-c{c}",
-                        k,
-                        lambda t=advance: bar.advance(t),
-                        proc and proc.pid,
-                    )
-                )
-            level["server"] = server_breakdown(before, _scrape(url))
-            levels.append(level)
-            lat = level["latency_ms"]
-            console.print(
-                f"concurrency {c:>3}: {level['events_per_s']:>8,.0f} events/s   latency p50 {lat.get('p50')} "
-                f"p95 {lat.get('p95')} p99 {lat.get('p99')} ms   errors {level['errors']}   "
-                f"CPU ms/event {level['cpu_ms_per_event']}, server {level['server']}"
-            )
+        levels = _load_levels(url, sessions, cfg, k, proc, console)
     finally:
         if proc is not None:
             stop_process(proc)
     served = load_model(onnx, cfg.provider, cfg.threads)
+    stateless, ort_steps = _offline_costs(served, sessions, cfg, console)
+    result = _result(cfg, served, data_desc, model_desc, url if proc is None else None, k, load_before,
+                     levels, ort_steps, stateless)  # fmt: skip
+    if cfg.out is not None:
+        write_text_atomic(cfg.out, json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {cfg.out}")
+    return result
+
+
+def _load_levels(url: str, sessions, cfg: BenchConfig, k: int, proc, console) -> list[dict]:
+    """One bounded load level per concurrency, with the server's own breakdown of where time went."""
+    from rich.progress import Progress
+
+    tag = f"bench-{os.getpid()}-{int(time.time())}"
+    levels = []
+    for c in cfg.concurrency:
+        before = _scrape(url)
+        with Progress(console=console, transient=True) as bar:
+            advance = bar.add_task(f"concurrency {c}", total=cfg.max_requests)
+            level = asyncio.run(_load_level(url, sessions, c, cfg, f"{tag}-c{c}", k,
+                                            lambda t=advance: bar.advance(t), proc and proc.pid))  # fmt: skip
+        level["server"] = server_breakdown(before, _scrape(url))
+        levels.append(level)
+        lat = level["latency_ms"]
+        console.print(
+            f"concurrency {c:>3}: {level['events_per_s']:>8,.0f} events/s   latency p50 {lat.get('p50')} "
+            f"p95 {lat.get('p95')} p99 {lat.get('p99')} ms   errors {level['errors']}   "
+            f"CPU ms/event {level['cpu_ms_per_event']}, server {level['server']}"
+        )
+    return levels
+
+
+def _offline_costs(served, sessions, cfg: BenchConfig, console) -> tuple[list[dict], dict]:
+    """Stateful vs stateless cost per event, and the ORT call of the serving graph alone."""
+    from rich.progress import Progress
+
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("stateful vs stateless", total=len(cfg.lengths))
         stateless = stateful_vs_stateless(
@@ -421,7 +429,15 @@ def run_bench(cfg: BenchConfig) -> dict:
                 f"length {row['length']:>3}: stateful {row['stateful_ms_per_event']:.3f} ms/event, "
                 f"stateless {row['stateless_ms_per_event']:.3f} ms/event ({row['ratio']}x)"
             )
-    result = {
+    return stateless, ort_steps
+
+
+def _result(cfg: BenchConfig, served, data_desc, model_desc, external_url: str | None, k: int, load_before,
+            levels, ort_steps, stateless) -> dict:  # fmt: skip
+    from gru4rec.provenance import git_commit
+    from gru4rec.score.bench import _cpu, _versions
+
+    return {
         "benchmark": "serve",
         "machine": {
             "cpu": _cpu(),
@@ -438,19 +454,15 @@ def run_bench(cfg: BenchConfig) -> dict:
             "layers": list(served.bundle.layer_sizes),
         },
         "server": {
-            "url": "started by the benchmark" if proc is not None else url,
+            "url": external_url or "started by the benchmark",
             "max_batch": cfg.max_batch,
             "max_wait_ms": cfg.max_wait_ms,
             "threads": cfg.threads,
-            "state": "memory" if proc is not None else "as the running server has it",
+            "state": "as the running server has it" if external_url else "memory",
         },
         "bounds": {"max_requests": cfg.max_requests, "max_seconds": cfg.max_seconds, "k": k},
         "levels": levels,
         "ort_step_alone": ort_steps,
         "stateful_vs_stateless": stateless,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": {key: (str(v) if isinstance(v, Path) else v) for key, v in asdict(cfg).items()},
     }
-    if cfg.out is not None:
-        write_text_atomic(cfg.out, json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {cfg.out}")
-    return result
