@@ -24,8 +24,10 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -543,8 +545,13 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
         sampler=make_sampler(job.seed, worker, job.n_at_start),
         pruner=make_pruner(job.pruner, job.n_epochs),
     )
-    study_id = storage.get_study_id_from_name(job.study_name)
     objective = Objective(job, job.devices[worker % len(job.devices)], worker, console)
+    with ctrl_c_noted() as ctrl_c:
+        _trial_loop(job, worker, console, storage, study, objective, ctrl_c)
+
+
+def _trial_loop(job: Job, worker: int, console, storage, study, objective, ctrl_c: list[bool]) -> None:
+    study_id = storage.get_study_id_from_name(job.study_name)
     tag = f"[w{worker}] " if job.n_jobs > 1 else ""
     durations: list[float] = []
     repeats = 0  # proposals in a row that repeated a trial the study already has
@@ -568,6 +575,8 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
         t0 = time.perf_counter()
         objective.number = None
         study.optimize(objective, n_trials=1, catch=(RepeatedConfig,), gc_after_trial=True)
+        if ctrl_c:  # a Ctrl-C that Python dropped (it hit a garbage-collector callback) still stops
+            raise KeyboardInterrupt
         if objective.number is None:
             continue
         trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, objective.number))
@@ -581,6 +590,28 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
 
 
 MAX_REPEATS = 50
+
+
+@contextlib.contextmanager
+def ctrl_c_noted() -> Iterator[list[bool]]:
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is; inside a garbage-collector
+    callback (Optuna collects after every trial) Python prints and drops it. The handler also notes
+    it, so the trial loop stops after the trial at the latest."""
+    noted: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield noted  # signals are not ours to handle here, or Ctrl-C is ignored on purpose
+        return
+
+    def handler(signum, frame) -> None:
+        noted.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class RepeatedConfig(Exception):
