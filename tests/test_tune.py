@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def space_file(folder: Path, n_epochs: int, search: dict | None = None, name: st
         "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
     }
     path = folder / f"{name}.toml"
-    path.write_text(tomli_w.dumps({"fixed": {**TINY_FIXED, "n_epochs": n_epochs}, "search": search}))
+    fixed = {k: v for k, v in {**TINY_FIXED, "n_epochs": n_epochs}.items() if k not in search}
+    path.write_text(tomli_w.dumps({"fixed": fixed, "search": search}))
     return path
 
 
@@ -83,6 +85,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def finished_configs(out: Path, name: str = "tiny") -> list[tuple]:
+    """Parameter tuples of the finished trials, read from the study DB (the independent reference)."""
+    trials = load(out, name).get_trials(deepcopy=False, states=FINISHED)
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def assert_no_repeats(out: Path, name: str = "tiny") -> list[tuple]:
+    configs = finished_configs(out, name)
+    assert len(configs) == len(set(configs)), f"repeated configurations among finished trials: {configs}"
+    return configs
 
 
 def trials_in(out: Path, name: str = "tiny") -> list:
@@ -214,6 +228,159 @@ def test_pruning_stops_bad_trials_early(data, tmp_path, run):
     assert sum("pruned after epoch" in line for line in err.splitlines()) == len(pruned)
 
 
+# ------------------------------------------------------------------------------------------------ new configurations
+# 2 x 11 = 22 configurations: room for every test below, few enough that a replayed sampler would
+# repeat its earlier proposals exactly
+WIDE = {
+    "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+    "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05},
+}
+
+
+def test_top_up_never_repeats_and_the_same_commands_give_the_same_trials(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+
+    def sequence(out: Path) -> list[tuple]:
+        for n in (3, 6, 9):  # a study topped up twice (--n-trials raised)
+            code, _, err = run(*tune_args(data, out, space, n, "--pruner", "none"))
+            assert code == 0, err
+        assert len(finished_configs(out)) == 9
+        trials = load(out).get_trials(deepcopy=False)
+        return [(t.number, t.state.name, tuple(sorted(t.params.items()))) for t in trials]
+
+    first = sequence(tmp_path / "a")
+    assert_no_repeats(tmp_path / "a")
+    assert sequence(tmp_path / "b") == first  # reproducible: same commands, same trials
+
+
+def test_timeout_chunks_never_repeat(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+    out = tmp_path / "out"
+    starts = 0
+    while len(finished_configs(out) if (out / "study.db").exists() else []) < 6:
+        starts += 1  # each chunk runs as many trials as fit in its time; bounded below
+        assert starts <= 12, "12 chunks of 3 s each should have finished 6 trials"
+        code, _, err = run(*tune_args(data, out, space, 100, "--timeout", "3", "--pruner", "none"))
+        assert code == 0, err
+    assert starts >= 2
+    assert_no_repeats(out)
+
+
+def test_resume_after_ctrl_c_never_repeats(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=3, search=WIDE)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 6, "--pruner", "none")
+    proc = popen(args)
+    try:
+
+        def in_third_trial() -> bool:
+            t = trials_in(out)
+            return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
+                x.state == TrialState.RUNNING and x.intermediate_values for x in t
+            )
+
+        wait_for(in_third_trial, 180, "a trial after the second to be running")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    assert 2 <= len(finished_configs(out)) < 6
+    code, _, err = run(*args)
+    assert code == 0, err
+    assert len(assert_no_repeats(out)) == 6
+
+
+def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, tmp_path, run):
+    """2 x 2 configurations, 5 wanted: the sampler repeats itself; every repeat is a failed trial naming
+    its twin, the 4 configurations each finish once, and the run stops when nothing new comes."""
+    small = {
+        "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+        "dropout_p_hidden": {"type": "categorical", "choices": [0.0, 0.2]},
+    }
+    space = space_file(tmp_path, n_epochs=1, search=small)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 5, "--pruner", "none"))
+    assert code == 0, err
+    configs = assert_no_repeats(out)
+    assert len(configs) == 4
+    trials = {t.number: t for t in load(out).get_trials(deepcopy=False)}
+    repeats = [t for t in trials.values() if "repeat_of" in t.user_attrs]
+    assert repeats and all(t.state == TrialState.FAIL for t in repeats)
+    for t in repeats:
+        assert t.params == trials[t.user_attrs["repeat_of"]].params
+        assert f"trial {t.number} skipped: the same parameters as trial #{t.user_attrs['repeat_of']}" in err
+    assert "the space may be exhausted" in err
+    frame = pl.read_parquet(out / "trials.parquet")
+    assert frame["repeat_of"].drop_nulls().len() == len(repeats)
+    assert f"| skipped repeats | {len(repeats)} " in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_new_n_jobs_2_run_on_a_study_never_repeats(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 3, "--pruner", "none"))
+    assert code == 0, err
+    code, _, err = run(*tune_args(data, out, space, 8, "--pruner", "none", "--n-jobs", "2"))
+    assert code == 0, err
+    assert len(assert_no_repeats(out)) >= 8
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def test_layer_stacks_as_choices_sample_and_report(data, tmp_path, run):
+    stacks = {
+        "layers": {"type": "categorical", "choices": [[8], [8, 8]]},
+        "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+        "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+    }
+    space = space_file(tmp_path, n_epochs=1, search=stacks)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 6, "--pruner", "none"))
+    assert code == 0, err
+    trials = load(out).get_trials(deepcopy=False, states=FINISHED)
+    frame = pl.read_parquet(out / "trials.parquet").filter(pl.col("state") != "FAIL").sort("number")
+    # the stack a trial trained is the one it sampled, and trials.parquet says which
+    for t in trials:
+        assert t.user_attrs["config"]["layers"] == [int(x) for x in t.params["layers"].split(",")]
+    assert frame["param_layers"].to_list() == [t.params["layers"] for t in trials]
+    assert (out / "plots" / "importances.png").stat().st_size > 0
+    assert "## Best trial" in (out / "report.md").read_text()
+
+
+def test_stepped_floats_are_their_decimal_grid_points():
+    from gru4rec.train.space import Dim
+
+    dim = Dim("dropout_p_embed", "float", 0.0, 0.5, 0.05)
+    grid = [float(Decimal("0.05") * k) for k in range(11)]  # 0.3, not 0.30000000000000004
+    binary = [0.0 + k * 0.05 for k in range(11)]  # how Optuna builds the points
+    assert binary != grid
+    assert [dim.clean(v) for v in binary] == grid
+
+
+def test_validation_drops_and_no_effect_parameters_are_said(data, tmp_path, run):
+    train = pl.read_parquet(data["train"])
+    valid = pl.read_parquet(data["valid"])
+    unseen = valid.head(40).with_columns(pl.col("item_id") + 10**6)  # items no training event has
+    path = tmp_path / "valid-unseen.parquet"
+    pl.concat([valid, unseen]).write_parquet(path)
+    n_unseen = pl.read_parquet(path).join(train.select("item_id").unique(), on="item_id", how="anti").height
+    search = {"eval_batch_size": {"type": "categorical", "choices": [32, 64]}, **WIDE}
+    space = space_file(tmp_path, n_epochs=1, search=search)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 1, "--pruner", "none")
+    args[args.index("--valid") + 1] = path
+    code, _, err = run(*args)
+    assert code == 0, err
+    said = f"validation: dropped {n_unseen:,} event(s) of items not in the training data"
+    note = "note: searching eval_batch_size cannot change results"
+    report = (out / "report.md").read_text()
+    assert said in err and said in report
+    assert note in err and note in report
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def study_dir(data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
@@ -281,6 +448,37 @@ def test_another_space_under_the_same_study_name_is_refused(study_dir, data, tmp
     code, _, err = run(*tune_args(data, out, study_dir[1], 2, "-p", "learning_rate=0.1"))
     assert code == 2 and "another search space" in err, err
     assert _digest(out / "study.db") == before
+
+
+def test_another_space_on_the_same_out_is_refused_and_the_outputs_are_untouched(
+    study_dir, data, tmp_path, run
+):
+    out, _, _ = study_dir
+    before = {p.name: _digest(p) for p in out.iterdir() if p.is_file()}
+    assert {"best.toml", "report.md", "trials.parquet", "study.db"} <= set(before)
+    other = space_file(tmp_path, n_epochs=1, name="other")  # another study name: its own study
+    code, _, err = run(*tune_args(data, out, other, 1))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "one study per --out" in lines[0], err
+    assert {p.name: _digest(p) for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--storage", "nosuchdb://x"], "cannot be opened"),
+        (["--valid", "/nonexistent/valid.parquet"], "valid.parquet"),
+    ],
+)
+def test_a_run_that_fails_before_any_trial_leaves_no_out_folder(
+    extra, needle, study_dir, data, tmp_path, run
+):
+    _, space, _ = study_dir
+    out = tmp_path / "new" / "out"
+    code, _, err = run(*tune_args(data, out, space, 1), *extra)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
