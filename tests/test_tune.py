@@ -257,12 +257,11 @@ def test_timeout_chunks_never_repeat(data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=1, search=WIDE)
     out = tmp_path / "out"
     starts = 0
-    while len(finished_configs(out) if (out / "study.db").exists() else []) < 6:
-        starts += 1  # each chunk runs as many trials as fit in its time; bounded below
-        assert starts <= 12, "12 chunks of 3 s each should have finished 6 trials"
-        code, _, err = run(*tune_args(data, out, space, 100, "--timeout", "3", "--pruner", "none"))
+    while starts < 3 or len(finished_configs(out)) < 6:  # at least 3 starts, however fast each is
+        starts += 1
+        assert starts <= 15, "15 chunks of 1 s each should have finished 6 trials"
+        code, _, err = run(*tune_args(data, out, space, 100, "--timeout", "1", "--pruner", "none"))
         assert code == 0, err
-    assert starts >= 2
     assert_no_repeats(out)
 
 
