@@ -360,20 +360,17 @@ def test_stepped_floats_are_their_decimal_grid_points():
 
 
 def test_validation_drops_and_no_effect_parameters_are_said(data, tmp_path, run):
-    train = pl.read_parquet(data["train"])
-    valid = pl.read_parquet(data["valid"])
-    unseen = valid.head(40).with_columns(pl.col("item_id") + 10**6)  # items no training event has
-    path = tmp_path / "valid-unseen.parquet"
-    pl.concat([valid, unseen]).write_parquet(path)
-    n_unseen = pl.read_parquet(path).join(train.select("item_id").unique(), on="item_id", how="anti").height
+    valid = with_unseen_items(data["valid"], tmp_path)
     search = {"eval_batch_size": {"type": "categorical", "choices": [32, 64]}, **WIDE}
     space = space_file(tmp_path, n_epochs=1, search=search)
     out = tmp_path / "out"
     args = tune_args(data, out, space, 1, "--pruner", "none")
-    args[args.index("--valid") + 1] = path
+    args[args.index("--valid") + 1] = valid
     code, _, err = run(*args)
     assert code == 0, err
-    said = f"validation: dropped {n_unseen:,} event(s) of items not in the training data"
+    said = (
+        f"validation: dropped {n_unseen(valid, data['train']):,} event(s) of items not in the training data"
+    )
     note = "note: searching eval_batch_size cannot change results"
     report = (out / "report.md").read_text()
     assert said in err and said in report
@@ -571,27 +568,68 @@ def test_host_memory_is_flat_across_30_trials(data, tmp_path, run):
     assert growth < 15, rss
 
 
+def with_unseen_items(valid: Path, folder: Path) -> Path:
+    """The validation events plus 40 events of items that no training event has."""
+    events = pl.read_parquet(valid)
+    path = folder / f"{valid.stem}-unseen.parquet"
+    pl.concat([events, events.head(40).with_columns(pl.col("item_id") + 10**6)]).write_parquet(path)
+    return path
+
+
+def n_unseen(events: Path, train: Path) -> int:
+    return (
+        pl.read_parquet(events)
+        .join(pl.read_parquet(train).select("item_id"), on="item_id", how="anti")
+        .height
+    )
+
+
 @pytest.mark.slow
 def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
-    """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints."""
+    """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints,
+    and the test events of unknown items it drops are said, as `score` says them."""
     from gru4rec import checkpoint as ckpt_io
     from gru4rec.data import read_events
     from gru4rec.evaluate import evaluate
 
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
+    test_path = with_unseen_items(data["valid"], tmp_path)
     code, _, err = run(
-        *tune_args(data, out, space, 2, "--final-test", data["valid"], "--preset", "demo", "-p", "n_epochs=1")
+        *tune_args(data, out, space, 2, "--final-test", test_path, "--preset", "demo", "-p", "n_epochs=1")
     )
     assert code == 0, err
     final = json.loads((out / "final" / "final.json").read_text())
     assert [r["model"] for r in final["runs"]] == ["tuned", "preset demo"]
-    test = read_events(data["valid"])
+    test = read_events(test_path)
     for r, stem in zip(final["runs"], ("tuned", "preset-demo")):
         ck = ckpt_io.load(out / "final" / f"{stem}.pt")
         ref = evaluate(ck.model, ck.items, test, cutoffs=(20,), device="cpu")
         assert abs(ref["recall@20"] - r["recall@20"]) < 1e-5 and abs(ref["mrr@20"] - r["mrr@20"]) < 1e-5
-    assert "## Final test" in (out / "report.md").read_text()
+        assert r["n_unknown_dropped"] == n_unseen(test_path, data["train"]) == ref["n_unknown_dropped"]
+    said = f"dropped {n_unseen(test_path, data['train']):,} event(s) of items unknown to the model"
+    report = (out / "report.md").read_text()
+    assert "## Final test" in report
+    assert f"final test tuned: {said}" in err and f"- tuned: {said}" in report
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_final_retrain_is_said(data, tmp_path):
+    """Ctrl-C while the preset retrains (yoochoose: 480 units, 10 epochs, seconds even on tiny data)."""
+    space = space_file(tmp_path, n_epochs=1)
+    out = tmp_path / "out"
+    proc = popen(tune_args(data, out, space, 1, "--final-test", data["valid"], "--preset", "yoochoose"))
+    try:
+        wait_for(lambda: (out / "final" / "tuned.onnx").exists(), 240, "the tuned model's export")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted during the --final-test retrain" in err
+    assert (out / "best.toml").is_file() and not (out / "final" / "final.json").exists()
 
 
 @pytest.mark.slow
