@@ -47,6 +47,7 @@ GRACE_S = 120  # a RUNNING trial without a heartbeat for this long belongs to a 
 DIVERGED = "training diverged"  # the trainer's message for a NaN/inf loss
 IDENTITY_KEY = "gru4rec_tune"  # study user attribute: what the study searches, on which data
 HOST = socket.gethostname()
+DEFAULT_STORAGE = "study.db in --out"
 
 
 @dataclass
@@ -125,10 +126,10 @@ def run_tune(o: TuneOptions, console=None) -> dict:
             check_output_file(out / name, inputs=(o.train, o.valid, o.final_test))
         study_name = o.study or space.name
         url = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        check_one_study(out, study_name, url, default_storage=o.storage is None)
         train_events, search_train, valid_events, valid_note = _read_data(o)
         notes = space.notes() + unseen_notes(search_train, valid_events, "validation")
-        storage = open_storage(url)
+        storage = open_storage(url)  # a bad URL is said first
+        check_one_study(out, study_name, storage, o.storage)
         identity = _identity(space, o, base, search_train, valid_events)
         study, created = open_study(storage, study_name, identity, url)
     failed = fail_dead_trials(study, storage)
@@ -182,6 +183,7 @@ def _search_and_report(
     info = ReportInfo(
         study_name=job.study_name,
         storage=redact(url),
+        storage_key=storage_key(o.storage),
         space=space,
         base_preset=o.preset,
         metric=o.metric,
@@ -272,7 +274,13 @@ def unseen_notes(train_events: pl.DataFrame, events: pl.DataFrame, what: str) ->
     return lines
 
 
-def check_one_study(out: Path, study_name: str, url: str, default_storage: bool) -> None:
+def storage_key(storage: str | None) -> str:
+    """The storage as the folder's marker names it: the default one by its place, so that a folder
+    moved elsewhere is still the same study's."""
+    return redact(storage) if storage is not None else DEFAULT_STORAGE
+
+
+def check_one_study(out: Path, study_name: str, opened, storage: str | None) -> None:
     """One study per --out: its outputs (best.toml, report.md, trials.parquet) are the study's, and
     another study's run would replace them."""
     import json
@@ -285,14 +293,14 @@ def check_one_study(out: Path, study_name: str, url: str, default_storage: bool)
             had = json.loads(marker.read_text())
         except (OSError, ValueError):
             had = {}
-        if had.get("study") != study_name or had.get("storage") != redact(url):
+        if had.get("study") != study_name or had.get("storage") != storage_key(storage):
             raise UserError(
                 f"{out} holds the outputs of study {had.get('study')!r} in {had.get('storage')}; one study per "
                 "--out: use another --out (or that study's --space/--study/--storage to resume it)"
             )
     db = out / "study.db"
-    if default_storage and db.is_file():  # a folder written before the marker existed
-        others = [s.study_name for s in open_storage(url).get_all_studies() if s.study_name != study_name]
+    if storage is None and db.is_file():  # a folder written before the marker existed
+        others = [s.study_name for s in opened.get_all_studies() if s.study_name != study_name]
         if others:
             raise UserError(
                 f"{out} holds the outputs of study {others[0]!r} in {db}; one study per --out: use another "

@@ -25,6 +25,7 @@ PLOTS = "plots"
 class ReportInfo:
     study_name: str
     storage: str  # password redacted
+    storage_key: str  # the storage as study.json names it
     space: SearchSpace
     base_preset: str | None
     metric: str
@@ -42,7 +43,7 @@ def write_outputs(study, out: Path, info: ReportInfo, console) -> dict:
 
     trials = study.get_trials(deepcopy=False)
     frame = trials_frame(trials, info.metric, info.space)
-    write_text_atomic(out / STUDY_MARKER, json.dumps({"study": info.study_name, "storage": info.storage}))
+    write_text_atomic(out / STUDY_MARKER, json.dumps({"study": info.study_name, "storage": info.storage_key}))
     write_parquet_atomic(frame, out / "trials.parquet")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
