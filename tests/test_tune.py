@@ -87,6 +87,20 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def signal_when(args: list, ready, sig: int, what: str) -> tuple[int, str]:
+    """Run `gru4rec-cli ARGS` in a process, send it `sig` once `ready()`; (exit code, stderr)."""
+    proc = popen(args)
+    try:
+        wait_for(ready, 240, what)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return proc.returncode, err
+
+
 def finished_configs(out: Path, name: str = "tiny") -> list[tuple]:
     """Parameter tuples of the finished trials, read from the study DB (the independent reference)."""
     trials = load(out, name).get_trials(deepcopy=False, states=FINISHED)
@@ -143,22 +157,14 @@ def test_resume_after_kill_counts_every_trial_once(data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=3)
     out = tmp_path / "out"
     args = tune_args(data, out, space, 4, "--pruner", "none")
-    proc = popen(args)
-    try:
-        # kill -9 in the middle of the second trial: one finished, one running
-        def mid_second_trial() -> bool:
-            t = trials_in(out)
-            return sum(x.state == TrialState.COMPLETE for x in t) == 1 and any(
-                x.state == TrialState.RUNNING and len(x.intermediate_values) >= 1 for x in t
-            )
 
-        wait_for(mid_second_trial, 180, "the second trial to be running")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+    def mid_second_trial() -> bool:  # kill -9 here: one finished, one running
+        t = trials_in(out)
+        return sum(x.state == TrialState.COMPLETE for x in t) == 1 and any(
+            x.state == TrialState.RUNNING and len(x.intermediate_values) >= 1 for x in t
+        )
+
+    signal_when(args, mid_second_trial, signal.SIGKILL, "the second trial to be running")
     before = load(out).get_trials(deepcopy=False)
     killed = [t.number for t in before if t.state == TrialState.RUNNING]
     assert len(killed) == 1 and sum(t.state == TrialState.COMPLETE for t in before) == 1
@@ -269,23 +275,15 @@ def test_resume_after_ctrl_c_never_repeats(data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=3, search=WIDE)
     out = tmp_path / "out"
     args = tune_args(data, out, space, 6, "--pruner", "none")
-    proc = popen(args)
-    try:
 
-        def in_third_trial() -> bool:
-            t = trials_in(out)
-            return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
-                x.state == TrialState.RUNNING and x.intermediate_values for x in t
-            )
+    def in_third_trial() -> bool:
+        t = trials_in(out)
+        return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
+            x.state == TrialState.RUNNING and x.intermediate_values for x in t
+        )
 
-        wait_for(in_third_trial, 180, "a trial after the second to be running")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == 130, err
+    code, err = signal_when(args, in_third_trial, signal.SIGINT, "a trial after the second to be running")
+    assert code == 130, err
     assert 2 <= len(finished_configs(out)) < 6
     code, _, err = run(*args)
     assert code == 0, err
@@ -618,16 +616,10 @@ def test_ctrl_c_in_the_final_retrain_is_said(data, tmp_path):
     """Ctrl-C while the preset retrains (yoochoose: 480 units, 10 epochs, seconds even on tiny data)."""
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
-    proc = popen(tune_args(data, out, space, 1, "--final-test", data["valid"], "--preset", "yoochoose"))
-    try:
-        wait_for(lambda: (out / "final" / "tuned.onnx").exists(), 240, "the tuned model's export")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == 130, err
+    args = tune_args(data, out, space, 1, "--final-test", data["valid"], "--preset", "yoochoose")
+    exported = (out / "final" / "tuned.onnx").exists
+    code, err = signal_when(args, exported, signal.SIGINT, "the tuned model's export")
+    assert code == 130, err
     assert "interrupted during the --final-test retrain" in err
     assert (out / "best.toml").is_file() and not (out / "final" / "final.json").exists()
 
