@@ -290,6 +290,33 @@ def test_resume_after_ctrl_c_never_repeats(data, tmp_path, run):
     assert len(assert_no_repeats(out)) == 6
 
 
+DROPPED_CTRL_C = """
+import os, signal
+from gru4rec.train.tune import ctrl_c_noted
+
+class Dies:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100_000))  # bytecodes: the handler runs here, inside __del__
+
+with ctrl_c_noted() as noted:
+    Dies()  # collected at once: the interrupt is raised in __del__, and Python drops it
+print(noted)
+"""
+
+
+def test_a_ctrl_c_that_python_drops_is_noted_without_a_traceback():
+    """As in a garbage-collector callback: the KeyboardInterrupt never reaches the trial loop; the
+    handler notes it, and Python's 'Exception ignored ... KeyboardInterrupt' is not printed. In a
+    process of its own: pytest replaces the hook that prints it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", DROPPED_CTRL_C], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[True]"
+    assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
+
+
 def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, tmp_path, run):
     """2 x 2 configurations, 5 wanted: the sampler repeats itself; every repeat is a failed trial naming
     its twin, the 4 configurations each finish once, and the run stops when nothing new comes."""

@@ -615,11 +615,18 @@ def ctrl_c_noted() -> Iterator[list[bool]]:
         noted.append(True)
         previous(signum, frame)
 
+    def unraisable(u) -> None:  # the dropped Ctrl-C is acted on: no traceback for it
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            hook(u)
+
+    hook = sys.unraisablehook
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
     try:
         yield noted
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
 
 
 class RepeatedConfig(Exception):
