@@ -268,7 +268,7 @@ def unseen_notes(train_events: pl.DataFrame, events: pl.DataFrame, what: str) ->
         lines.append(
             f"{what}: dropped {events.height - known.height:,} event(s) of items not in the training data"
         )
-    n_short = known[SESSION].n_unique() - drop_short_sessions(known)[SESSION].n_unique()
+    n_short = events[SESSION].n_unique() - drop_short_sessions(known)[SESSION].n_unique()  # as `score` counts
     if n_short:
         lines.append(f"{what}: skipped {n_short:,} session(s) with fewer than 2 known events")
     return lines
