@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-TARGETS = (ROOT / "docs" / "performance.md", ROOT / "README.md")
+TARGETS = (ROOT / "docs" / "performance.md", ROOT / "docs" / "tuning.md", ROOT / "README.md")
 BLOCK = re.compile(r"(<!-- gen:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /gen:(?P=name) -->)", re.S)
 
 GPU_SEEDS = ("train-h100-seed1.json", "train-h100-seed2.json", "train-h100-seed3.json")
@@ -294,7 +294,52 @@ def nightly() -> str:
     )
 
 
+def tune() -> str:
+    import polars as pl
+
+    rows = []
+    for run in ("run1", "run2"):
+        folder = RESULTS / "tune-rsc15-new" / run
+        trials = pl.read_parquet(folder / "trials.parquet")
+        done = trials.filter(pl.col("state").is_in(["COMPLETE", "PRUNED"]))
+        models = {r["model"]: r for r in json.loads((folder / "final.json").read_text())["runs"]}
+        tuned, preset = models["tuned"], next(v for k, v in models.items() if k.startswith("preset"))
+        states = done["state"].value_counts().sort("state")
+        rows.append([run, str(done.height), ", ".join(f"{r['count']} {r['state'].lower()}" for r in states.to_dicts()),
+                     f"{done['value'].max():.4f}", f"{tuned['recall@20']:.4f} / {tuned['mrr@20']:.4f}",
+                     f"{preset['recall@20']:.4f} / {preset['mrr@20']:.4f}"])  # fmt: skip
+    head = [
+        "run",
+        "finished trials",
+        "states",
+        "best valid MRR@20",
+        "--final-test tuned R@20 / MRR@20",
+        "preset",
+    ]
+    return table(head, rows) + (
+        "\nrsc15_100k, `gru4rec-cli tune train.parquet --out DIR --space xe --preset rsc15 -p n_epochs=3 -p layers=100 "
+        "--n-trials 30 --n-jobs 2 --threads 1 --device cpu --seed 42 --final-test test.parquet`; files: "
+        "`bench/results/tune-rsc15-new/run{1,2}/`.\n"
+    )
+
+
+def tune_repeats() -> str:
+    new, old = (load(f"tune-rsc15-new/repeats-check-{n}.json") for n in ("new", "before"))
+
+    def steps(d: dict) -> list[tuple[str, list]]:  # the [finished, repeated] counts, in run order
+        out = [(k, v) for k, v in d.items() if isinstance(v, list) and len(v) == 2]
+        return [(k.replace("repro-a dups", "a separate study topped up 3 -> 6 -> 9"), v) for k, v in out]
+
+    rows = [[a, f"{x[0]} / {x[1]}", f"{y[0]} / {y[1]}"] for (a, x), (_, y) in zip(steps(new), steps(old))]
+    note = ("\nThe same command sequence on one study (finished trials / repeated configurations), the code now and "
+            "before; the `--n-jobs 2` row tops up to the study's own count. Reproduce: `python "
+            "bench/results/tune-rsc15-new/repeats-check.py` (its JSONs beside it).\n")  # fmt: skip
+    return table(["step", "now", "before"], rows) + note
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "tune": tune,
+    "tune-repeats": tune_repeats,
     "serve": serve,
     "serve-stateless": serve_stateless,
     "nightly": nightly,

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def space_file(folder: Path, n_epochs: int, search: dict | None = None, name: st
         "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
     }
     path = folder / f"{name}.toml"
-    path.write_text(tomli_w.dumps({"fixed": {**TINY_FIXED, "n_epochs": n_epochs}, "search": search}))
+    fixed = {k: v for k, v in {**TINY_FIXED, "n_epochs": n_epochs}.items() if k not in search}
+    path.write_text(tomli_w.dumps({"fixed": fixed, "search": search}))
     return path
 
 
@@ -85,6 +87,32 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def signal_when(args: list, ready, sig: int, what: str) -> tuple[int, str]:
+    """Run `gru4rec-cli ARGS` in a process, send it `sig` once `ready()`; (exit code, stderr)."""
+    proc = popen(args)
+    try:
+        wait_for(ready, 240, what)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return proc.returncode, err
+
+
+def finished_configs(out: Path, name: str = "tiny") -> list[tuple]:
+    """Parameter tuples of the finished trials, read from the study DB (the independent reference)."""
+    trials = load(out, name).get_trials(deepcopy=False, states=FINISHED)
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def assert_no_repeats(out: Path, name: str = "tiny") -> list[tuple]:
+    configs = finished_configs(out, name)
+    assert len(configs) == len(set(configs)), f"repeated configurations among finished trials: {configs}"
+    return configs
+
+
 def trials_in(out: Path, name: str = "tiny") -> list:
     try:
         return load(out, name).get_trials(deepcopy=False)
@@ -106,7 +134,7 @@ def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(data, tmp_
     assert min(good) > max(bad)  # the planted region is real ...
     best = max(trials, key=lambda t: t.value)
     assert best.params["learning_rate"] == GOOD_LR  # ... and the search reports it
-    frame = pl.read_parquet(out / "trials.parquet")
+    frame = pl.read_parquet(out / "trials.parquet").filter(pl.col("repeat_of").is_null())  # 8 points: repeats
     assert frame.height == 6 and set(frame["state"]) == {"COMPLETE"}
     assert frame.filter(pl.col("number") == best.number)["value"][0] == best.value
     assert "## Best trial" in (out / "report.md").read_text()
@@ -129,22 +157,14 @@ def test_resume_after_kill_counts_every_trial_once(data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=3)
     out = tmp_path / "out"
     args = tune_args(data, out, space, 4, "--pruner", "none")
-    proc = popen(args)
-    try:
-        # kill -9 in the middle of the second trial: one finished, one running
-        def mid_second_trial() -> bool:
-            t = trials_in(out)
-            return sum(x.state == TrialState.COMPLETE for x in t) == 1 and any(
-                x.state == TrialState.RUNNING and len(x.intermediate_values) >= 1 for x in t
-            )
 
-        wait_for(mid_second_trial, 180, "the second trial to be running")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+    def mid_second_trial() -> bool:  # kill -9 here: one finished, one running
+        t = trials_in(out)
+        return sum(x.state == TrialState.COMPLETE for x in t) == 1 and any(
+            x.state == TrialState.RUNNING and len(x.intermediate_values) >= 1 for x in t
+        )
+
+    signal_when(args, mid_second_trial, signal.SIGKILL, "the second trial to be running")
     before = load(out).get_trials(deepcopy=False)
     killed = [t.number for t in before if t.state == TrialState.RUNNING]
     assert len(killed) == 1 and sum(t.state == TrialState.COMPLETE for t in before) == 1
@@ -177,8 +197,12 @@ def test_two_processes_share_one_sqlite_study(data, tmp_path):
     trials = load(out).get_trials(deepcopy=False)
     numbers = sorted(t.number for t in trials)
     assert numbers == list(range(len(trials)))
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert 8 <= len(trials) <= 9  # the target, plus at most one started by both at the same moment
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # the rest: proposals that repeated a trial of the other process, skipped (failed, not counted)
+    assert all(
+        t.state == TrialState.FAIL and "repeat_of" in t.user_attrs for t in trials if t not in complete
+    )
+    assert 8 <= len(complete) <= 9  # the target, plus at most one started by both at the same moment
     by_pid: dict[int, set[int]] = {}
     for t in trials:
         by_pid.setdefault(t.user_attrs["pid"], set()).add(t.number)
@@ -212,6 +236,175 @@ def test_pruning_stops_bad_trials_early(data, tmp_path, run):
     assert all(epochs[t.number] == n_epochs for t in complete)
     assert sum(epochs.values()) < n_trials * n_epochs
     assert sum("pruned after epoch" in line for line in err.splitlines()) == len(pruned)
+
+
+# ------------------------------------------------------------------------------------------------ new configurations
+# 2 x 11 = 22 configurations: room for every test below, few enough that a replayed sampler would
+# repeat its earlier proposals exactly
+WIDE = {
+    "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+    "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05},
+}
+
+
+def test_top_up_never_repeats_and_the_same_commands_give_the_same_trials(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+
+    def sequence(out: Path) -> list[tuple]:
+        for n in (2, 4, 6):  # a study topped up twice (--n-trials raised)
+            code, _, err = run(*tune_args(data, out, space, n, "--pruner", "none"))
+            assert code == 0, err
+        assert len(finished_configs(out)) == 6
+        trials = load(out).get_trials(deepcopy=False)
+        return [(t.number, t.state.name, tuple(sorted(t.params.items()))) for t in trials]
+
+    first = sequence(tmp_path / "a")
+    assert_no_repeats(tmp_path / "a")
+    assert sequence(tmp_path / "b") == first  # reproducible: same commands, same trials
+
+
+def test_timeout_chunks_never_repeat(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+    out = tmp_path / "out"
+    starts = 0
+    while starts < 3 or len(finished_configs(out)) < 6:  # at least 3 starts, however fast each is
+        starts += 1
+        assert starts <= 15, "15 chunks of 1 s each should have finished 6 trials"
+        code, _, err = run(*tune_args(data, out, space, 100, "--timeout", "1", "--pruner", "none"))
+        assert code == 0, err
+    assert_no_repeats(out)
+
+
+def test_resume_after_ctrl_c_never_repeats(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=3, search=WIDE)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 6, "--pruner", "none")
+
+    def in_third_trial() -> bool:
+        t = trials_in(out)
+        return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
+            x.state == TrialState.RUNNING and x.intermediate_values for x in t
+        )
+
+    code, err = signal_when(args, in_third_trial, signal.SIGINT, "a trial after the second to be running")
+    assert code == 130, err
+    assert 2 <= len(finished_configs(out)) < 6
+    code, _, err = run(*args)
+    assert code == 0, err
+    assert len(assert_no_repeats(out)) == 6
+
+
+DROPPED_CTRL_C = """
+import os, signal
+from gru4rec.train.tune import ctrl_c_noted
+
+class Dies:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100_000))  # bytecodes: the handler runs here, inside __del__
+
+with ctrl_c_noted() as noted:
+    Dies()  # collected at once: the interrupt is raised in __del__, and Python drops it
+print(noted)
+"""
+
+
+def test_a_ctrl_c_that_python_drops_is_noted_without_a_traceback():
+    """As in a garbage-collector callback: the KeyboardInterrupt never reaches the trial loop; the
+    handler notes it, and Python's 'Exception ignored ... KeyboardInterrupt' is not printed. In a
+    process of its own: pytest replaces the hook that prints it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", DROPPED_CTRL_C], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[True]"
+    assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow  # 50 skipped proposals in a row before it stops
+def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, tmp_path, run):
+    """2 x 2 configurations, 5 wanted: the sampler repeats itself; every repeat is a failed trial naming
+    its twin, the 4 configurations each finish once, and the run stops when nothing new comes."""
+    small = {
+        "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+        "dropout_p_hidden": {"type": "categorical", "choices": [0.0, 0.2]},
+    }
+    space = space_file(tmp_path, n_epochs=1, search=small)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 5, "--pruner", "none"))
+    assert code == 0, err
+    configs = assert_no_repeats(out)
+    assert len(configs) == 4
+    trials = {t.number: t for t in load(out).get_trials(deepcopy=False)}
+    repeats = [t for t in trials.values() if "repeat_of" in t.user_attrs]
+    assert repeats and all(t.state == TrialState.FAIL for t in repeats)
+    for t in repeats:
+        assert t.params == trials[t.user_attrs["repeat_of"]].params
+        assert f"trial {t.number} skipped: the same parameters as trial #{t.user_attrs['repeat_of']}" in err
+    assert "the space may be exhausted" in err
+    frame = pl.read_parquet(out / "trials.parquet")
+    assert frame["repeat_of"].drop_nulls().len() == len(repeats)
+    assert f"| skipped repeats | {len(repeats)} " in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_new_n_jobs_2_run_on_a_study_never_repeats(data, tmp_path, run):
+    space = space_file(tmp_path, n_epochs=1, search=WIDE)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 3, "--pruner", "none"))
+    assert code == 0, err
+    code, _, err = run(*tune_args(data, out, space, 8, "--pruner", "none", "--n-jobs", "2"))
+    assert code == 0, err
+    assert len(assert_no_repeats(out)) >= 8
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def test_layer_stacks_as_choices_sample_and_report(data, tmp_path, run):
+    stacks = {
+        "layers": {"type": "categorical", "choices": [[8], [8, 8]]},
+        "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
+        "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+    }
+    space = space_file(tmp_path, n_epochs=1, search=stacks)
+    out = tmp_path / "out"
+    code, _, err = run(*tune_args(data, out, space, 6, "--pruner", "none"))
+    assert code == 0, err
+    trials = load(out).get_trials(deepcopy=False, states=FINISHED)
+    frame = pl.read_parquet(out / "trials.parquet").filter(pl.col("state") != "FAIL").sort("number")
+    # the stack a trial trained is the one it sampled, and trials.parquet says which
+    for t in trials:
+        assert t.user_attrs["config"]["layers"] == [int(x) for x in t.params["layers"].split(",")]
+    assert frame["param_layers"].to_list() == [t.params["layers"] for t in trials]
+    assert (out / "plots" / "importances.png").stat().st_size > 0
+    assert "## Best trial" in (out / "report.md").read_text()
+
+
+def test_stepped_floats_are_their_decimal_grid_points():
+    from gru4rec.train.space import Dim
+
+    dim = Dim("dropout_p_embed", "float", 0.0, 0.5, 0.05)
+    grid = [float(Decimal("0.05") * k) for k in range(11)]  # 0.3, not 0.30000000000000004
+    binary = [0.0 + k * 0.05 for k in range(11)]  # how Optuna builds the points
+    assert binary != grid
+    assert [dim.clean(v) for v in binary] == grid
+
+
+def test_validation_drops_and_no_effect_parameters_are_said(data, tmp_path, run):
+    valid = with_unseen_items(data["valid"], tmp_path)
+    search = {"eval_batch_size": {"type": "categorical", "choices": [32, 64]}, **WIDE}
+    space = space_file(tmp_path, n_epochs=1, search=search)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 1, "--pruner", "none")
+    args[args.index("--valid") + 1] = valid
+    code, _, err = run(*args)
+    assert code == 0, err
+    said = (
+        f"validation: dropped {n_unseen(valid, data['train']):,} event(s) of items not in the training data"
+    )
+    note = "note: searching eval_batch_size cannot change results"
+    report = (out / "report.md").read_text()
+    assert said in err and said in report
+    assert note in err and note in report
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -281,6 +474,37 @@ def test_another_space_under_the_same_study_name_is_refused(study_dir, data, tmp
     code, _, err = run(*tune_args(data, out, study_dir[1], 2, "-p", "learning_rate=0.1"))
     assert code == 2 and "another search space" in err, err
     assert _digest(out / "study.db") == before
+
+
+def test_another_space_on_the_same_out_is_refused_and_the_outputs_are_untouched(
+    study_dir, data, tmp_path, run
+):
+    out, _, _ = study_dir
+    before = {p.name: _digest(p) for p in out.iterdir() if p.is_file()}
+    assert {"best.toml", "report.md", "trials.parquet", "study.db"} <= set(before)
+    other = space_file(tmp_path, n_epochs=1, name="other")  # another study name: its own study
+    code, _, err = run(*tune_args(data, out, other, 1))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "one study per --out" in lines[0], err
+    assert {p.name: _digest(p) for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--storage", "nosuchdb://x"], "cannot be opened"),
+        (["--valid", "/nonexistent/valid.parquet"], "valid.parquet"),
+    ],
+)
+def test_a_run_that_fails_before_any_trial_leaves_no_out_folder(
+    extra, needle, study_dir, data, tmp_path, run
+):
+    _, space, _ = study_dir
+    out = tmp_path / "new" / "out"
+    code, _, err = run(*tune_args(data, out, space, 1), *extra)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
@@ -374,27 +598,62 @@ def test_host_memory_is_flat_across_30_trials(data, tmp_path, run):
     assert growth < 15, rss
 
 
+def with_unseen_items(valid: Path, folder: Path) -> Path:
+    """The validation events plus 40 events of items that no training event has."""
+    events = pl.read_parquet(valid)
+    path = folder / f"{valid.stem}-unseen.parquet"
+    pl.concat([events, events.head(40).with_columns(pl.col("item_id") + 10**6)]).write_parquet(path)
+    return path
+
+
+def n_unseen(events: Path, train: Path) -> int:
+    return (
+        pl.read_parquet(events)
+        .join(pl.read_parquet(train).select("item_id"), on="item_id", how="anti")
+        .height
+    )
+
+
 @pytest.mark.slow
 def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
-    """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints."""
+    """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints,
+    and the test events of unknown items it drops are said, as `score` says them."""
     from gru4rec import checkpoint as ckpt_io
     from gru4rec.data import read_events
     from gru4rec.evaluate import evaluate
 
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
+    test_path = with_unseen_items(data["valid"], tmp_path)
     code, _, err = run(
-        *tune_args(data, out, space, 2, "--final-test", data["valid"], "--preset", "demo", "-p", "n_epochs=1")
+        *tune_args(data, out, space, 2, "--final-test", test_path, "--preset", "demo", "-p", "n_epochs=1")
     )
     assert code == 0, err
     final = json.loads((out / "final" / "final.json").read_text())
     assert [r["model"] for r in final["runs"]] == ["tuned", "preset demo"]
-    test = read_events(data["valid"])
+    test = read_events(test_path)
     for r, stem in zip(final["runs"], ("tuned", "preset-demo")):
         ck = ckpt_io.load(out / "final" / f"{stem}.pt")
         ref = evaluate(ck.model, ck.items, test, cutoffs=(20,), device="cpu")
         assert abs(ref["recall@20"] - r["recall@20"]) < 1e-5 and abs(ref["mrr@20"] - r["mrr@20"]) < 1e-5
-    assert "## Final test" in (out / "report.md").read_text()
+        assert r["n_unknown_dropped"] == n_unseen(test_path, data["train"]) == ref["n_unknown_dropped"]
+    said = f"dropped {n_unseen(test_path, data['train']):,} event(s) of items unknown to the model"
+    report = (out / "report.md").read_text()
+    assert "## Final test" in report
+    assert f"final test tuned: {said}" in err and f"- tuned: {said}" in report
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_final_retrain_is_said(data, tmp_path):
+    """Ctrl-C while the preset retrains (yoochoose: 480 units, 10 epochs, seconds even on tiny data)."""
+    space = space_file(tmp_path, n_epochs=1)
+    out = tmp_path / "out"
+    args = tune_args(data, out, space, 1, "--final-test", data["valid"], "--preset", "yoochoose")
+    exported = (out / "final" / "tuned.onnx").exists
+    code, err = signal_when(args, exported, signal.SIGINT, "the tuned model's export")
+    assert code == 130, err
+    assert "interrupted during the --final-test retrain" in err
+    assert (out / "best.toml").is_file() and not (out / "final" / "final.json").exists()
 
 
 @pytest.mark.slow

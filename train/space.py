@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,17 @@ EMBEDDING_MODES = {
 }
 MODE = "embedding_mode"
 NOT_SEARCHABLE = {"n_epochs": "pruning decides how many epochs a trial runs; fix it in [fixed] or -p"}
+# Accepted in a space, with a note: they change speed or memory, never a trial's metric.
+NO_EFFECT = {
+    "cuda_graph": "how the CUDA step is launched",
+    "eval_batch_size": "sessions per step of the validation replay, which scores every session alike",
+}
 _DIM_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"}}
 _DIM_KEYS["categorical"] = {"type", "choices"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
@@ -55,8 +65,18 @@ class Dim:
                 self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         if self.kind == "float":
-            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+            return self.clean(
+                trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+            )
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def clean(self, value: Any) -> Any:
+        """A stepped float as the decimal grid point it stands for: Optuna computes low + k * step in
+        binary (0.30000000000000004); best.toml and the report show 0.3."""
+        if self.kind != "float" or self.step is None or not isinstance(value, float):
+            return value
+        low, step = Decimal(repr(self.low)), Decimal(repr(self.step))
+        return float(low + step * round((Decimal(repr(value)) - low) / step))
 
     def corners(self) -> list[Any]:
         return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
@@ -71,7 +91,7 @@ class Dim:
 
     def describe(self) -> str:
         if self.kind == "categorical":
-            return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
+            return f"{self.name} in {{{', '.join(json.dumps(c) if isinstance(c, str) else str(c) for c in self.choices)}}}"
         step = f" step {self.step:g}" if self.step is not None else ""
         return f"{self.name} {self.low:g}..{self.high:g}{step}{' (log)' if self.log else ''}"
 
@@ -122,6 +142,14 @@ class SearchSpace:
 
     def describe(self) -> list[str]:
         return [d.describe() for d in self.dims]
+
+    def notes(self) -> list[str]:
+        """One line per searched parameter that cannot change a trial's result."""
+        return [
+            f"note: searching {d.name} cannot change results ({NO_EFFECT[d.name]}); it only spends trials"
+            for d in self.dims
+            if d.name in NO_EFFECT
+        ]
 
 
 def load_space(spec: str | Path) -> SearchSpace:
@@ -241,8 +269,8 @@ def _parse_categorical(name: str, spec: dict, where: str) -> Dim:
     if name == MODE:
         values = [fixed_value(MODE, c, where) for c in choices]
     else:
-        if param_type(name) is list[int]:  # layers: 100 or "100,100" (Optuna choices must be scalars)
-            values = [c if isinstance(c, int) else _layers_text(c, where) for c in choices]
+        if param_type(name) == list[int]:
+            values = _layer_choices(choices, where)
         else:
             values = [convert(name, c, where) for c in choices]
     if len(set(map(json.dumps, values))) != len(values):
@@ -250,15 +278,27 @@ def _parse_categorical(name: str, spec: dict, where: str) -> Dim:
     return Dim(name, "categorical", choices=tuple(values))
 
 
+def _layer_choices(choices: list, where: str) -> list:
+    """Layer stacks: 100, [100, 100] or "100,100". Optuna's choices must be scalars (a list breaks its
+    importance code), so once any choice is a stack every choice becomes its text "100,100"."""
+    if all(map(_is_int, choices)):
+        return list(choices)
+    return [_layers_text(c, where) for c in choices]
+
+
 def _layers_text(value: Any, where: str) -> str:
     from gru4rec.train.params import parse_pairs
 
+    if isinstance(value, list) and value and all(map(_is_int, value)):
+        value = ",".join(map(str, value))
+    elif _is_int(value):
+        value = str(value)
     if not isinstance(value, str):
         raise UserError(
-            f'{where}: a layers choice is an integer or a string such as "100,100", got {value!r}'
+            f'{where}: a layers choice is an integer, a list such as [100, 100] or a string such as "100,100", got {value!r}'
         )
-    parse_pairs([f"layers={value}"])  # checks it
-    return value
+    layers = parse_pairs([f"layers={value}"])["layers"]  # checks it
+    return ",".join(map(str, layers))
 
 
 def _example(name: str) -> Any:

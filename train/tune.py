@@ -18,13 +18,18 @@ they share the study through the storage.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ GRACE_S = 120  # a RUNNING trial without a heartbeat for this long belongs to a 
 DIVERGED = "training diverged"  # the trainer's message for a NaN/inf loss
 IDENTITY_KEY = "gru4rec_tune"  # study user attribute: what the study searches, on which data
 HOST = socket.gethostname()
+DEFAULT_STORAGE = "study.db in --out"
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Job:
     metric: str
     seed: int
     n_trials: int
+    n_at_start: int  # trials in the study when this command started: seeds this start's samplers
     deadline: float | None  # time.time() after which no trial starts
     pruner: str
     n_epochs: int
@@ -112,30 +119,23 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         base = dict(PRESETS[name])
     space.check(base)
     n_epochs = _n_epochs(space, base)
-    out = check_output_dir(o.out)
-    inputs = (o.train, o.valid, o.final_test)
-    for name in OUTPUT_FILES:
-        check_output_file(out / name, inputs=inputs)
     devices = _devices(o.device, o.n_jobs)
-
-    train_events = read_events(o.train, o.keys)
-    if o.valid is not None:
-        valid_events = read_events(o.valid, o.keys)
-        check_same_id_types(train_events, valid_events, str(o.train), str(o.valid))
-        search_train, valid_note = train_events, f"validation set {o.valid}"
-    else:
-        search_train, valid_events, valid_note = split_validation(train_events, o.valid_days)
-    if o.final_test is not None:
-        check_same_id_types(train_events, read_events(o.final_test, o.keys), str(o.train), str(o.final_test))
-
-    url = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    storage = open_storage(url)
-    study_name = o.study or space.name
-    identity = _identity(space, o, base, search_train, valid_events)
-    study, created = open_study(storage, study_name, identity, url)
+    with _removed_on_failure(Path(o.out)):  # a run that fails before its first trial leaves no folder
+        out = check_output_dir(o.out)
+        for name in OUTPUT_FILES:
+            check_output_file(out / name, inputs=(o.train, o.valid, o.final_test))
+        study_name = o.study or space.name
+        url = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        train_events, search_train, valid_events, valid_note = _read_data(o)
+        notes = space.notes() + unseen_notes(search_train, valid_events, "validation")
+        storage = open_storage(url)  # a bad URL is said first
+        check_one_study(out, study_name, storage, o.storage)
+        identity = _identity(space, o, base, search_train, valid_events)
+        study, created = open_study(storage, study_name, identity, url)
     failed = fail_dead_trials(study, storage)
+    n_at_start = len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))
 
-    _say_header(console, o, space, base, valid_note, search_train, valid_events, study, created, url, failed)
+    _say_header(console, o, space, base, valid_note, search_train, study, created, url, failed, notes)
     job = Job(
         storage_url=url,
         study_name=study_name,
@@ -144,6 +144,7 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         metric=o.metric,
         seed=o.seed,
         n_trials=o.n_trials,
+        n_at_start=n_at_start,
         deadline=time.time() + o.timeout if o.timeout else None,
         pruner=o.pruner,
         n_epochs=n_epochs,
@@ -161,14 +162,14 @@ def run_tune(o: TuneOptions, console=None) -> dict:
         torch.set_num_threads(job.threads)
     try:
         return _search_and_report(
-            o, job, storage, study, space, url, train_events, devices, valid_note, console
+            o, job, storage, study, space, url, train_events, devices, valid_note, notes, console
         )
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _search_and_report(
-    o, job, storage, study, space, url, train_events, devices, valid_note, console
+    o, job, storage, study, space, url, train_events, devices, valid_note, notes, console
 ) -> dict:
     t0 = time.perf_counter()
     interrupted = False
@@ -182,6 +183,7 @@ def _search_and_report(
     info = ReportInfo(
         study_name=job.study_name,
         storage=redact(url),
+        storage_key=storage_key(o.storage),
         space=space,
         base_preset=o.preset,
         metric=o.metric,
@@ -191,6 +193,7 @@ def _search_and_report(
         valid_note=valid_note,
         train_path=str(o.train),
         wall_s=time.perf_counter() - t0,
+        notes=notes,
     )
     out = Path(o.out)
     summary = write_outputs(study, out, info, console)
@@ -200,13 +203,109 @@ def _search_and_report(
     if o.final_test is not None and summary.get("best") is not None:
         from gru4rec.train.tune_final import final_test
 
-        summary["final"] = final_test(
-            train_events, o.final_test, summary["best"]["config"], o.preset, o.seed, devices[0], out,
-            console, o.keys, o.progress,
-        )  # fmt: skip
+        try:
+            summary["final"] = final_test(
+                train_events, o.final_test, summary["best"]["config"], o.preset, o.seed, devices[0], out,
+                console, o.keys, o.progress,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            _remove_if_empty(out / "final")
+            console.print(
+                "interrupted during the --final-test retrain: the study, best.toml and report.md are "
+                "complete; final/ is not (re-run the command with --final-test to redo it)"
+            )
+            summary["interrupted"] = True
     elif o.final_test is not None:
         console.print("--final-test skipped: the study has no completed trial yet")
     return summary
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """Remove `folder` (and the parents made for it) when the block fails and the folder did not
+    exist before it: everything in it then is the failed run's."""
+    first_new = None
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        first_new = p
+    try:
+        yield
+    except BaseException:
+        if first_new is not None and first_new.is_dir():
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty, or not there: nothing to tidy
+        folder.rmdir()
+
+
+def _read_data(o: TuneOptions) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, str]:
+    """(all of TRAIN, the trials' training part, validation, a note on where validation comes from)."""
+    train_events = read_events(o.train, o.keys)
+    if o.valid is not None:
+        valid_events = read_events(o.valid, o.keys)
+        check_same_id_types(train_events, valid_events, str(o.train), str(o.valid))
+        search_train, valid_note = train_events, f"validation set {o.valid}"
+    else:
+        search_train, valid_events, valid_note = split_validation(train_events, o.valid_days)
+    if o.final_test is not None:
+        check_same_id_types(train_events, read_events(o.final_test, o.keys), str(o.train), str(o.final_test))
+    return train_events, search_train, valid_events, valid_note
+
+
+def unseen_notes(train_events: pl.DataFrame, events: pl.DataFrame, what: str) -> list[str]:
+    """What evaluating `events` on a model of `train_events` drops, in `train`'s and `score`'s words:
+    events of items not in the training data, then sessions left with fewer than 2 events."""
+    from gru4rec.data import ITEM, SESSION
+    from gru4rec.items import drop_short_sessions
+
+    known = events.filter(pl.col(ITEM).is_in(train_events[ITEM].unique().implode()))
+    lines = []
+    if known.height < events.height:
+        lines.append(
+            f"{what}: dropped {events.height - known.height:,} event(s) of items not in the training data"
+        )
+    n_short = events[SESSION].n_unique() - drop_short_sessions(known)[SESSION].n_unique()  # as `score` counts
+    if n_short:
+        lines.append(f"{what}: skipped {n_short:,} session(s) with fewer than 2 known events")
+    return lines
+
+
+def storage_key(storage: str | None) -> str:
+    """The storage as the folder's marker names it: the default one by its place, so that a folder
+    moved elsewhere is still the same study's."""
+    return redact(storage) if storage is not None else DEFAULT_STORAGE
+
+
+def check_one_study(out: Path, study_name: str, opened, storage: str | None) -> None:
+    """One study per --out: its outputs (best.toml, report.md, trials.parquet) are the study's, and
+    another study's run would replace them."""
+    import json
+
+    from gru4rec.train.tune_report import STUDY_MARKER
+
+    marker = out / STUDY_MARKER
+    if marker.is_file():
+        try:
+            had = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            had = {}
+        if had.get("study") != study_name or had.get("storage") != storage_key(storage):
+            raise UserError(
+                f"{out} holds the outputs of study {had.get('study')!r} in {had.get('storage')}; one study per "
+                "--out: use another --out (or that study's --space/--study/--storage to resume it)"
+            )
+    db = out / "study.db"
+    if storage is None and db.is_file():  # a folder written before the marker existed
+        others = [s.study_name for s in opened.get_all_studies() if s.study_name != study_name]
+        if others:
+            raise UserError(
+                f"{out} holds the outputs of study {others[0]!r} in {db}; one study per --out: use another "
+                "--out (or that study's --space/--study to resume it)"
+            )
 
 
 def _check_options(o: TuneOptions) -> None:
@@ -448,17 +547,22 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
     if job.threads is not None and worker > 0:  # a spawned worker; run_tune sets this process's
         torch.set_num_threads(job.threads)
     storage = storage or open_storage(job.storage_url)  # a spawned worker opens its own
-    running_at_start = _count(storage, job.study_name)[1]
     study = optuna.load_study(
         study_name=job.study_name,
         storage=storage,
-        sampler=make_sampler(job.seed, worker, running_at_start > 0),
+        sampler=make_sampler(job.seed, worker, job.n_at_start),
         pruner=make_pruner(job.pruner, job.n_epochs),
     )
-    study_id = storage.get_study_id_from_name(job.study_name)
     objective = Objective(job, job.devices[worker % len(job.devices)], worker, console)
+    with ctrl_c_noted() as ctrl_c:
+        _trial_loop(job, worker, console, storage, study, objective, ctrl_c)
+
+
+def _trial_loop(job: Job, worker: int, console, storage, study, objective, ctrl_c: list[bool]) -> None:
+    study_id = storage.get_study_id_from_name(job.study_name)
     tag = f"[w{worker}] " if job.n_jobs > 1 else ""
     durations: list[float] = []
+    repeats = 0  # proposals in a row that repeated a trial the study already has
     while True:
         if job.deadline is not None and time.time() >= job.deadline:
             console.print(f"{tag}--timeout reached: no new trial")
@@ -470,26 +574,97 @@ def run_worker(job: Job, worker: int, console, storage=None) -> None:
                     f"nothing to run: {done} finished and {running} running trial(s) reach the target {job.n_trials}"
                 )
             break
+        if repeats >= MAX_REPEATS:
+            console.print(
+                f"{tag}stopping: the sampler proposed {repeats} configurations in a row that the study "
+                "already has (the space may be exhausted)"
+            )
+            break
         t0 = time.perf_counter()
         objective.number = None
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+        study.optimize(objective, n_trials=1, catch=(RepeatedConfig,), gc_after_trial=True)
+        if ctrl_c:  # a Ctrl-C that Python dropped (it hit a garbage-collector callback) still stops
+            raise KeyboardInterrupt
+        if objective.number is None:
+            continue
+        trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, objective.number))
+        if "repeat_of" in trial.user_attrs:
+            repeats += 1
+            console.print(f"{tag}{repeat_line(trial)}", markup=False)
+            continue
+        repeats = 0
         durations.append(time.perf_counter() - t0)
-        if objective.number is not None:
-            trial = storage.get_trial(
-                storage.get_trial_id_from_study_id_trial_number(study_id, objective.number)
-            )
-            console.print(tag + trial_line(trial, study, storage, job, durations), markup=False)
+        console.print(tag + trial_line(trial, study, storage, job, durations), markup=False)
 
 
-def make_sampler(seed: int, worker: int, others_running: bool):
-    """TPE, seeded: a plain run is reproducible; workers and late joiners draw their own streams
-    (same seed, same proposals would duplicate the random start-up trials of the others)."""
+MAX_REPEATS = 50
+
+
+@contextlib.contextmanager
+def ctrl_c_noted() -> Iterator[list[bool]]:
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is; inside a garbage-collector
+    callback (Optuna collects after every trial) Python prints and drops it. The handler also notes
+    it, so the trial loop stops after the trial at the latest."""
+    noted: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield noted  # signals are not ours to handle here, or Ctrl-C is ignored on purpose
+        return
+
+    def handler(signum, frame) -> None:
+        noted.append(True)
+        previous(signum, frame)
+
+    def unraisable(u) -> None:  # the dropped Ctrl-C is acted on: no traceback for it
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            hook(u)
+
+    hook = sys.unraisablehook
+    signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+
+
+class RepeatedConfig(Exception):
+    """A proposal equal to a trial the study already ran or runs: the trial is failed (it never
+    counts towards --n-trials) and the sampler, its random state moved on, proposes again."""
+
+
+def repeat_line(trial) -> str:
+    params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    return f"trial {trial.number} skipped: the same parameters as trial #{trial.user_attrs['repeat_of']} | {params}"
+
+
+def twin_of(trial) -> int | None:
+    """The number of a finished or running trial with exactly `trial`'s parameters, if any."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    for t in trial.study.get_trials(deepcopy=False, states=states):
+        if t.number != trial.number and t.params == trial.params:
+            return t.number
+    return None
+
+
+def sampler_seed(seed: int, worker: int, n_at_start: int) -> int:
+    """--seed for the first start of a study's first worker; every other start (a resume, a top-up,
+    another worker or machine) continues with its own stream, derived from the seed, the worker and
+    the study's trial count, so it neither replays an earlier start's proposals nor depends on
+    chance: the same command sequence gives the same trials."""
+    if worker == 0 and n_at_start == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{worker}/{n_at_start}".encode()).digest()[:4], "little")
+
+
+def make_sampler(seed: int, worker: int, n_at_start: int):
+    """TPE (constant liar: parallel workers see the running trials as bad ones, not as free points)."""
     import optuna
 
-    s = seed
-    if worker > 0 or others_running:
-        s = int.from_bytes(hashlib.sha256(f"{seed}/{worker}/{os.getpid()}".encode()).digest()[:4], "little")
-    return optuna.samplers.TPESampler(seed=s, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=sampler_seed(seed, worker, n_at_start), constant_liar=True)
 
 
 def make_pruner(name: str, n_epochs: int):
@@ -545,6 +720,10 @@ class Objective:
             trial.set_user_attr("gpu_mb_start", torch.cuda.memory_allocated(self.device) / 2**20)
             torch.cuda.reset_peak_memory_stats(self.device)
         sampled = {d.name: d.suggest(trial) for d in job.space.dims}
+        twin = twin_of(trial)
+        if twin is not None:
+            trial.set_user_attr("repeat_of", twin)
+            raise RepeatedConfig(f"the same parameters as trial #{twin}")
         cfg = from_dict(job.space.params(sampled, job.base))
         trial.set_user_attr("config", cfg.to_dict())
         history: list[dict] = []
@@ -640,7 +819,7 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _say_header(console, o, space, base, valid_note, train_ev, valid_ev, study, created, url, failed) -> None:
+def _say_header(console, o, space, base, valid_note, train_ev, study, created, url, failed, notes) -> None:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -661,4 +840,6 @@ def _say_header(console, o, space, base, valid_note, train_ev, valid_ev, study, 
         f"fixed: {fixed}" + (f"; other parameters from preset {o.preset}" if base else ""), markup=False
     )
     console.print(f"training: {train_ev.height:,} events; validation: {valid_note}", markup=False)
+    for line in notes:
+        console.print(line, markup=False)
     console.print(f"metric {o.metric} (maximised), pruner {o.pruner}, seed {o.seed}, n_jobs {o.n_jobs}")

@@ -12,8 +12,12 @@ from gru4rec.errors import EXIT_INTERRUPTED
 
 EPILOG = (
     "Outputs in DIR: best.toml (gru4rec-cli train TRAIN --params best.toml), trials.parquet, report.md "
-    "with plots/, study.db (the default storage) and, with --final-test, final/. Re-running the same "
-    "command resumes the study; a trial interrupted by a crash or kill is marked failed and not counted."
+    "with plots/, study.json (which study they are of), study.db (the default storage) and, with "
+    "--final-test, final/. One study per DIR: a run of another study there (another --space, --study or "
+    "--storage) is refused before anything is written. Re-running the same command resumes the study "
+    "with new proposals: a configuration the study already has is never trained again (a proposal that "
+    "repeats one is skipped and said). A trial interrupted by a crash or kill is marked failed and not "
+    "counted."
 )
 
 
@@ -25,7 +29,11 @@ def register(app: typer.Typer) -> None:
             metavar="TRAIN",
             help="Training events: a Parquet, TSV or CSV file, a folder (hive welcome) or a quoted glob.",
         ),
-        out: Path = typer.Option(..., "--out", help="Output folder DIR (created if needed)."),
+        out: Path = typer.Option(
+            ...,
+            "--out",
+            help="Output folder DIR (created if needed), for one study: another study there is refused.",
+        ),
         valid: Path = typer.Option(
             None,
             "--valid",
@@ -74,7 +82,8 @@ def register(app: typer.Typer) -> None:
             "--seed",
             min=0,
             max=2**32 - 1,
-            help="Random seed of every trial's training and of the sampler.",
+            help="Random seed of every trial's training and of the sampler; a resumed, topped-up or parallel "
+            "start continues with its own stream from it (the same commands give the same trials).",
         ),
         n_jobs: int = typer.Option(
             1,

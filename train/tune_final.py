@@ -58,6 +58,8 @@ def final_test(
                 "recall@10": m["recall@10"],
                 "mrr@10": m["mrr@10"],
                 "n_predictions": report["n_predictions"],
+                "n_unknown_dropped": report["n_unknown_dropped"],
+                "n_skipped_sessions": report["n_skipped_sessions"],
                 "train_s": train_s,
                 "onnx": str(folder / f"{stem}.onnx"),
                 "params": cfg.to_dict(),
@@ -68,11 +70,23 @@ def final_test(
             f"({report['n_predictions']:,} predictions, ONNX Runtime)",
             markup=False,
         )
+        for line in drop_lines(report):
+            console.print(f"final test {label}: {line}", markup=False)
     write_text_atomic(
         folder / "final.json", json.dumps({"test": str(test_path), "seed": seed, "runs": rows}, indent=2)
     )
     _append_to_report(out / "report.md", rows, test_path, seed)
     return rows
+
+
+def drop_lines(report: dict) -> list[str]:
+    """What scoring TEST left out, in `score`'s words."""
+    lines = []
+    if report["n_unknown_dropped"]:
+        lines.append(f"dropped {report['n_unknown_dropped']:,} event(s) of items unknown to the model")
+    if report["n_skipped_sessions"]:
+        lines.append(f"skipped {report['n_skipped_sessions']:,} session(s) with fewer than 2 known events")
+    return lines
 
 
 def _append_to_report(report: Path, rows: list[dict], test_path: Path, seed: int) -> None:
@@ -90,6 +104,7 @@ def _append_to_report(report: Path, rows: list[dict], test_path: Path, seed: int
             f"| {r['model']} | {r['recall@20']:.4f} | {r['mrr@20']:.4f} | {r['recall@10']:.4f} | "
             f"{r['mrr@10']:.4f} | {r['train_s']:.0f} |"
         )
+    lines += [""] + [f"- {r['model']}: {line}" for r in rows for line in drop_lines(r)]
     text = report.read_text() if report.exists() else ""
     cut = text.find("## Final test")
     if cut >= 0:

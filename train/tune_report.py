@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ import polars as pl
 from gru4rec.io import atomic_path, check_output_dir, write_parquet_atomic, write_text_atomic
 from gru4rec.train.space import SearchSpace
 
-OUTPUT_FILES = ("best.toml", "trials.parquet", "report.md")
+STUDY_MARKER = "study.json"  # which study the folder's outputs are of: one study per --out
+OUTPUT_FILES = ("best.toml", "trials.parquet", "report.md", STUDY_MARKER)
 PLOTS = "plots"
 
 
@@ -24,6 +25,7 @@ PLOTS = "plots"
 class ReportInfo:
     study_name: str
     storage: str  # password redacted
+    storage_key: str  # the storage as study.json names it
     space: SearchSpace
     base_preset: str | None
     metric: str
@@ -33,16 +35,20 @@ class ReportInfo:
     valid_note: str
     train_path: str
     wall_s: float  # this run
+    notes: list[str] = field(default_factory=list)  # said in the console too: drops, no-effect parameters
 
 
 def write_outputs(study, out: Path, info: ReportInfo, console) -> dict:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    frame = trials_frame(trials, info.metric)
+    frame = trials_frame(trials, info.metric, info.space)
+    write_text_atomic(out / STUDY_MARKER, json.dumps({"study": info.study_name, "storage": info.storage_key}))
     write_parquet_atomic(frame, out / "trials.parquet")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    counts["repeat"] = sum("repeat_of" in t.user_attrs for t in trials)  # failed on purpose: said apart
+    counts["fail"] -= counts["repeat"]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     summary: dict[str, Any] = {"counts": counts, "best": None, "wall_s": info.wall_s}
     if best is not None:
@@ -50,15 +56,17 @@ def write_outputs(study, out: Path, info: ReportInfo, console) -> dict:
             "number": best.number,
             "value": best.value,
             "config": best.user_attrs["config"],
-            "params": dict(best.params),
+            "params": clean_params(best.params, info.space),
             "history": best.user_attrs.get("history", []),
         }
         write_text_atomic(out / "best.toml", best_toml(best, info))
-    plots = write_plots(study, out, info.metric, complete)
-    write_text_atomic(out / "report.md", report_markdown(trials, frame, summary, info, plots))
+    plots, missing = write_plots(study, out, info.metric, complete)
+    write_text_atomic(out / "report.md", report_markdown(trials, frame, summary, info, plots, missing))
+    for line in missing:
+        console.print(f"report: not drawn: {line}", markup=False)
     line = (
         f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed trial(s)"
-        f" in the study; this run {info.wall_s:.0f}s"
+        f" and {counts['repeat']} skipped repeat(s) in the study; this run {info.wall_s:.0f}s"
     )
     if best is not None:
         line += f"; best #{best.number}: {info.metric} {best.value:.4f} -> {out / 'best.toml'}"
@@ -77,7 +85,13 @@ def best_toml(best, info: ReportInfo) -> str:
     return "\n".join(header) + "\n" + tomli_w.dumps(best.user_attrs["config"])
 
 
-def trials_frame(trials, metric: str) -> pl.DataFrame:
+def clean_params(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """A trial's parameters with stepped floats on their decimal grid (as best.toml has them)."""
+    dims = {d.name: d for d in space.dims}
+    return {k: dims[k].clean(v) if k in dims else v for k, v in params.items()}
+
+
+def trials_frame(trials, metric: str, space: SearchSpace) -> pl.DataFrame:
     """One row per trial: state, value, per-epoch metric and loss, duration, memory, parameters."""
     rows = []
     for t in trials:
@@ -100,8 +114,9 @@ def trials_frame(trials, metric: str) -> pl.DataFrame:
             "gpu_mb_start": a.get("gpu_mb_start"),
             "gpu_peak_mb": a.get("gpu_peak_mb"),
             "config": json.dumps(a.get("config")) if "config" in a else None,
+            "repeat_of": a.get("repeat_of"),
         }
-        row.update({f"param_{k}": v for k, v in t.params.items()})
+        row.update({f"param_{k}": v for k, v in clean_params(t.params, space).items()})
         rows.append(row)
     schema = {
         "number": pl.Int64,
@@ -120,6 +135,7 @@ def trials_frame(trials, metric: str) -> pl.DataFrame:
         "gpu_mb_start": pl.Float64,
         "gpu_peak_mb": pl.Float64,
         "config": pl.String,
+        "repeat_of": pl.Int64,
     }
     if not rows:
         return pl.DataFrame(schema=schema)
@@ -128,9 +144,10 @@ def trials_frame(trials, metric: str) -> pl.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ plots
-def write_plots(study, out: Path, metric: str, complete: list) -> dict[str, str]:
+def write_plots(study, out: Path, metric: str, complete: list) -> tuple[dict[str, str], list[str]]:
     """Optimisation history, parameter importances, metric vs the two most important parameters and
-    the per-epoch curves (what pruning saw). A plot that needs more trials is left out, with a note."""
+    the per-epoch curves (what pruning saw). Returns (plots made, one line per plot that could not be
+    drawn): a plot never stops the report, which is written after trials that took hours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +157,13 @@ def write_plots(study, out: Path, metric: str, complete: list) -> dict[str, str]
 
     folder = check_output_dir(out / PLOTS)
     made: dict[str, str] = {}
+    missing: list[str] = []
     importances: dict[str, float] = {}
     if len(complete) >= 3:
         try:
             importances = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
-        except (ValueError, RuntimeError, ZeroDivisionError):
-            importances = {}
+        except Exception as e:  # Optuna's evaluators refuse some studies (too few distinct values, ...)
+            missing.append(f"parameter importances: {_why(e)}")
     top = [k for k, _ in sorted(importances.items(), key=lambda kv: -kv[1])][:2]
     jobs = [
         ("history", "Optimisation history", lambda: ovm.plot_optimization_history(study, target_name=metric)),
@@ -167,29 +185,42 @@ def write_plots(study, out: Path, metric: str, complete: list) -> dict[str, str]
     for name, title, make in jobs:
         if not complete and name != "epochs":
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna's matplotlib backend is marked experimental
-            try:
-                axes = make()
-            except (ValueError, RuntimeError):
-                continue
-        fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
-        with atomic_path(folder / f"{name}.png") as tmp, warnings.catch_warnings():
-            # Optuna's slice plot of many parameters asks for a tight layout it cannot fit; the
-            # bounding box below still fits the image to its contents
-            warnings.filterwarnings("ignore", message="Tight layout not applied")
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            _save_plot(make, folder / f"{name}.png", plt)
+        except Exception as e:
+            plt.close("all")
+            missing.append(f"{title}: {_why(e)}")
+            continue
         made[name] = title
     for stale in folder.glob("*.png"):  # a plot this run could not make must not show old data
         if stale.stem not in made:
             stale.unlink()
-    return made
+    return made, missing
+
+
+def _save_plot(make, path: Path, plt) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib backend is marked experimental
+        axes = make()
+    fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+    fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # Optuna's slice plot of many parameters asks for a tight layout it cannot fit; the
+        # bounding box below still fits the image to its contents
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------ report.md
-def report_markdown(trials, frame: pl.DataFrame, summary: dict, info: ReportInfo, plots: dict) -> str:
+def report_markdown(
+    trials, frame: pl.DataFrame, summary: dict, info: ReportInfo, plots: dict, missing: list[str]
+) -> str:
     c, metric = summary["counts"], info.metric
     lines = [
         f"# Tuning report: study `{info.study_name}`",
@@ -209,9 +240,12 @@ def report_markdown(trials, frame: pl.DataFrame, summary: dict, info: ReportInfo
         f"| storage | `{info.storage}` |",
         f"| trials | {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running "
         f"(target: {info.n_trials} finished) |",
+        f"| skipped repeats | {c['repeat']} (proposals equal to a trial the study had: failed, not counted) |",
         f"| this run | {info.wall_s:.0f} s |",
         "",
     ]
+    if info.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in info.notes], ""]
     best = summary["best"]
     if best is None:
         lines += ["No trial has completed yet.", ""]
@@ -231,10 +265,11 @@ def report_markdown(trials, frame: pl.DataFrame, summary: dict, info: ReportInfo
             "",
         ]
     lines += _top_trials(frame, metric) + _memory(frame)
-    if plots:
+    if plots or missing:
         lines += ["## Plots", ""]
         for name, title in plots.items():
             lines += [f"### {title}", "", f"![{name}]({PLOTS}/{name}.png)", ""]
+        lines += [f"Not drawn: {m}" + "  " for m in missing] + ([""] if missing else [])
     return "\n".join(lines)
 
 
