@@ -40,6 +40,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,9 @@ def run_job(engine: RayEngine, job) -> object:
     cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, time_unit=unit))
     # The test data's content digest is defined over the local reader's order, which shards do not
     # share: the driver computes it beside the job (a read of the file, while the workers score).
-    fingerprint = _Background(sessions_fingerprint, job.sessions, cfg.keys)
+    pool = ThreadPoolExecutor(max_workers=1)
+    fingerprint = pool.submit(sessions_fingerprint, job.sessions, cfg.keys)
+    pool.shutdown(wait=False)  # its one thread ends with the read
     out = job.out
     with ray_runtime(ray, engine) as runtime:
         workers, gpus, worker_provider, n_shards = _plan_resources(ray, engine, job.provider)
@@ -321,29 +324,6 @@ def run_job(engine: RayEngine, job) -> object:
             **phases,  # the job's wall time split: Ray Data read + shuffle, then the scorer pool
         },
     )
-
-
-class _Background:
-    """A function run in a thread; `result()` joins it and re-raises what it raised."""
-
-    def __init__(self, fn, *args):
-        import threading
-
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._target, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _target(self, fn, *args) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _make_tmp_dir(out: Path) -> Path:
