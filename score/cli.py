@@ -85,6 +85,16 @@ def register(app: typer.Typer) -> None:
         chunk_events: int = typer.Option(
             1_000_000, "--chunk-events", help="Events read per chunk (whole sessions); bounds memory use."
         ),
+        memory_budget: str | None = typer.Option(
+            None,
+            "--memory-budget",
+            help="Memory for one step's scores beyond the model's weights, e.g. 512MB, 2GB \\[default: a quarter of "
+            "free memory, at most 1 GiB]. Catalogs whose [batch x items] scores do not fit are scored in tiles of "
+            "items (same ranks); the batch shrinks only when even a tile of 8,192 items does not fit.",
+        ),
+        tile_items: int = typer.Option(
+            0, "--tile-items", help="Items per tile of the score matrix (at least the model's top-k); 0: from --memory-budget."
+        ),
         session_key: SessionKey = "session_id",
         item_key: ItemKey = "item_id",
         time_key: TimeKey = "time",
@@ -108,6 +118,7 @@ def register(app: typer.Typer) -> None:
         """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
         from gru4rec.data import Keys
         from gru4rec.score.scorer import ScoreConfig, score
+        from gru4rec.score.tiled import parse_bytes
 
         cfg = ScoreConfig(
             k=k,
@@ -118,6 +129,8 @@ def register(app: typer.Typer) -> None:
             keys=Keys(session_key, item_key, time_key, time_unit),
             chunk_events=chunk_events,
             beyond_accuracy=beyond_accuracy,
+            memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
+            tile_items=tile_items,
         )
         if engine == "ray":
             from gru4rec.score.ray_engine import RayEngine

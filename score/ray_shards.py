@@ -165,7 +165,7 @@ class ShardScorer:
         import ray
 
         from gru4rec.bundle import load_bundle
-        from gru4rec.score.ort_backend import OrtBackend
+        from gru4rec.score.tiled import make_backend
 
         files: dict[str, bytes] = ray.get(bundle_ref[0])
         self._model_dir = tempfile.mkdtemp(prefix="gru4rec-model-")
@@ -173,9 +173,7 @@ class ShardScorer:
             Path(self._model_dir, name).write_bytes(data)
         bundle = load_bundle(Path(self._model_dir, "m.onnx"))
         self.items = bundle.items
-        self.backend = OrtBackend.from_bundle(
-            bundle, provider, tf32, threads=threads, with_topk=out_dir is not None
-        )
+        self.backend = make_backend(bundle, cfg.tile_items, provider, tf32, out_dir is not None, threads)
         self.cfg, self.out_dir, self.source_name, self.kill_marker = cfg, out_dir, source_name, kill_marker
 
     def __call__(self, block):

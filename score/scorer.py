@@ -11,8 +11,9 @@ replay itself and takes any step backend (`score_source` gives its report: tests
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class ScoreConfig:
     # coverage@k (and popularity@k with `popularity`) from the top-k lists, for cut-offs <= top-k
     beyond_accuracy: bool = False
     popularity: np.ndarray | None = None  # normalised training popularity per item index
+    memory_budget: int | None = None  # bytes for a step's working set; None: a share of free memory
+    tile_items: int = 0  # items per tile of the score matrix; 0: from the memory budget
 
     def check(self, n_items: int, top_k: int) -> None:
         if self.tie_mode not in TIE_MODES:
@@ -94,6 +97,7 @@ class ScoreJob:
     tf32: bool = False
     progress: bool = False
     recorder: LatencyRecorder = field(default_factory=LatencyRecorder)
+    memory: Any = None  # score.tiled.MemoryPlan: the batch and tiles the budget gave
 
 
 @dataclass
@@ -123,14 +127,13 @@ class LocalEngine:
         return Path(out) if out is not None else None
 
     def run(self, job: ScoreJob) -> EngineResult:
-        from gru4rec.score.ort_backend import OrtBackend
+        from gru4rec.score.tiled import make_backend
 
         cfg, rec = job.cfg, job.recorder
         with rec.phase("load"):
             source = SessionSource(job.sessions, cfg.keys, cfg.chunk_events)
-            backend = OrtBackend.from_bundle(
-                job.bundle, job.provider, job.tf32, with_topk=job.out is not None or cfg.beyond_accuracy
-            )
+            with_topk = job.out is not None or cfg.beyond_accuracy
+            backend = make_backend(job.bundle, cfg.tile_items, job.provider, job.tf32, with_topk)
         return run_source(backend, job.bundle.items, source, cfg, job.out, rec, job.progress)
 
 
@@ -155,6 +158,7 @@ def score(
     Pass a `recorder` to keep the raw per-step times (the JSON only holds percentiles); `train`
     (the training events) gives popularity@k when `config.beyond_accuracy` is on."""
     from gru4rec.bundle import load_bundle
+    from gru4rec.score.tiled import plan_for
 
     cfg = config or ScoreConfig()
     engine = engine if engine is not None else LocalEngine()
@@ -170,12 +174,18 @@ def score(
             if not cfg.beyond_accuracy:
                 raise UserError("--train gives popularity@k for --beyond-accuracy; add --beyond-accuracy")
             cfg.popularity = item_popularity(bundle.items, train, cfg.keys)
-    job = ScoreJob(Path(model), bundle, sessions, out, cfg, provider, tf32, progress, rec)
+        memory = plan_for(cfg, bundle)
+        # the run's own copy: every engine and worker builds its backend from these two
+        run_cfg = replace(cfg, tile_items=memory.tile, batch_size=memory.batch or cfg.batch_size)
+    if progress:
+        print(memory.describe(), file=sys.stderr)
+    job = ScoreJob(Path(model), bundle, sessions, out, run_cfg, provider, tf32, progress, rec, memory)
     result = engine.run(job)  # each engine refuses "nothing to score" before committing its outputs
-    report = assemble_report(result, cfg, wall_s=time.perf_counter() - t0)
+    report = assemble_report(result, run_cfg, wall_s=time.perf_counter() - t0)
     report["model"] = str(model)
     # What the figures belong to: `eval nightly` refuses a metrics JSON of other data or another model.
     report["model_export_id"] = bundle.meta["export_id"]
+    report["memory"] = memory.report()
     if metrics is not None:
         write_metrics_json(metrics, report)
     return report

@@ -1,0 +1,338 @@
+"""Scoring with the item axis in tiles: memory that does not grow with the catalog.
+
+The exported eval graph scores a whole [b, N] matrix per step; at millions of items that matrix
+(and the comparisons made of it) no longer fits. Here the scorer splits the eval graph in two
+ONNX Runtime sessions over the same weights:
+
+- front: step_in, hidden_prev -> hidden_out, x (the last layer's output, the input of the score
+  GEMM) and t, the target's score. The eval graph as exported, minus the score GEMM and what
+  follows it.
+- tile: x, t, a tile of item rows W [T, H] and biases [T], the running top-k and counts -> the
+  updated top-k and counts. Called once per tile; the running top-k is merged inside the graph
+  (TopK of the concatenation), so every op is one of ORT's plain kernels (Gemm, Greater, ReduceSum,
+  TopK) at the shapes it is fast at, and the tile size is chosen at score time from a memory
+  budget instead of being fixed at export (a Loop or unrolled tiles in the exported graph would fix
+  it, and a Loop runs its body one iteration at a time outside the fast kernels' batching).
+
+Exactness. Counts: n_greater and n_equal of a tile are exact integers (float32 sums below 2**24)
+and add up across tiles. The target's score t is computed by a Gemm of the same shape family as
+the tile's (x against the target rows, bias added by the Gemm, transB), so it is the value the
+tile GEMM gives that column: the target itself is counted equal, as in the untiled graph. Top-k:
+ONNX TopK breaks ties by the lower index; the running list holds earlier tiles (lower indices)
+and is concatenated before the new tile, so ties still go to the lower item index. Tests compare
+both against a brute-force numpy reference and against the untiled graph.
+
+The item tables (every initializer with one row per item: the output matrix, the biases, an
+input embedding) are graph inputs of the front session, fed the same numpy arrays each step, and
+the tile session reads row slices of them: on the CPU EP neither is copied, so the weights are in
+memory once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from gru4rec.errors import UserError
+from gru4rec.score.ort_backend import _drop_outputs, make_session, resolve_provider, scoring_graph
+from gru4rec.score.replay import StepOutput
+
+# Bytes per (row x item) cell that one step holds at once: scores, the comparisons' bool and
+# float32 copies; the untiled eval graph holds about this much over the whole catalog.
+CELL_BYTES = 24
+MIN_TILE = 8192  # below this, per-run overhead outweighs the GEMM
+DEFAULT_BUDGET_FRACTION = 0.25
+DEFAULT_BUDGET_CAP = 1 << 30  # larger tiles buy no speed: the GEMM is at its rate well before
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); 8 GiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def default_budget() -> int:
+    return int(min(available_memory() * DEFAULT_BUDGET_FRACTION, DEFAULT_BUDGET_CAP))
+
+
+def parse_bytes(text: str) -> int:
+    """'512MB', '2GiB', '1.5G', '800000000' -> bytes; UserError on anything else."""
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    s = text.strip().upper().removesuffix("B")
+    num = s.rstrip("KMGTI")
+    try:
+        value = float(num) * units[s[len(num) :]]
+    except (KeyError, ValueError):
+        raise UserError(f"--memory-budget: not a size: {text!r} (e.g. 512MB, 2GB, 1.5GiB)") from None
+    if value < 1 << 20:
+        raise UserError(f"--memory-budget {text!r} is below 1 MB")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int  # bytes for the per-step working set (the weights come on top)
+    batch: int  # replay batch (the requested one, or smaller when even MIN_TILE does not fit)
+    tile: int  # items per tile; == n_items: the untiled eval graph
+    n_items: int
+
+    @property
+    def tiled(self) -> bool:
+        return self.tile < self.n_items
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.n_items // self.tile)
+
+    def report(self) -> dict:
+        return {"budget_bytes": self.budget, "batch": self.batch, "tile_items": self.tile, "n_tiles": self.n_tiles}
+
+    def describe(self) -> str:
+        how = (
+            f"{self.n_tiles} tiles of {self.tile:,} items per step"
+            if self.tiled
+            else f"all {self.n_items:,} items in one pass"
+        )
+        return f"memory budget {self.budget / 2**20:,.0f} MiB: batch {self.batch:,}, {how}"
+
+
+def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0) -> MemoryPlan:
+    """Batch and tile from a memory budget: the untiled graph where [batch, N] fits, else tiles as
+    wide as fit (at least MIN_TILE, or the catalog), else a smaller batch. `tile_items` forces it."""
+    budget = budget or default_budget()
+    if tile_items:
+        if not top_k <= tile_items:
+            raise UserError(f"--tile-items must be at least the model's top-k ({top_k}), got {tile_items}")
+        return MemoryPlan(budget, batch, min(tile_items, n_items), n_items)
+    tile = budget // (batch * CELL_BYTES)
+    if tile >= n_items:
+        return MemoryPlan(budget, batch, n_items, n_items)
+    floor = min(n_items, max(MIN_TILE, top_k))
+    if tile >= floor:
+        return MemoryPlan(budget, batch, int(tile), n_items)
+    return MemoryPlan(budget, max(1, budget // (floor * CELL_BYTES)), floor, n_items)
+
+
+# ------------------------------------------------------------------------------------------------
+def item_tables(model, n_items: int) -> list[str]:
+    """Initializers with one row per item (or per padded score column): the tables fed as inputs."""
+    return [i.name for i in model.graph.initializer if i.dims and i.dims[0] >= n_items]
+
+
+def score_gemm(graph):
+    """The Gemm that makes the [b, N] scores: the node whose output the target gather reads."""
+    producers = {o: n for n in graph.node for o in n.output}
+    gathers = [n for n in graph.node if n.op_type == "GatherElements"]
+    node = producers.get(gathers[0].input[0]) if len(gathers) == 1 else None
+    attrs = {a.name: a for a in node.attribute} if node is not None else {}
+    if (
+        node is None
+        or node.op_type != "Gemm"
+        or len(node.input) != 3
+        or attrs.get("transB") is None
+        or attrs["transB"].i != 1
+        or any(a in attrs and attrs[a].f != 1.0 for a in ("alpha", "beta"))
+        or attrs.get("transA") is not None and attrs["transA"].i != 0
+    ):
+        raise UserError("evaluation graph: no plain score Gemm (x, W, b) found; re-export to score it in tiles")
+    return node
+
+
+def front_graph(model, n_items: int):
+    """(ModelProto, names of item tables, score-matrix name, bias name) of the tiled front graph."""
+    import onnx
+    import onnx.helper as oh
+
+    model = scoring_graph(model, with_topk=False)
+    graph = model.graph
+    gemm = score_gemm(graph)
+    x, w, b = gemm.input
+    tables = item_tables(model, n_items)
+    if w not in tables or b not in tables:
+        raise UserError("evaluation graph: the score Gemm does not read item tables; re-export")
+    elem = next(i for i in graph.initializer if i.name == w).data_type
+    for init in [i for i in graph.initializer if i.name in tables]:
+        graph.input.append(oh.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        graph.initializer.remove(init)
+    graph.initializer.append(oh.make_tensor("gru4rec_axis0", onnx.TensorProto.INT64, [1], [0]))
+    graph.initializer.append(oh.make_tensor("gru4rec_zero", onnx.TensorProto.INT64, [], [0]))
+    graph.initializer.append(oh.make_tensor("gru4rec_one", onnx.TensorProto.INT64, [], [1]))
+    graph.initializer.append(oh.make_tensor("gru4rec_col", onnx.TensorProto.INT64, [2], [-1, 1]))
+    graph.node.extend(
+        [
+            oh.make_node("Gather", [w, "target_idx"], ["gru4rec_wt"], axis=0),
+            oh.make_node("Gather", [b, "target_idx"], ["gru4rec_bt"], axis=0),
+            # x against the target rows: [b, b], the diagonal is each row's own target score
+            oh.make_node("Gemm", [x, "gru4rec_wt", "gru4rec_bt"], ["gru4rec_tt"], transB=1),
+            oh.make_node("Shape", ["target_idx"], ["gru4rec_b1"]),
+            oh.make_node("Squeeze", ["gru4rec_b1", "gru4rec_axis0"], ["gru4rec_b"]),
+            oh.make_node("Range", ["gru4rec_zero", "gru4rec_b", "gru4rec_one"], ["gru4rec_rows"]),
+            oh.make_node("Reshape", ["gru4rec_rows", "gru4rec_col"], ["gru4rec_diag"]),
+            oh.make_node("GatherElements", ["gru4rec_tt", "gru4rec_diag"], ["gru4rec_t"], axis=1),
+            oh.make_node("Identity", [x], ["gru4rec_x"]),
+        ]
+    )
+    graph.output.append(oh.make_tensor_value_info("gru4rec_x", elem, ["batch", None]))
+    graph.output.append(oh.make_tensor_value_info("gru4rec_t", elem, ["batch", 1]))
+    _drop_outputs(graph, {o.name for o in graph.output} - {"hidden_out", "gru4rec_x", "gru4rec_t"})
+    return model, [i for i in tables if i in {g.name for g in graph.input}], w, b
+
+
+def tile_graph(elem: int, with_topk: bool):
+    """x [b,H], t [b,1], W [T,H], bias [T] (+ k, offset, running top-k) and running counts -> updated."""
+    import onnx
+    import onnx.helper as oh
+
+    F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    vi = oh.make_tensor_value_info
+    inputs = [vi("x", elem, ["b", "h"]), vi("t", elem, ["b", 1]), vi("W", elem, ["T", "h"]), vi("bias", elem, ["T"])]
+    inputs += [vi("gt", I64, ["b"]), vi("eq", I64, ["b"])]
+    outputs = [vi("gt_out", I64, ["b"]), vi("eq_out", I64, ["b"])]
+    inits = [oh.make_tensor("axis1", I64, [1], [1])]
+    nodes = [oh.make_node("Gemm", ["x", "W", "bias"], ["s"], transB=1)]
+    for op, count, out in (("Greater", "gt", "gt_out"), ("Equal", "eq", "eq_out")):
+        nodes += [
+            oh.make_node(op, ["s", "t"], [f"{op}_hit"]),
+            oh.make_node("Cast", [f"{op}_hit"], [f"{op}_f"], to=F),  # float32 sums: exact below 2**24
+            oh.make_node("ReduceSum", [f"{op}_f", "axis1"], [f"{op}_sum"], keepdims=0),
+            oh.make_node("Cast", [f"{op}_sum"], [f"{op}_n"], to=I64),
+            oh.make_node("Add", [count, f"{op}_n"], [out]),
+        ]
+    if with_topk:
+        inputs += [vi("k", I64, [1]), vi("offset", I64, []), vi("run_v", F, ["b", "K"]), vi("run_i", I64, ["b", "K"])]
+        inputs += [vi("K", I64, [1])]
+        outputs += [vi("run_v_out", F, ["b", "K"]), vi("run_i_out", I64, ["b", "K"])]
+        nodes += [
+            oh.make_node("TopK", ["s", "k"], ["tv", "ti"], axis=1),
+            oh.make_node("Cast", ["tv"], ["tv32"], to=F),
+            oh.make_node("Add", ["ti", "offset"], ["tig"]),
+            # earlier tiles first: among equal scores TopK keeps the lower position, the lower item
+            oh.make_node("Concat", ["run_v", "tv32"], ["cv"], axis=1),
+            oh.make_node("Concat", ["run_i", "tig"], ["ci"], axis=1),
+            oh.make_node("TopK", ["cv", "K"], ["run_v_out", "pos"], axis=1),
+            oh.make_node("GatherElements", ["ci", "pos"], ["run_i_out"], axis=1),
+        ]
+    graph = oh.make_graph(nodes, "gru4rec_score_tile", inputs, outputs, inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def load_tables(model, names: list[str], base_dir: Path) -> dict[str, np.ndarray]:
+    """The named initializers as numpy arrays (external data read from `base_dir`)."""
+    from onnx import numpy_helper
+
+    by_name = {i.name: i for i in model.graph.initializer}
+    return {n: np.ascontiguousarray(numpy_helper.to_array(by_name[n], str(base_dir))) for n in names}
+
+
+class TiledOrtBackend:
+    """Step backend (see score/replay.py) over the eval graph, the item axis in tiles of `tile` items."""
+
+    def __init__(
+        self, eval_path: str | Path, n_items: int, top_k: int, n_layers: int, hidden_size: int,
+        tile: int, provider: str = "auto", threads: int = 0, with_topk: bool = True,
+    ):  # fmt: skip
+        import onnx
+
+        from gru4rec.score.latency import cpu_name
+
+        self.kind = resolve_provider(provider)
+        if self.kind != "cpu":
+            raise UserError(
+                "tiled scoring (catalogs past the memory budget) runs on the CPU execution provider; "
+                "pass --provider cpu, or a larger --memory-budget to score untiled on CUDA"
+            )
+        self.n_items, self.top_k, self.tile = int(n_items), int(top_k), int(tile)
+        self.n_layers, self.hidden_size, self.with_topk = int(n_layers), int(hidden_size), bool(with_topk)
+        eval_path = Path(eval_path)
+        try:
+            model = onnx.load(str(eval_path), load_external_data=False)
+        except Exception as e:
+            raise UserError(f"{eval_path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        tables = item_tables(model, self.n_items)
+        self.tables = load_tables(model, tables, eval_path.parent)
+        front, feeds, w, b = front_graph(model, self.n_items)  # (edits `model` in place)
+        onnx.external_data_helper.load_external_data_for_model(front, str(eval_path.parent))
+        self.feeds = {n: self.tables[n] for n in feeds}
+        self.W, self.bias = self.tables[w][: self.n_items], self.tables[b][: self.n_items]
+        self.front = make_session(front.SerializeToString(), eval_path, "cpu", threads)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(self.W.dtype)
+        tile_model = tile_graph(elem, self.with_topk)
+        self.tile_session = make_session(tile_model.SerializeToString(), eval_path, "cpu", threads)
+        self.name, self.device, self.tf32, self.io_binding = "ort-cpu-tiled", cpu_name(), False, False
+        self.bounds = [(a, min(a + self.tile, self.n_items)) for a in range(0, self.n_items, self.tile)]
+
+    @classmethod
+    def from_bundle(cls, bundle, tile: int, provider: str = "auto", **options) -> TiledOrtBackend:
+        return cls(
+            bundle.eval_path, bundle.n_items, bundle.top_k, bundle.n_layers, bundle.hidden_size, tile,
+            provider, **options,
+        )  # fmt: skip
+
+    def start(self, batch_size: int) -> None:
+        self.batch = int(batch_size)
+        self._stage = np.zeros(4 * max(self.batch, 2), dtype=np.int64)
+        self.hidden = np.zeros((self.n_layers, 1, self.hidden_size), dtype=np.float32)
+
+    def step(self, item_idx, target_idx, src_rows, reset_mask, fetch_topk: bool) -> StepOutput:
+        if fetch_topk and not self.with_topk:
+            raise ValueError("this backend was built without top-k (with_topk=False)")
+        n = len(item_idx)
+        b = max(n, 2)  # one row runs as two: MLAS takes another (GEMV) path for a single unpacked row
+        flat = self._stage
+        for r, values in enumerate((item_idx, target_idx, src_rows, ~reset_mask)):
+            flat[r * b : r * b + n] = values
+            flat[r * b + n : (r + 1) * b] = values[0]
+        feed = {"step_in": flat[: 4 * b].reshape(4, b), "hidden_prev": self.hidden, **self.feeds}
+        hidden, x, t = self.front.run(["hidden_out", "gru4rec_x", "gru4rec_t"], feed)
+        self.hidden = np.ascontiguousarray(hidden[:, :n])
+        out = self._tiles(x, t, b, fetch_topk)
+        if n < b:
+            out = StepOutput(out.n_greater[:n], out.n_equal[:n], *(
+                (out.topk_idx[:n], out.topk_scores[:n]) if fetch_topk else ()))  # fmt: skip
+        return out
+
+    def _tiles(self, x: np.ndarray, t: np.ndarray, b: int, fetch_topk: bool) -> StepOutput:
+        K = self.top_k
+        state = {"gt": np.zeros(b, np.int64), "eq": np.zeros(b, np.int64)}
+        names = ["gt_out", "eq_out"]
+        if self.with_topk:
+            state |= {"run_v": np.full((b, K), -np.inf, np.float32), "run_i": np.zeros((b, K), np.int64)}
+            names += ["run_v_out", "run_i_out"]
+            k_all = np.array([K], np.int64)
+        for lo, hi in self.bounds:
+            feed = {"x": x, "t": t, "W": self.W[lo:hi], "bias": self.bias[lo:hi], **state}
+            if self.with_topk:
+                feed |= {"k": np.array([min(K, hi - lo)], np.int64), "offset": np.array(lo, np.int64), "K": k_all}
+            out = self.tile_session.run(names, feed)
+            state = dict(zip(("gt", "eq", "run_v", "run_i"), out))
+        res = StepOutput(state["gt"], state["eq"])
+        if fetch_topk:
+            res.topk_idx, res.topk_scores = state["run_i"], state["run_v"]
+        return res
+
+
+def plan_for(cfg, bundle) -> MemoryPlan:
+    """The memory plan of a scoring run (`score.scorer.ScoreConfig` over a loaded bundle)."""
+    if cfg.latency_mode == "online":  # one row per step: the batch stays 1
+        plan = plan_memory(bundle.n_items, bundle.top_k, 1, cfg.memory_budget, cfg.tile_items)
+        return replace(plan, batch=0)  # 0: the run keeps its configured batch size (online ignores it)
+    return plan_memory(bundle.n_items, bundle.top_k, cfg.batch_size, cfg.memory_budget, cfg.tile_items)
+
+
+def make_backend(bundle, tile: int, provider: str = "auto", tf32: bool = False, with_topk: bool = True,
+                 threads: int = 0):  # fmt: skip
+    """The step backend for tiles of `tile` items: the exported eval graph where one tile is the
+    whole catalog (0 too), else the tiled backend."""
+    from gru4rec.score.ort_backend import OrtBackend
+
+    if 0 < tile < bundle.n_items:
+        return TiledOrtBackend.from_bundle(bundle, tile, provider, threads=threads, with_topk=with_topk)
+    return OrtBackend.from_bundle(bundle, provider, tf32, threads=threads, with_topk=with_topk)
