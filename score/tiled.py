@@ -147,7 +147,8 @@ def score_gemm(graph):
 
 
 def front_graph(model, n_items: int):
-    """(ModelProto, names of item tables, score-matrix name, bias name) of the tiled front graph."""
+    """(ModelProto, names of item tables, score-matrix name, bias name) of the tiled front graph:
+    step_in, hidden_prev, item tables -> hidden_out, gru4rec_x (the score Gemm's input)."""
     import onnx
     import onnx.helper as oh
 
@@ -162,42 +163,45 @@ def front_graph(model, n_items: int):
     for init in [i for i in graph.initializer if i.name in tables]:
         graph.input.append(oh.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         graph.initializer.remove(init)
-    graph.initializer.append(oh.make_tensor("gru4rec_axis0", onnx.TensorProto.INT64, [1], [0]))
-    graph.initializer.append(oh.make_tensor("gru4rec_zero", onnx.TensorProto.INT64, [], [0]))
-    graph.initializer.append(oh.make_tensor("gru4rec_one", onnx.TensorProto.INT64, [], [1]))
-    graph.initializer.append(oh.make_tensor("gru4rec_col", onnx.TensorProto.INT64, [2], [-1, 1]))
-    graph.node.extend(
-        [
-            oh.make_node("Gather", [w, "target_idx"], ["gru4rec_wt"], axis=0),
-            oh.make_node("Gather", [b, "target_idx"], ["gru4rec_bt"], axis=0),
-            # x against the target rows: [b, b], the diagonal is each row's own target score
-            oh.make_node("Gemm", [x, "gru4rec_wt", "gru4rec_bt"], ["gru4rec_tt"], transB=1),
-            oh.make_node("Shape", ["target_idx"], ["gru4rec_b1"]),
-            oh.make_node("Squeeze", ["gru4rec_b1", "gru4rec_axis0"], ["gru4rec_b"]),
-            oh.make_node("Range", ["gru4rec_zero", "gru4rec_b", "gru4rec_one"], ["gru4rec_rows"]),
-            oh.make_node("Reshape", ["gru4rec_rows", "gru4rec_col"], ["gru4rec_diag"]),
-            oh.make_node("GatherElements", ["gru4rec_tt", "gru4rec_diag"], ["gru4rec_t"], axis=1),
-            oh.make_node("Identity", [x], ["gru4rec_x"]),
-        ]
-    )
+    graph.node.append(oh.make_node("Identity", [x], ["gru4rec_x"]))
     graph.output.append(oh.make_tensor_value_info("gru4rec_x", elem, ["batch", None]))
-    graph.output.append(oh.make_tensor_value_info("gru4rec_t", elem, ["batch", 1]))
-    _drop_outputs(graph, {o.name for o in graph.output} - {"hidden_out", "gru4rec_x", "gru4rec_t"})
+    _drop_outputs(graph, {o.name for o in graph.output} - {"hidden_out", "gru4rec_x"})
     return model, [i for i in tables if i in {g.name for g in graph.input}], w, b
 
 
+def half_gemm(inputs: list[str], out: str) -> list:
+    """A float16 Gemm as the CPU EP runs the exported one: float32 operands, the result cast back
+    (ORT's own float16 kernel rounds differently at some shapes, which would move ties)."""
+    import onnx
+    import onnx.helper as oh
+
+    F = onnx.TensorProto.FLOAT
+    cast = [oh.make_node("Cast", [i], [f"{out}_{n}32"], to=F) for n, i in enumerate(inputs)]
+    gemm = oh.make_node("Gemm", [c.output[0] for c in cast], [f"{out}_32"], transB=1)
+    return [*cast, gemm, oh.make_node("Cast", [f"{out}_32"], [out], to=onnx.TensorProto.FLOAT16)]
+
+
 def tile_graph(elem: int, with_topk: bool):
-    """x [b,H], t [b,1], W [T,H], bias [T] (+ k, offset, running top-k) and running counts -> updated."""
+    """x [b,H], t [b,1], W [T,H], bias [T] (+ k, offset, running top-k) and running counts -> updated.
+
+    Output `s` is the tile's scores (float32; a float16 model's scores cast exactly): asked for
+    with the target rows as the tile, its diagonal is each row's target score, computed by the
+    very ops that score every tile, so the target ties with itself as in the untiled graph."""
     import onnx
     import onnx.helper as oh
 
     F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     vi = oh.make_tensor_value_info
-    inputs = [vi("x", elem, ["b", "h"]), vi("t", elem, ["b", 1]), vi("W", elem, ["T", "h"]), vi("bias", elem, ["T"])]
+    inputs = [vi("x", elem, ["b", "h"]), vi("t", F, ["b", 1]), vi("W", elem, ["T", "h"]), vi("bias", elem, ["T"])]
     inputs += [vi("gt", I64, ["b"]), vi("eq", I64, ["b"])]
-    outputs = [vi("gt_out", I64, ["b"]), vi("eq_out", I64, ["b"])]
+    outputs = [vi("gt_out", I64, ["b"]), vi("eq_out", I64, ["b"]), vi("s", F, ["b", "T"])]
     inits = [oh.make_tensor("axis1", I64, [1], [1])]
-    nodes = [oh.make_node("Gemm", ["x", "W", "bias"], ["s"], transB=1)]
+    if elem == onnx.TensorProto.FLOAT16:
+        # float16 scores, compared and ranked as their exact float32 casts (the CPU EP's float16
+        # Greater with a broadcast operand calls some equal values greater)
+        nodes = half_gemm(["x", "W", "bias"], "s16") + [oh.make_node("Cast", ["s16"], ["s"], to=F)]
+    else:
+        nodes = [oh.make_node("Gemm", ["x", "W", "bias"], ["s"], transB=1)]
     for op, count, out in (("Greater", "gt", "gt_out"), ("Equal", "eq", "eq_out")):
         nodes += [
             oh.make_node(op, ["s", "t"], [f"{op}_hit"]),
@@ -212,10 +216,9 @@ def tile_graph(elem: int, with_topk: bool):
         outputs += [vi("run_v_out", F, ["b", "K"]), vi("run_i_out", I64, ["b", "K"])]
         nodes += [
             oh.make_node("TopK", ["s", "k"], ["tv", "ti"], axis=1),
-            oh.make_node("Cast", ["tv"], ["tv32"], to=F),
             oh.make_node("Add", ["ti", "offset"], ["tig"]),
             # earlier tiles first: among equal scores TopK keeps the lower position, the lower item
-            oh.make_node("Concat", ["run_v", "tv32"], ["cv"], axis=1),
+            oh.make_node("Concat", ["run_v", "tv"], ["cv"], axis=1),
             oh.make_node("Concat", ["run_i", "tig"], ["ci"], axis=1),
             oh.make_node("TopK", ["cv", "K"], ["run_v_out", "pos"], axis=1),
             oh.make_node("GatherElements", ["ci", "pos"], ["run_i_out"], axis=1),
@@ -230,6 +233,32 @@ def load_tables(model, names: list[str], base_dir: Path) -> dict[str, np.ndarray
 
     by_name = {i.name: i for i in model.graph.initializer}
     return {n: np.ascontiguousarray(numpy_helper.to_array(by_name[n], str(base_dir))) for n in names}
+
+
+def run_tiles(session, x: np.ndarray, targets: np.ndarray, W: np.ndarray, bias: np.ndarray, tile: int,
+              top_k: int, with_topk: bool) -> StepOutput:  # fmt: skip
+    """One step's counts against each row's target item (and top-k) over all items, `tile` rows of
+    W at a time through `session` (a `tile_graph`)."""
+    b, K = len(x), top_k
+    state = {"gt": np.zeros(b, np.int64), "eq": np.zeros(b, np.int64)}
+    topk_feed = {}
+    if with_topk:
+        state |= {"run_v": np.full((b, K), -np.inf, np.float32), "run_i": np.zeros((b, K), np.int64)}
+        topk_feed = {"k": np.array([min(K, b)], np.int64), "offset": np.array(0, np.int64), "K": np.array([K], np.int64)}
+    feed = {"x": x, "t": np.zeros((b, 1), np.float32), "W": W[targets], "bias": bias[targets], **state, **topk_feed}
+    t = np.ascontiguousarray(session.run(["s"], feed)[0].diagonal()[:, None])
+    names = ["gt_out", "eq_out", *(("run_v_out", "run_i_out") if with_topk else ())]
+    for lo in range(0, len(W), tile):
+        hi = min(lo + tile, len(W))
+        feed = {"x": x, "t": t, "W": W[lo:hi], "bias": bias[lo:hi], **state}
+        if with_topk:
+            feed |= {"k": np.array([min(K, hi - lo)], np.int64), "offset": np.array(lo, np.int64),
+                     "K": np.array([K], np.int64)}  # fmt: skip
+        state = dict(zip(("gt", "eq", "run_v", "run_i"), session.run(names, feed)))
+    out = StepOutput(state["gt"], state["eq"])
+    if with_topk:
+        out.topk_idx, out.topk_scores = state["run_i"], state["run_v"]
+    return out
 
 
 class TiledOrtBackend:
@@ -267,7 +296,6 @@ class TiledOrtBackend:
         tile_model = tile_graph(elem, self.with_topk)
         self.tile_session = make_session(tile_model.SerializeToString(), eval_path, "cpu", threads)
         self.name, self.device, self.tf32, self.io_binding = "ort-cpu-tiled", cpu_name(), False, False
-        self.bounds = [(a, min(a + self.tile, self.n_items)) for a in range(0, self.n_items, self.tile)]
 
     @classmethod
     def from_bundle(cls, bundle, tile: int, provider: str = "auto", **options) -> TiledOrtBackend:
@@ -291,33 +319,11 @@ class TiledOrtBackend:
             flat[r * b : r * b + n] = values
             flat[r * b + n : (r + 1) * b] = values[0]
         feed = {"step_in": flat[: 4 * b].reshape(4, b), "hidden_prev": self.hidden, **self.feeds}
-        hidden, x, t = self.front.run(["hidden_out", "gru4rec_x", "gru4rec_t"], feed)
+        hidden, x = self.front.run(["hidden_out", "gru4rec_x"], feed)
         self.hidden = np.ascontiguousarray(hidden[:, :n])
-        out = self._tiles(x, t, b, fetch_topk)
-        if n < b:
-            out = StepOutput(out.n_greater[:n], out.n_equal[:n], *(
-                (out.topk_idx[:n], out.topk_scores[:n]) if fetch_topk else ()))  # fmt: skip
-        return out
-
-    def _tiles(self, x: np.ndarray, t: np.ndarray, b: int, fetch_topk: bool) -> StepOutput:
-        K = self.top_k
-        state = {"gt": np.zeros(b, np.int64), "eq": np.zeros(b, np.int64)}
-        names = ["gt_out", "eq_out"]
-        if self.with_topk:
-            state |= {"run_v": np.full((b, K), -np.inf, np.float32), "run_i": np.zeros((b, K), np.int64)}
-            names += ["run_v_out", "run_i_out"]
-            k_all = np.array([K], np.int64)
-        for lo, hi in self.bounds:
-            feed = {"x": x, "t": t, "W": self.W[lo:hi], "bias": self.bias[lo:hi], **state}
-            if self.with_topk:
-                feed |= {"k": np.array([min(K, hi - lo)], np.int64), "offset": np.array(lo, np.int64), "K": k_all}
-            out = self.tile_session.run(names, feed)
-            state = dict(zip(("gt", "eq", "run_v", "run_i"), out))
-        res = StepOutput(state["gt"], state["eq"])
-        if fetch_topk:
-            res.topk_idx, res.topk_scores = state["run_i"], state["run_v"]
-        return res
-
+        out = run_tiles(self.tile_session, x, flat[b : b + b], self.W, self.bias, self.tile, self.top_k, self.with_topk)
+        topk = (out.topk_idx[:n], out.topk_scores[:n]) if fetch_topk else ()
+        return StepOutput(out.n_greater[:n], out.n_equal[:n], *topk)
 
 def plan_for(cfg, bundle) -> MemoryPlan:
     """The memory plan of a scoring run (`score.scorer.ScoreConfig` over a loaded bundle)."""
