@@ -10,6 +10,9 @@ leave one. Steps:
   4. if any rename fails, put every file back from `*.previous`, and re-raise.
 The `*.previous` files are the previous champion (`m.onnx.previous`, `m.eval.onnx.previous`,
 `m.items.parquet.previous`): rename them back to roll back.
+A bundle with external weights (`<export id>.weights`) has its weights file copied beside the
+champion under that same name before step 3 (no installed graph reads it yet); weights files
+that no graph in the folder reads any more (the champion before the previous one) are removed.
 """
 
 from __future__ import annotations
@@ -18,23 +21,38 @@ import os
 import shutil
 from pathlib import Path
 
-from gru4rec.bundle import companion_paths, load_bundle
+from gru4rec.bundle import companion_paths, load_bundle, remove_unreferenced, weights_path
 from gru4rec.errors import UserError
 
 PREVIOUS = ".previous"
 
 
 def bundle_files(onnx: Path) -> list[Path]:
-    """The bundle's files in install order: sidecar, evaluation graph, serving graph last."""
+    """The bundle's renamed files in install order: sidecar, evaluation graph, serving graph last."""
     eval_path, sidecar = companion_paths(onnx)
     return [sidecar, eval_path, Path(onnx)]
 
 
+def copy_weights(onnx: Path, folder: Path) -> Path | None:
+    """Copy `onnx`'s external weights file (if any) into `folder` under its own name; returns the
+    copy when this call made it (None: no weights file, or one already there)."""
+    src = weights_path(onnx)
+    if src is None or (folder / src.name).is_file():
+        return None
+    dst = folder / src.name
+    tmp = dst.with_name(f".{dst.name}.copy.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def copy_bundle(onnx: Path, to: Path) -> Path:
     """Copy the bundle of `onnx` to `to`'s paths (folder created), e.g. to seed a first champion; returns `to`."""
-    import shutil
-
     to.parent.mkdir(parents=True, exist_ok=True)
+    copy_weights(onnx, to.parent)
     for src, dst in zip(bundle_files(onnx), bundle_files(to), strict=True):
         shutil.copyfile(src, dst)
     return to
@@ -47,7 +65,11 @@ def promote_bundle(challenger: Path, champion: Path) -> dict:
     champion.parent.mkdir(parents=True, exist_ok=True)
     staged = [t.with_name(f".{t.name}.promote.tmp") for t in targets]
     kept: list[Path] = []
+    old_previous = champion.with_name(champion.name + PREVIOUS)
+    stale = weights_path(old_previous) if old_previous.is_file() else None  # about to be unreferenced
+    new_weights = None
     try:
+        new_weights = copy_weights(challenger, champion.parent)
         for src, tmp in zip(sources, staged, strict=True):
             shutil.copyfile(src, tmp)
         existed = champion.is_file()
@@ -67,13 +89,19 @@ def promote_bundle(challenger: Path, champion: Path) -> dict:
         except BaseException:
             _roll_back(done, targets, existed)
             raise
-    except OSError as e:
-        raise UserError(
-            f"{champion}: promotion failed, champion left as it was ({e.strerror or e})"
-        ) from None
+    except BaseException as e:
+        if new_weights is not None:
+            new_weights.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"{champion}: promotion failed, champion left as it was ({e.strerror or e})"
+            ) from None
+        raise
     finally:
         for tmp in staged:
             tmp.unlink(missing_ok=True)
+    if stale is not None:
+        remove_unreferenced(stale)
     return {"champion": str(champion), "from": str(challenger), "previous": [str(p) for p in kept]}
 
 

@@ -51,6 +51,15 @@ def export(
         bool,
         typer.Option("--no-verify", help="Skip the PyTorch vs ONNX Runtime replay check (not recommended)."),
     ] = False,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="Weights in one file beside the graphs, DIR/<export id>.weights (ONNX external data), stored "
+            "once for both graphs \\[default: only when they take 2 GiB or more, which one ONNX file cannot hold].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Export a checkpoint to ONNX, verified against PyTorch before the files are put in place.
 
@@ -66,7 +75,7 @@ def export(
         with console.status("exporting") as status:
             result = export_bundle(
                 model, out, top_k=top_k, opset=opset, fp16=fp16, verify=not no_verify, topk_chunks=topk_chunks,
-                count_block=count_block,
+                count_block=count_block, external_data=external_data,
                 status=lambda msg: status.update(msg),
             )  # fmt: skip
     except VerificationFailed as e:
@@ -82,8 +91,9 @@ def export(
     else:
         out_console.print("verification skipped (--no-verify)")
     m = result.meta
+    weights = f", {m['weights_file']} ({_mb(result.onnx_path.with_name(m['weights_file']))})" if m.get("weights_file") else ""
     out_console.print(
-        f"wrote {result.onnx_path} ({_mb(result.onnx_path)}), {result.eval_path.name}, {result.sidecar_path.name}: "
+        f"wrote {result.onnx_path} ({_mb(result.onnx_path)}), {result.eval_path.name}, {result.sidecar_path.name}{weights}: "
         f"{m['input_mode']} input, {_gru(m)} GRU, {int(m['n_items']):,} items, "
         f"top-{m['top_k']}{_chunks(m)}, {m['precision']}, opset {m['opset']}",
         markup=False,

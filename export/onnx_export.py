@@ -27,9 +27,13 @@ from gru4rec.bundle import (
     FORMAT_VERSION,
     SIDECAR_EXPORT_KEY,
     SIDECAR_KEY,
+    WEIGHTS_KEY,
     companion_paths,
     items_sha256,
+    remove_unreferenced,
+    weights_path,
 )
+from gru4rec.export.external import WeightsWriter, attach_weights, step_params, weights_name
 from gru4rec.errors import UserError
 from gru4rec.io import atomic_path
 from gru4rec.items import INDEX, ItemMap
@@ -47,8 +51,9 @@ class ExportResult:
     report: Any = None  # verify.VerifyReport, or None with --no-verify
 
 
-def trace_to_onnx(step, example: tuple, names: tuple[list[str], list[str]], opset: int):
-    """torch.onnx (TorchScript exporter: it keeps our explicit gate ops as written) -> ModelProto."""
+def trace_to_onnx(step, example: tuple, names: tuple[list[str], list[str]], opset: int, params: bool = True):
+    """torch.onnx (TorchScript exporter: it keeps our explicit gate ops as written) -> ModelProto;
+    `params=False` leaves the parameters out, as graph inputs (external.py stores them)."""
     import onnx
     import torch
 
@@ -59,7 +64,7 @@ def trace_to_onnx(step, example: tuple, names: tuple[list[str], list[str]], opse
         warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice is not the user's business
         torch.onnx.export(
             step, example, buf, dynamo=False, opset_version=opset, input_names=inputs,
-            output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
+            output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True, export_params=params,
         )  # fmt: skip
     return onnx.load_from_string(buf.getvalue())
 
@@ -67,6 +72,8 @@ def trace_to_onnx(step, example: tuple, names: tuple[list[str], list[str]], opse
 def set_io_shapes(model, shapes: dict[str, list[int | str]]) -> None:
     """Overwrite the declared shapes of graph inputs/outputs with the documented ones."""
     for value in list(model.graph.input) + list(model.graph.output):
+        if value.name not in shapes:  # a parameter traced as an input (external data): its own shape
+            continue
         dims = value.type.tensor_type.shape.dim
         del dims[:]
         for d in shapes[value.name]:
@@ -110,29 +117,44 @@ def _versions(ckpt) -> dict[str, str]:
 
 
 def finish_graph(model, meta: dict[str, str], graph: str, shapes: dict) -> bytes:
-    import onnx
-
     set_io_shapes(model, shapes)
     model.producer_name, model.producer_version = "gru4rec", gru4rec.__version__
     model.graph.name = f"gru4rec_{graph}_step"
     del model.metadata_props[:]
     for key, value in {**meta, "graph": graph}.items():
         model.metadata_props.add(key=key, value=value)
+    if not meta.get(WEIGHTS_KEY):  # external weights: checked once written (check_graph_file)
+        check_graph(model, graph)
+    return model.SerializeToString()
+
+
+def check_graph(model: Any, graph: str) -> None:
+    """onnx.checker on a ModelProto, or on a file path (which resolves its external data)."""
+    import onnx
+
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug in this module, not a user error
         raise RuntimeError(f"exported {graph} graph fails onnx.checker: {e}") from e
-    return model.SerializeToString()
 
 
 def sidecar_frame(items: ItemMap) -> pl.DataFrame:
     return pl.DataFrame([pl.Series(INDEX, np.arange(len(items), dtype=np.int64)), items.series("item_id")])
 
 
+@dataclass
+class Graphs:
+    serving: Any  # serialized bytes; with external data the ModelProto, weights attached when written
+    eval: Any
+    meta: dict[str, str]
+    params: tuple[dict, dict] | None = None  # external data: each graph's parameters by input name
+
+
 def build_graphs(
-    ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0, count_block: int = 0
-) -> tuple[bytes, bytes, dict[str, str]]:
-    """-> (serving ONNX bytes, eval ONNX bytes, metadata)."""
+    ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0, count_block: int = 0,
+    external: bool | None = None,
+) -> Graphs:  # fmt: skip
+    """The serving and eval graphs; `external` None: weights in the graphs below 2 GiB, else external data."""
     import torch
 
     from gru4rec.export.graph import EVAL_IO, SERVING_IO, EvalStep, ServingStep
@@ -145,29 +167,48 @@ def build_graphs(
     serving = ServingStep(model, top_k, dtype, topk_chunks).eval()
     evaluation = EvalStep(model, top_k, dtype, topk_chunks, count_block).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in serving.parameters())
-    if n_bytes >= 2**31 - 2**24:  # protobuf's 2 GB message limit, with room for the graph itself
-        raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB (try --fp16)")
+    too_big = n_bytes >= 2**31 - 2**24  # protobuf's 2 GB message limit, with room for the graph itself
+    if too_big and external is False:
+        raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB: drop --no-external-data")
+    external = too_big if external is None else external
     L, H, N = len(cfg.layers), max(cfg.layers), cfg.n_items
     B = 3  # any batch: the axis is exported dynamic
     x, h, t = torch.arange(B) % N, torch.zeros(L, B, H), (torch.arange(B) + 1) % N
-    meta = model_metadata(
-        ckpt,
-        top_k,
-        topk_chunks,
-        opset,
-        "float16" if fp16 else "float32",
-        items_sha256(ckpt.items.ids),
-        export_id,
-        count_block,
-    )
+    precision = "float16" if fp16 else "float32"
+    digest = items_sha256(ckpt.items.ids)
+    meta = model_metadata(ckpt, top_k, topk_chunks, opset, precision, digest, export_id, count_block)
+    if external:
+        meta[WEIGHTS_KEY] = weights_name(export_id)
     shapes = {
         "item_idx": [BATCH], "target_idx": [BATCH], "hidden": [L, BATCH, H], "hidden_out": [L, BATCH, H],
         "scores": [BATCH, N], "topk_scores": [BATCH, top_k], "topk_idx": [BATCH, top_k],
         "n_greater": [BATCH], "n_equal": [BATCH],
     }  # fmt: skip
-    serving_bytes = finish_graph(trace_to_onnx(serving, (x, h), SERVING_IO, opset), meta, "serving", shapes)
-    eval_bytes = finish_graph(trace_to_onnx(evaluation, (x, h, t), EVAL_IO, opset), meta, "eval", shapes)
-    return serving_bytes, eval_bytes, meta
+    protos = [
+        trace_to_onnx(serving, (x, h), SERVING_IO, opset, params=not external),
+        trace_to_onnx(evaluation, (x, h, t), EVAL_IO, opset, params=not external),
+    ]
+    if not external:
+        serving_bytes = finish_graph(protos[0], meta, "serving", shapes)
+        return Graphs(serving_bytes, finish_graph(protos[1], meta, "eval", shapes), meta)
+    for proto, graph in zip(protos, ("serving", "eval")):
+        finish_graph(proto, meta, graph, shapes)  # metadata and shapes; serialized once attached
+    return Graphs(*protos, meta, (step_params(serving), step_params(evaluation)))
+
+
+def write_graphs(graphs: Graphs, serving_path: Path, eval_path: Path, data_path: Path | None) -> None:
+    """Both graph files; with external data their weights go to `data_path`, each tensor once."""
+    if graphs.params is None:
+        eval_path.write_bytes(graphs.eval)
+        serving_path.write_bytes(graphs.serving)
+        return
+    writer = WeightsWriter(data_path)
+    try:
+        for proto, params, path in zip((graphs.serving, graphs.eval), graphs.params, (serving_path, eval_path)):
+            attach_weights(proto, params, writer, graphs.meta[WEIGHTS_KEY])
+            path.write_bytes(proto.SerializeToString())
+    finally:
+        writer.close()
 
 
 def export_bundle(
@@ -180,6 +221,7 @@ def export_bundle(
     status=None,
     topk_chunks: int = 0,
     count_block: int = 0,
+    external_data: bool | None = None,
 ) -> ExportResult:
     """Export a checkpoint; raises UserError on bad input, verify.VerificationFailed on a failed check.
 
@@ -198,27 +240,41 @@ def export_bundle(
     ckpt = ckpt_io.load(checkpoint)
     export_id = uuid.uuid4().hex
     say("tracing the serving and evaluation graphs")
-    serving_bytes, eval_bytes, meta = build_graphs(
-        ckpt, top_k, opset, fp16, export_id, topk_chunks, count_block
-    )
+    graphs = build_graphs(ckpt, top_k, opset, fp16, export_id, topk_chunks, count_block, external_data)
+    meta = graphs.meta
+    data = out.parent / meta[WEIGHTS_KEY] if WEIGHTS_KEY in meta else None
+    replaced = weights_path(out) if out.is_file() else None  # the weights file an old export here reads
     report = None
-    with contextlib.ExitStack() as stack:
-        # ExitStack renames in reverse order of entry: sidecar, then eval graph, then the serving graph
-        # last, so a crash in between leaves an old serving graph that load_bundle refuses to pair
-        # with the new companions (export ids differ) instead of a silently mixed set.
-        tmp_onnx = stack.enter_context(atomic_path(out))
-        tmp_eval = stack.enter_context(atomic_path(eval_out))
-        tmp_side = stack.enter_context(atomic_path(sidecar_out))
-        sidecar_frame(ckpt.items).write_parquet(
-            tmp_side, metadata={SIDECAR_KEY: meta["items_sha256"], SIDECAR_EXPORT_KEY: export_id}
-        )
-        tmp_eval.write_bytes(eval_bytes)
-        tmp_onnx.write_bytes(serving_bytes)
-        if verify:
-            from gru4rec.export.verify import VerificationFailed, verify_graphs
+    try:
+        with contextlib.ExitStack() as stack:
+            # ExitStack renames in reverse order of entry: sidecar, then eval graph, then the serving
+            # graph last, so a crash in between leaves an old serving graph that load_bundle refuses
+            # to pair with the new companions (export ids differ) instead of a silently mixed set.
+            # The weights file has a name of its own (the export id): no installed graph reads it
+            # yet, so it is written in place before the graphs that point at it are verified.
+            tmp_onnx = stack.enter_context(atomic_path(out))
+            tmp_eval = stack.enter_context(atomic_path(eval_out))
+            tmp_side = stack.enter_context(atomic_path(sidecar_out))
+            sidecar_frame(ckpt.items).write_parquet(
+                tmp_side, metadata={SIDECAR_KEY: meta["items_sha256"], SIDECAR_EXPORT_KEY: export_id}
+            )
+            if data is not None:
+                say(f"writing the weights to {data.name} (external data)")
+            write_graphs(graphs, tmp_onnx, tmp_eval, data)
+            if data is not None:
+                check_graph(tmp_onnx, "serving")
+                check_graph(tmp_eval, "eval")
+            if verify:
+                from gru4rec.export.verify import VerificationFailed, verify_graphs
 
-            say("verifying: PyTorch vs ONNX Runtime replay")
-            report = verify_graphs(ckpt.model, tmp_onnx, tmp_eval, top_k=top_k, fp16=fp16)
-            if not report.passed:
-                raise VerificationFailed(report)
+                say("verifying: PyTorch vs ONNX Runtime replay")
+                report = verify_graphs(ckpt.model, tmp_onnx, tmp_eval, top_k=top_k, fp16=fp16)
+                if not report.passed:
+                    raise VerificationFailed(report)
+    except BaseException:
+        if data is not None:
+            data.unlink(missing_ok=True)
+        raise
+    if replaced is not None and replaced != data:
+        remove_unreferenced(replaced)
     return ExportResult(out, eval_out, sidecar_out, meta, report)

@@ -4,6 +4,9 @@
   DIR/m.onnx           serving step graph (item_idx, hidden -> scores, hidden_out, top-k)
   DIR/m.eval.onnx      evaluation step graph (adds target_idx -> n_greater, n_equal)
   DIR/m.items.parquet  sidecar: item_idx, item_id (index -> original id)
+  DIR/<export id>.weights  only for models whose weights do not fit a 2 GiB ONNX file (or with
+                       `export --external-data`): both graphs' weights as ONNX external data,
+                       each tensor once; its name is in the `weights_file` metadata
 The recurrent state is one float32 tensor `hidden` [L, B, H], H = `hidden_size` = max(layer sizes):
 layer l uses columns [0, H_l) of hidden[l]; with unequal layers (e.g. 64,32) the graphs ignore the
 columns beyond H_l on input and write zeros there on output (`pad_layers` / `unpad_layers` convert
@@ -33,6 +36,7 @@ FORMAT = "gru4rec-onnx"
 FORMAT_VERSION = 1
 SIDECAR_KEY = "gru4rec.items_sha256"  # Parquet key-value metadata of the sidecar
 SIDECAR_EXPORT_KEY = "gru4rec.export_id"
+WEIGHTS_KEY = "weights_file"  # metadata of external-data exports: the data file's name, beside the graphs
 INT_KEYS = ("format_version", "top_k", "topk_chunks", "n_items", "n_layers", "hidden_size", "opset")
 JSON_KEYS = ("hyperparameters", "model_config", "versions")
 # Every key below is present in both graphs' metadata_props (values are strings; JSON_KEYS hold JSON).
@@ -62,6 +66,45 @@ def companion_paths(onnx_path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".eval.onnx"), stem.with_name(stem.name + ".items.parquet")
 
 
+def weights_path(onnx_path: str | Path, meta: dict | None = None) -> Path | None:
+    """The external-data file the graph at `onnx_path` reads, or None (weights inside the graph)."""
+    name = (meta if meta is not None else read_metadata(onnx_path)).get(WEIGHTS_KEY)
+    return Path(onnx_path).with_name(name) if name else None
+
+
+def bundle_files(onnx_path: str | Path) -> list[Path]:
+    """Every file of the bundle, in install order: weights (if external), sidecar, eval graph,
+    serving graph last (whoever installs them in this order never exposes a mixed bundle)."""
+    eval_path, sidecar = companion_paths(onnx_path)
+    weights = weights_path(onnx_path) if Path(onnx_path).is_file() else None
+    return [*([weights] if weights else []), sidecar, eval_path, Path(onnx_path)]
+
+
+def remove_unreferenced(weights: Path) -> None:
+    """Delete an external-data file that no ONNX graph in its folder reads any more."""
+    for graph in weights.parent.glob("*.onnx*"):
+        try:
+            if read_metadata(graph).get(WEIGHTS_KEY) == weights.name:
+                return
+        except UserError:
+            continue
+    weights.unlink(missing_ok=True)
+
+
+def check_weights(path: Path, graph: Path) -> None:
+    """The external-data file exists and holds every byte `graph`'s initializers point at."""
+    import onnx
+
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found (export writes it beside {graph.name}; copy it with the bundle)")
+    size = path.stat().st_size
+    model = onnx.load(str(graph), load_external_data=False)
+    for t in model.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if info and (info.get("location") != path.name or int(info["offset"]) + int(info["length"]) > size):
+            raise UserError(f"{path}: weights file is truncated or belongs to another export; re-export the model")
+
+
 @dataclass(frozen=True)
 class ModelBundle:
     onnx_path: Path
@@ -73,6 +116,7 @@ class ModelBundle:
     hidden_size: int  # width of the hidden tensor: max(layer_sizes)
     top_k: int
     layer_sizes: tuple[int, ...] = ()
+    weights_path: Path | None = None  # the external-data file, when the export has one
 
 
 def pad_layers(states, width: int | None = None) -> np.ndarray:
@@ -213,6 +257,10 @@ def load_bundle(onnx_path: str | Path) -> ModelBundle:
         raise UserError(
             f"{sidecar}: item-map sidecar does not belong to {onnx_path} (different export); re-export"
         )
+    weights = weights_path(onnx_path, meta)
+    if weights is not None:
+        for graph in (onnx_path, eval_path):
+            check_weights(weights, graph)
     layers = meta["model_config"].get("layers") if isinstance(meta["model_config"], dict) else None
     if (
         not isinstance(layers, list)
@@ -234,4 +282,5 @@ def load_bundle(onnx_path: str | Path) -> ModelBundle:
         hidden_size=meta["hidden_size"],
         top_k=meta["top_k"],
         layer_sizes=tuple(layers),
+        weights_path=weights,
     )

@@ -158,11 +158,14 @@ def make_session(
 ):
     """An ONNX Runtime session on `kind` ('cuda' or 'cpu', see `resolve_provider`) for a serialized
     graph or a file; UserError (naming `source`) when ORT cannot load it or the CUDA EP does not
-    take it. `threads` 0 = ORT's default intra-op thread count."""
+    take it. `threads` 0 = ORT's default intra-op thread count. A serialized graph's external data
+    (if any) is read from `source`'s folder."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not isinstance(model, str | Path):
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(source).parent))
     if threads:
         so.intra_op_num_threads = threads
     providers: list = [CPU_EP]
@@ -218,7 +221,7 @@ class OrtBackend:
         self.n_items, self.top_k = int(n_items), int(top_k)
         self.n_layers, self.hidden_size = int(n_layers), int(hidden_size)
         try:
-            model = scoring_graph(onnx.load(str(eval_path)), with_topk)
+            model = scoring_graph(onnx.load(str(eval_path), load_external_data=False), with_topk)
         except UserError:
             raise
         except Exception as e:

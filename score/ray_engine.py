@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gru4rec.bundle import companion_paths
+from gru4rec.bundle import companion_paths, weights_path
 from gru4rec.errors import UserError
 from gru4rec.score.ray_shards import InputFile, ShardScorer, input_files, inspect_inputs, read_files
 
@@ -424,9 +424,13 @@ def _run(ray, job: RayJob) -> tuple[list[dict], dict[str, float]]:
 
 
 def bundle_files_bytes(onnx: str | Path) -> dict[str, bytes]:
-    """A bundle's three files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet)."""
+    """A bundle's files under the names load_bundle expects (m.onnx, m.eval.onnx, m.items.parquet;
+    an external weights file under its own name)."""
     eval_path, sidecar = companion_paths(onnx)
     names = dict(zip(("m.onnx", "m.eval.onnx", "m.items.parquet"), (onnx, eval_path, sidecar)))
+    weights = weights_path(onnx)
+    if weights is not None:
+        names[weights.name] = weights
     return {name: Path(path).read_bytes() for name, path in names.items()}
 
 
