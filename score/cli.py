@@ -160,6 +160,7 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     from gru4rec.score.latency import latency_table_rows
+    from gru4rec.score.tiled import describe_memory
 
     m = report["metrics"]
     table = Table(title="metrics")
@@ -182,6 +183,8 @@ def print_report(report: dict) -> None:
     console.print(
         f"{m['n']:,} predictions in {report['n_scored_sessions']:,} sessions, tie mode {report['tie_mode']}"
     )
+    if "memory" in report:
+        console.print(describe_memory(report["memory"]))
     e = report["engine"]
     if e["name"] != "local":
         console.print(

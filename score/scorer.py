@@ -11,7 +11,6 @@ replay itself and takes any step backend (`score_source` gives its report: tests
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -177,8 +176,6 @@ def score(
         memory = plan_for(cfg, bundle)
         # the run's own copy: every engine and worker builds its backend from these two
         run_cfg = replace(cfg, tile_items=memory.tile, batch_size=memory.batch or cfg.batch_size)
-    if progress:
-        print(memory.describe(), file=sys.stderr)
     job = ScoreJob(Path(model), bundle, sessions, out, run_cfg, provider, tf32, progress, rec, memory)
     result = engine.run(job)  # each engine refuses "nothing to score" before committing its outputs
     report = assemble_report(result, run_cfg, wall_s=time.perf_counter() - t0)

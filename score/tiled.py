@@ -96,12 +96,18 @@ class MemoryPlan:
         return {"budget_bytes": self.budget, "batch": self.batch, "tile_items": self.tile, "n_tiles": self.n_tiles}
 
     def describe(self) -> str:
-        how = (
-            f"{self.n_tiles} tiles of {self.tile:,} items per step"
-            if self.tiled
-            else f"all {self.n_items:,} items in one pass"
-        )
-        return f"memory budget {self.budget / 2**20:,.0f} MiB: batch {self.batch:,}, {how}"
+        return describe_memory(self.report())
+
+
+def describe_memory(plan: dict) -> str:
+    """One line for a memory plan's `report()` (also the metrics JSON's `memory`)."""
+    how = (
+        f"{plan['n_tiles']} tiles of {plan['tile_items']:,} items per step"
+        if plan["n_tiles"] > 1
+        else f"all {plan['tile_items']:,} items in one pass"
+    )
+    batch = f"batch {plan['batch']:,}, " if plan["batch"] else ""
+    return f"memory budget {plan['budget_bytes'] / 2**20:,.0f} MiB: {batch}{how}"
 
 
 def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0) -> MemoryPlan:
