@@ -167,3 +167,30 @@ def nightly_cmd(
     typer.echo(
         f"ok: no regression against {summary['n_comparable']} earlier run(s); report: {summary['report']}"
     )
+
+
+def register_bench(bench_app: typer.Typer) -> None:
+    @bench_app.command("catalog")
+    def bench_catalog_cmd(
+        out: Path | None = typer.Option(
+            Path("bench/results/catalog-cpu.json"),
+            "--out",
+            help="Write the results JSON here (after each size).",
+        ),
+        sizes: str = typer.Option(
+            "50000,500000,5000000", "--sizes", help="Comma-separated catalog sizes in items (smallest first)."
+        ),
+        units: int = typer.Option(100, "--units", help="GRU units (one layer) of every model."),
+        memory_budget: str | None = typer.Option(
+            None, "--memory-budget", help="Passed to every `score` run (default: score's own default)."
+        ),
+        workdir: Path | None = typer.Option(
+            None,
+            "--workdir",
+            help="Folder for the logs, models and bundles (default: a new temporary folder).",
+        ),
+    ) -> None:
+        """Train 1 epoch, export and score (CPU) at growing catalog sizes: events/s and peak RSS per stage."""
+        from gru4rec.eval.bench_catalog import run_bench
+
+        run_bench(out, tuple(int(x) for x in sizes.split(",") if x), units, workdir, memory_budget)

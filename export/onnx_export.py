@@ -33,8 +33,8 @@ from gru4rec.bundle import (
     remove_unreferenced,
     weights_path,
 )
-from gru4rec.export.external import WeightsWriter, attach_weights, step_params, weights_name
 from gru4rec.errors import UserError
+from gru4rec.export.external import WeightsWriter, attach_weights, step_params, weights_name
 from gru4rec.io import atomic_path
 from gru4rec.items import INDEX, ItemMap
 
@@ -169,7 +169,9 @@ def build_graphs(
     n_bytes = sum(p.numel() * p.element_size() for p in serving.parameters())
     too_big = n_bytes >= 2**31 - 2**24  # protobuf's 2 GB message limit, with room for the graph itself
     if too_big and external is False:
-        raise UserError(f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB: drop --no-external-data")
+        raise UserError(
+            f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB: drop --no-external-data"
+        )
     external = too_big if external is None else external
     L, H, N = len(cfg.layers), max(cfg.layers), cfg.n_items
     B = 3  # any batch: the axis is exported dynamic
@@ -204,7 +206,9 @@ def write_graphs(graphs: Graphs, serving_path: Path, eval_path: Path, data_path:
         return
     writer = WeightsWriter(data_path)
     try:
-        for proto, params, path in zip((graphs.serving, graphs.eval), graphs.params, (serving_path, eval_path)):
+        for proto, params, path in zip(
+            (graphs.serving, graphs.eval), graphs.params, (serving_path, eval_path)
+        ):
             attach_weights(proto, params, writer, graphs.meta[WEIGHTS_KEY])
             path.write_bytes(proto.SerializeToString())
     finally:

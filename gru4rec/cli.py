@@ -39,7 +39,7 @@ def _register_all() -> None:
 
     for module in (data_commands, train_cli, export_cli, score_cli, eval_cli, serve_cli):
         module.register(app)
-    for module in (train_cli, score_cli, serve_cli):
+    for module in (train_cli, score_cli, serve_cli, eval_cli):
         module.register_bench(bench_app)
     score_cli.register_bench_memory(bench_app)
 

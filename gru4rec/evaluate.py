@@ -15,6 +15,13 @@ from gru4rec.batching import Sessions, make_schedule
 from gru4rec.items import ItemMap, drop_short_sessions
 from gru4rec.metrics import DEFAULT_CUTOFFS, RankAccumulator, target_ranks
 
+EVAL_CELLS = 1 << 26  # scores per replay step, at most: the batch shrinks for huge catalogs
+
+
+def eval_rows(batch_size: int, n_items: int) -> int:
+    """Sessions per step: the configured batch, fewer where [batch, items] would be huge."""
+    return max(1, min(batch_size, EVAL_CELLS // max(n_items, 1)))
+
 
 @torch.inference_mode()
 def evaluate(
@@ -28,6 +35,7 @@ def evaluate(
 ) -> dict:
     dev = torch.device(device) if device is not None else model.Wy.device
     known, n_dropped = items.translate(events)
+    batch_size = eval_rows(batch_size, len(items))  # [batch, items] scores per step stay bounded
     sched = make_schedule(Sessions.from_events(drop_short_sessions(known)), batch_size)
     acc = RankAccumulator(tuple(cutoffs))
     was_training, model_dev = model.training, model.Wy.device

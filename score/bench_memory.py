@@ -105,8 +105,8 @@ def _test_sets(test: pl.DataFrame, n_events: int, tmp: Path) -> tuple[Path, Path
     return single, folder
 
 
-def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
-    metrics = tmp / "m.json"
+def cli_peak_rss(args: list) -> int:
+    """Run `gru4rec-cli ARGS` in a process of its own; its own peak RSS in KiB (RuntimeError on failure)."""
     code = (
         "import resource, sys\n"
         "from gru4rec.cli import main\n"
@@ -121,13 +121,18 @@ def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
         "except (OSError, IndexError):\n"
         "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    args = ["score", "--model", model, "--sessions", sessions, "--metrics", metrics, "--provider", "cpu"]
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"scoring {sessions} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"gru4rec-cli {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
+    metrics = tmp / "m.json"
+    args = ["score", "--model", model, "--sessions", sessions, "--metrics", metrics, "--provider", "cpu"]
+    t0 = time.perf_counter()
+    rss_kib = cli_peak_rss(args)
     wall = time.perf_counter() - t0
-    rss_kib = int(proc.stdout.strip().splitlines()[-1])
     report = json.loads(metrics.read_text())
     return {
         "n_events": report["n_events"],

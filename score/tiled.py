@@ -65,7 +65,17 @@ def default_budget() -> int:
 
 def parse_bytes(text: str) -> int:
     """'512MB', '2GiB', '1.5G', '800000000' -> bytes; UserError on anything else."""
-    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    units = {
+        "": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }
     s = text.strip().upper().removesuffix("B")
     num = s.rstrip("KMGTI")
     try:
@@ -93,7 +103,12 @@ class MemoryPlan:
         return -(-self.n_items // self.tile)
 
     def report(self) -> dict:
-        return {"budget_bytes": self.budget, "batch": self.batch, "tile_items": self.tile, "n_tiles": self.n_tiles}
+        return {
+            "budget_bytes": self.budget,
+            "batch": self.batch,
+            "tile_items": self.tile,
+            "n_tiles": self.n_tiles,
+        }
 
     def describe(self) -> str:
         return describe_memory(self.report())
@@ -146,16 +161,18 @@ def score_gemm(graph):
         or attrs.get("transB") is None
         or attrs["transB"].i != 1
         or any(a in attrs and attrs[a].f != 1.0 for a in ("alpha", "beta"))
-        or attrs.get("transA") is not None and attrs["transA"].i != 0
+        or attrs.get("transA") is not None
+        and attrs["transA"].i != 0
     ):
-        raise UserError("evaluation graph: no plain score Gemm (x, W, b) found; re-export to score it in tiles")
+        raise UserError(
+            "evaluation graph: no plain score Gemm (x, W, b) found; re-export to score it in tiles"
+        )
     return node
 
 
 def front_graph(model, n_items: int):
     """(ModelProto, names of item tables, score-matrix name, bias name) of the tiled front graph:
     step_in, hidden_prev, item tables -> hidden_out, gru4rec_x (the score Gemm's input)."""
-    import onnx
     import onnx.helper as oh
 
     model = scoring_graph(model, with_topk=False)
@@ -198,7 +215,12 @@ def tile_graph(elem: int, with_topk: bool):
 
     F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     vi = oh.make_tensor_value_info
-    inputs = [vi("x", elem, ["b", "h"]), vi("t", F, ["b", 1]), vi("W", elem, ["T", "h"]), vi("bias", elem, ["T"])]
+    inputs = [
+        vi("x", elem, ["b", "h"]),
+        vi("t", F, ["b", 1]),
+        vi("W", elem, ["T", "h"]),
+        vi("bias", elem, ["T"]),
+    ]
     inputs += [vi("gt", I64, ["b"]), vi("eq", I64, ["b"])]
     outputs = [vi("gt_out", I64, ["b"]), vi("eq_out", I64, ["b"]), vi("s", F, ["b", "T"])]
     inits = [oh.make_tensor("axis1", I64, [1], [1])]
@@ -217,7 +239,12 @@ def tile_graph(elem: int, with_topk: bool):
             oh.make_node("Add", [count, f"{op}_n"], [out]),
         ]
     if with_topk:
-        inputs += [vi("k", I64, [1]), vi("offset", I64, []), vi("run_v", F, ["b", "K"]), vi("run_i", I64, ["b", "K"])]
+        inputs += [
+            vi("k", I64, [1]),
+            vi("offset", I64, []),
+            vi("run_v", F, ["b", "K"]),
+            vi("run_i", I64, ["b", "K"]),
+        ]
         inputs += [vi("K", I64, [1])]
         outputs += [vi("run_v_out", F, ["b", "K"]), vi("run_i_out", I64, ["b", "K"])]
         nodes += [
@@ -250,8 +277,19 @@ def run_tiles(session, x: np.ndarray, targets: np.ndarray, W: np.ndarray, bias: 
     topk_feed = {}
     if with_topk:
         state |= {"run_v": np.full((b, K), -np.inf, np.float32), "run_i": np.zeros((b, K), np.int64)}
-        topk_feed = {"k": np.array([min(K, b)], np.int64), "offset": np.array(0, np.int64), "K": np.array([K], np.int64)}
-    feed = {"x": x, "t": np.zeros((b, 1), np.float32), "W": W[targets], "bias": bias[targets], **state, **topk_feed}
+        topk_feed = {
+            "k": np.array([min(K, b)], np.int64),
+            "offset": np.array(0, np.int64),
+            "K": np.array([K], np.int64),
+        }
+    feed = {
+        "x": x,
+        "t": np.zeros((b, 1), np.float32),
+        "W": W[targets],
+        "bias": bias[targets],
+        **state,
+        **topk_feed,
+    }
     t = np.ascontiguousarray(session.run(["s"], feed)[0].diagonal()[:, None])
     names = ["gt_out", "eq_out", *(("run_v_out", "run_i_out") if with_topk else ())]
     for lo in range(0, len(W), tile):
@@ -290,7 +328,9 @@ class TiledOrtBackend:
         try:
             model = onnx.load(str(eval_path), load_external_data=False)
         except Exception as e:
-            raise UserError(f"{eval_path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(
+                f"{eval_path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})"
+            ) from None
         tables = item_tables(model, self.n_items)
         self.tables = load_tables(model, tables, eval_path.parent)
         front, feeds, w, b = front_graph(model, self.n_items)  # (edits `model` in place)
@@ -327,9 +367,12 @@ class TiledOrtBackend:
         feed = {"step_in": flat[: 4 * b].reshape(4, b), "hidden_prev": self.hidden, **self.feeds}
         hidden, x = self.front.run(["hidden_out", "gru4rec_x"], feed)
         self.hidden = np.ascontiguousarray(hidden[:, :n])
-        out = run_tiles(self.tile_session, x, flat[b : b + b], self.W, self.bias, self.tile, self.top_k, self.with_topk)
+        out = run_tiles(
+            self.tile_session, x, flat[b : b + b], self.W, self.bias, self.tile, self.top_k, self.with_topk
+        )
         topk = (out.topk_idx[:n], out.topk_scores[:n]) if fetch_topk else ()
         return StepOutput(out.n_greater[:n], out.n_equal[:n], *topk)
+
 
 def plan_for(cfg, bundle) -> MemoryPlan:
     """The memory plan of a scoring run (`score.scorer.ScoreConfig` over a loaded bundle)."""

@@ -37,7 +37,10 @@ def pair(tmp_path_factory):
 
 def initializer_bytes(path) -> dict[str, int]:
     model = onnx.load(str(path), load_external_data=False)
-    return {t.name: int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in model.graph.initializer}
+    return {
+        t.name: int({e.key: e.value for e in t.external_data}.get("length", 0))
+        for t in model.graph.initializer
+    }
 
 
 def test_weights_live_once_in_one_file_beside_small_graphs(pair):
@@ -82,7 +85,11 @@ def test_cli_names_the_weights_file_and_refuses_a_missing_one(cli, pair, tmp_pat
     for f in ("m.onnx", "m.eval.onnx", "m.items.parquet"):
         shutil.copyfile(pair["root"] / "ext" / f, tmp_path / f)
     res = cli("score", "--model", str(tmp_path / "m.onnx"), "--sessions", pair["sessions"])
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and ".weights: weights file not found" in res.stderr
+    assert (
+        res.returncode == 2
+        and res.stderr.count("\n") == 1
+        and ".weights: weights file not found" in res.stderr
+    )
 
 
 def test_promotion_carries_the_weights_file_and_drops_stale_ones(pair, tmp_path):

@@ -85,7 +85,9 @@ def tied(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["standard", "conservative", "median"])
 def test_tiled_metrics_equal_brute_force_in_every_tie_mode(tied, mode):
-    cfg = ScoreConfig(tie_mode=mode, batch_size=32, tile_items=TOP_K)  # tile boundary at item 10, inside 0..11
+    cfg = ScoreConfig(
+        tie_mode=mode, batch_size=32, tile_items=TOP_K
+    )  # tile boundary at item 10, inside 0..11
     report = score(tied["onnx"], tied["sessions"], config=cfg, provider="cpu")
     assert report["latency"]["provider"] == "ort-cpu-tiled" and report["memory"]["n_tiles"] == 6
     assert_metrics_equal(report["metrics"], reference_metrics(tied["ref"], mode))
@@ -128,8 +130,14 @@ def model_variant(kind: str, n_items: int) -> GRU4Rec:
 
 @pytest.mark.parametrize(
     "kind, export",
-    [("shared", {}), ("separate", {}), ("onehot", {}), ("unequal", {}), ("shared", {"fp16": True}),
-     ("shared", {"count_block": 16, "topk_chunks": 4})],  # fmt: skip
+    [
+        ("shared", {}),
+        ("separate", {}),
+        ("onehot", {}),
+        ("unequal", {}),
+        ("shared", {"fp16": True}),
+        ("shared", {"count_block": 16, "topk_chunks": 4}),
+    ],  # fmt: skip
 )
 def test_tiled_backend_is_bit_identical_to_the_eval_graph(kind, export, tmp_path):
     model = model_variant(kind, N_ITEMS)
@@ -175,13 +183,18 @@ def test_plan_untiled_when_the_matrix_fits_else_tiles_else_smaller_batch():
     assert plan.tiled and plan.batch == 1024 and plan.tile * 1024 * CELL_BYTES <= 1 << 30
     assert (plan.tile + 1) * 1024 * CELL_BYTES > 1 << 30  # as wide as fits
     small = plan_memory(n, k, 1024, 64 << 20)
-    assert small.tile == MIN_TILE and small.batch * MIN_TILE * CELL_BYTES <= 64 << 20 < 1024 * MIN_TILE * CELL_BYTES
+    assert (
+        small.tile == MIN_TILE
+        and small.batch * MIN_TILE * CELL_BYTES <= 64 << 20 < 1024 * MIN_TILE * CELL_BYTES
+    )
     assert plan_memory(n, k, 1024, 1 << 30, tile_items=5000).tile == 5000
     with pytest.raises(UserError, match="at least the model's top-k"):
         plan_memory(n, k, 1024, 1 << 30, tile_items=10)
 
 
-@pytest.mark.parametrize("text, value", [("512MB", 512e6), ("2GiB", 2**31), ("1.5G", 1.5e9), ("3000000", 3e6)])
+@pytest.mark.parametrize(
+    "text, value", [("512MB", 512e6), ("2GiB", 2**31), ("1.5G", 1.5e9), ("3000000", 3e6)]
+)
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == int(value)
 

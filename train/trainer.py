@@ -35,6 +35,7 @@ from gru4rec.items import INDEX, ItemMap
 from gru4rec.model import GRU4Rec, ModelConfig
 from gru4rec.train.dwell import boost
 from gru4rec.train.losses import row_loss_sum
+from gru4rec.train.memory import check_fits
 from gru4rec.train.optim import make_optimizer
 from gru4rec.train.params import TrainConfig, from_dict
 from gru4rec.train.safety import (
@@ -367,6 +368,7 @@ def train(
     if out is not None and out.exists() and not (resume or overwrite):
         refuse_existing(out, cfg.to_dict(), data_fp, seed)
     items = ItemMap.from_events(events)
+    need = check_fits(cfg, len(items), dev, valid_events is not None)  # before any work
     sched, supp = prepare(events, items, cfg)
     if valid_events is not None:
         _check_validation(valid_events, items, console)
@@ -388,7 +390,8 @@ def train(
     try:  # from the first line a user sees, Ctrl-C is an interrupted epoch: the message names what `out` holds
         console.print(
             f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
-            f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}"
+            f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}  "
+            f"memory ~{need.total / 2**30:.1f} GiB"
             + ("  cuda_graph on" if trainer.use_graph else "")
         )
         for epoch in range(start, cfg.n_epochs):
