@@ -23,10 +23,13 @@ class TrainMemory:
     state_copies: int  # optimiser state + scratch, in copies of the tables
     eval_bytes: int  # the validation replay's score matrix and comparisons
     other_bytes: int
+    dense_bytes: int = 0  # the GRU weights with their optimiser state
 
     @property
     def total(self) -> int:
-        return self.table_bytes * (1 + self.state_copies) + self.eval_bytes + self.other_bytes
+        return (
+            self.table_bytes * (1 + self.state_copies) + self.dense_bytes + self.eval_bytes + self.other_bytes
+        )
 
 
 def table_columns(cfg) -> int:
@@ -37,10 +40,19 @@ def table_columns(cfg) -> int:
     return cols
 
 
+def dense_parameters(cfg) -> int:
+    """GRU weights: per layer 3H x (inputs + H) matrices and 6H biases (upper bound over the modes)."""
+    sizes = list(cfg.layers)
+    inputs = [cfg.embedding or sizes[-1] if cfg.constrained_embedding or cfg.embedding else sizes[0]]
+    inputs += sizes[:-1]
+    return sum(3 * h * (n_in + h) + 6 * h for h, n_in in zip(sizes, inputs, strict=True))
+
+
 def estimate(cfg, n_items: int, validating: bool) -> TrainMemory:
     states = 2 if cfg.optimizer == "adam" else 1 + (cfg.momentum > 0)
     rows = eval_rows(cfg.eval_batch_size, n_items)
     return TrainMemory(
+        dense_bytes=4 * dense_parameters(cfg) * (1 + states),
         table_bytes=4 * n_items * table_columns(cfg),
         state_copies=states + 1,
         eval_bytes=12 * rows * n_items if validating else 0,
@@ -66,9 +78,9 @@ def check_fits(cfg, n_items: int, device, validating: bool) -> TrainMemory:
     if need.total > free:
         gib = 2**30
         raise UserError(
-            f"training {n_items:,} items x {table_columns(cfg) - 1} columns needs about {need.total / gib:.1f} GiB "
-            f"(item tables {need.table_bytes / gib:.1f} GiB x {1 + need.state_copies} with {cfg.optimizer} state "
-            f"and scratch), more than the {free / gib:.1f} GiB free on {device}: fewer units, "
-            "optimizer adagrad without momentum, or a machine with more memory"
+            f"training {n_items:,} items with layers {cfg.layers} needs about {need.total / gib:.1f} GiB (item "
+            f"tables {need.table_bytes / gib:.1f} GiB x {1 + need.state_copies} with {cfg.optimizer} state and "
+            f"scratch, GRU weights {need.dense_bytes / gib:.1f} GiB), more than the {free / gib:.1f} GiB free on "
+            f"{device}: fewer units, adagrad without momentum, or a machine with more memory"
         )
     return need
