@@ -397,7 +397,7 @@ def test_layer_stacks_as_choices_sample_and_report(data, tmp_path, run):
 
 
 def test_stepped_floats_are_their_decimal_grid_points():
-    from gru4rec.train.space import Dim
+    from gru4rec.train.tune.space import Dim
 
     dim = Dim("dropout_p_embed", "float", 0.0, 0.5, 0.05)
     grid = [float(Decimal("0.05") * k) for k in range(11)]  # 0.3, not 0.30000000000000004
@@ -564,7 +564,7 @@ OFFICIAL = {  # paramspaces/gru4rec_{xe,bprmax}_standard_parspace.json of the of
 @pytest.mark.parametrize("name", ["xe", "bpr-max"])
 def test_shipped_spaces_are_the_official_ones(name):
     from gru4rec.train.presets import PRESETS
-    from gru4rec.train.space import load_space
+    from gru4rec.train.tune.space import load_space
 
     space = load_space(name)
     dims = {d.name: d for d in space.dims}
@@ -584,7 +584,7 @@ def test_shipped_spaces_are_the_official_ones(name):
 
 def test_embedding_mode_maps_to_the_official_modes():
     from gru4rec.train.params import from_dict
-    from gru4rec.train.space import parse_space
+    from gru4rec.train.tune.space import parse_space
 
     space = parse_space(
         {"fixed": {"layers": 32}, "search": {"embedding_mode": {"type": "categorical", "choices": ["shared", "separate", "onehot"]}}},
