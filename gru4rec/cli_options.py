@@ -5,6 +5,10 @@ whose --threads) is made by one function, so its name and range stay declared on
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +31,45 @@ TimeUnit = Annotated[
         "magnitude, converted and said on stderr).",
     ),
 ]
+
+
+def options_in_place(
+    param: str, options: dict[str, Any]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Typer has no option groups: for a command whose parameter `param` defaults to a dataclass
+    instance, typer sees one option per field in its place (`options`: field -> its Annotated
+    option, in the order --help lists them), each defaulting to the instance's value, and the
+    command gets the instance the given values make. Apply it below `@app.command` (or before
+    `app.command(...)(command)`)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        group = signature.parameters[param]
+        params = []
+        for p in signature.parameters.values():
+            if p is group:
+                params += [inspect.Parameter(f"{param}__{field}", p.kind, default=getattr(p.default, field),
+                                             annotation=option) for field, option in options.items()]  # fmt: skip
+            else:
+                params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {field: kwargs.pop(f"{param}__{field}") for field in options}
+            return command(*args, **{param: type(group.default)(**values)}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": hints.get("return")}
+        return wrapper
+
+    return decorate
+
+
+# `keys: Keys = Keys()` in a command: --session-key, --item-key, --time-key and --time-unit.
+with_event_keys = options_in_place(
+    "keys", {"session": SessionKey, "item": ItemKey, "time": TimeKey, "time_unit": TimeUnit}
+)
 EVENTS_HELP = (
     "Events: a Parquet, TSV or CSV file, a folder of them (hive key=value folders welcome) or a quoted glob."
 )
@@ -64,6 +107,20 @@ ParamsFile = Annotated[
     Path | None, typer.Option("--params", help="TOML file of parameters (applied after --preset, before -p).")
 ]
 
+ExportedModel = Annotated[
+    Path,
+    typer.Option(
+        "--model", help="Serving graph m.onnx of an export (m.eval.onnx and m.items.parquet beside it)."
+    ),
+]
+BenchSessions = Annotated[
+    Path | None,
+    typer.Option(
+        "--sessions",
+        help="Test sessions to replay; default: ../shared/data/diginetica/test.parquet from the current "
+        "folder, else synthetic data.",
+    ),
+]
 OrtProvider = Annotated[
     str,
     typer.Option("--provider", help="ONNX Runtime execution provider: auto (CUDA when usable), cuda or cpu."),

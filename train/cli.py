@@ -10,17 +10,15 @@ import typer
 
 from gru4rec.cli_options import (
     Device,
-    ItemKey,
     Params,
     ParamsFile,
     Quiet,
     Seed,
-    SessionKey,
     Threads,
-    TimeKey,
-    TimeUnit,
     TrainEvents,
+    with_event_keys,
 )
+from gru4rec.data import Keys
 from gru4rec.errors import EXIT_INTERRUPTED
 
 
@@ -41,6 +39,7 @@ def register(app: typer.Typer) -> None:
     tune_cli.register(app)
 
 
+@with_event_keys
 def train_cmd(
     ctx: typer.Context,
     train_path: TrainEvents,
@@ -74,10 +73,7 @@ def train_cmd(
         "--dwell-boost",
         help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap); default: off.",
     ),
-    session_key: SessionKey = "session_id",
-    item_key: ItemKey = "item_id",
-    time_key: TimeKey = "time",
-    time_unit: TimeUnit = "auto",
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
     threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
@@ -85,7 +81,7 @@ def train_cmd(
     import torch
 
     from gru4rec.cli import invocation
-    from gru4rec.data import Keys, check_same_id_types, read_training_events
+    from gru4rec.data import check_same_id_types, read_training_events
     from gru4rec.train.params import resolve
     from gru4rec.train.safety import TrainingInterrupted, check_train_output
     from gru4rec.train.trainer import train
@@ -99,7 +95,6 @@ def train_cmd(
     check_train_output(out, resume, overwrite, inputs=(train_path, valid, params_file))
     if threads is not None:
         torch.set_num_threads(threads)
-    keys = Keys(session_key, item_key, time_key, time_unit)
     try:
         events = read_training_events(train_path, keys, "training")
         valid_events = read_training_events(valid, keys, "validation") if valid is not None else None

@@ -9,16 +9,14 @@ import typer
 
 from gru4rec.cli_options import (
     Device,
-    ItemKey,
     Quiet,
-    SessionKey,
-    TimeKey,
-    TimeUnit,
     TrainEvents,
     params_option,
     seed_option,
     threads_option,
+    with_event_keys,
 )
+from gru4rec.data import Keys
 from gru4rec.errors import EXIT_INTERRUPTED
 
 EPILOG = (
@@ -45,6 +43,7 @@ def register(app: typer.Typer) -> None:
     app.command("tune", epilog=EPILOG)(tune_cmd)
 
 
+@with_event_keys
 def tune_cmd(
     train_path: TrainEvents,
     out: Path = typer.Option(
@@ -102,10 +101,7 @@ def tune_cmd(
         "--final-test",
         help="Test events: retrain the best parameters (and --preset) on the whole TRAIN, export to ONNX and score.",
     ),
-    session_key: SessionKey = "session_id",
-    item_key: ItemKey = "item_id",
-    time_key: TimeKey = "time",
-    time_unit: TimeUnit = "auto",
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
     mlflow_uri: str = typer.Option(
         None,
         "--mlflow-uri",
@@ -118,7 +114,6 @@ def tune_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Search hyperparameters with Optuna (pruning, resumable, parallel); write best.toml and a report."""
-    from gru4rec.data import Keys
     from gru4rec.train.tune import TuneOptions, run_tune
 
     opts = TuneOptions(
@@ -140,7 +135,7 @@ def tune_cmd(
         threads=threads,
         final_test=final_test,
         valid_days=valid_days,
-        keys=Keys(session_key, item_key, time_key, time_unit),
+        keys=keys,
         progress=not quiet,
     )
     spec = _mlflow_spec(mlflow_uri, mlflow_experiment)  # before the search: a missing MLflow is said first
