@@ -15,7 +15,7 @@ from gru4rec.train.tune.options import Job
 from gru4rec.train.tune.progress import repeat_line, trial_line
 from gru4rec.train.tune.study import count_trials, open_storage
 
-MAX_REPEATS = 50
+MAX_REPEATS = 50  # proposals in a row that repeat a trial of the study: the space counts as exhausted
 
 
 def run_workers(job: Job, console, storage=None) -> None:
