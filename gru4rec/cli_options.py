@@ -70,6 +70,7 @@ def options_in_place(
 with_event_keys = options_in_place(
     "keys", {"session": SessionKey, "item": ItemKey, "time": TimeKey, "time_unit": TimeUnit}
 )
+
 EVENTS_HELP = (
     "Events: a Parquet, TSV or CSV file, a folder of them (hive key=value folders welcome) or a quoted glob."
 )

@@ -77,4 +77,7 @@ def test_search_spaces_ship_in_the_wheel(wheel):
     assert repo_spaces == ["bpr-max.toml", "xe.toml"]
     for name in repo_spaces:
         assert f"gru4rec/train/tune/spaces/{name}" in names, name
-        assert wheel.read(f"gru4rec/train/tune/spaces/{name}") == (REPO / "train" / "tune" / "spaces" / name).read_bytes()
+        assert (
+            wheel.read(f"gru4rec/train/tune/spaces/{name}")
+            == (REPO / "train" / "tune" / "spaces" / name).read_bytes()
+        )
