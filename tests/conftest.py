@@ -102,6 +102,14 @@ def one_torch_thread():
 
 # ---------------------------------------------------------------------------------------------- serve tests
 @pytest.fixture(scope="module")
+def tune_data(tmp_path_factory) -> dict[str, Path]:
+    """The `tune` tests' training and validation events (tests/tune_util.py)."""
+    from tune_util import write_data
+
+    return write_data(tmp_path_factory.mktemp("tune-data"))
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny exported models by id type, each with its `score --out` reference (built on first use)."""
     from serve_util import build_model, offline_recs

@@ -1,4 +1,4 @@
-"""`gru4rec-cli tune` on tiny synthetic data, against a real Optuna SQLite study the tests open themselves.
+"""`gru4rec-cli tune` on tiny synthetic tune_data, against a real Optuna SQLite study the tests open themselves.
 
 Each test trains real (tiny) models: 1 CPU thread per process (the shared CI cores are often
 oversubscribed, where torch's default thread pool is many times slower)."""
@@ -27,20 +27,14 @@ from tune_util import (
     trials_in,
     tune_args,
     wait_for,
-    write_data,
 )
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("tune-data"))
-
-
 # ------------------------------------------------------------------------------------------------
-def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(data, tmp_path, run):
+def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=2)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 6, "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 6, "--pruner", "none"))
     assert code == 0, err
     trials = load(out).get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 6
@@ -58,7 +52,7 @@ def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(data, tmp_
 
     # best.toml through the train command (another process) gives the reported metric again
     model = tmp_path / "m.pt"
-    proc = popen(["train", data["train"], "--valid", data["valid"], "--params", out / "best.toml",
+    proc = popen(["train", tune_data["train"], "--valid", tune_data["valid"], "--params", out / "best.toml",
                   "--out", model, "--seed", "5", "--device", "cpu", "--threads", "1", "--quiet"])  # fmt: skip
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -69,10 +63,10 @@ def test_finds_the_planted_learning_rate_and_best_toml_retrains_to_it(data, tmp_
     assert abs(history[-1]["mrr@20"] - best.value) < 1e-6
 
 
-def test_resume_after_kill_counts_every_trial_once(data, tmp_path, run):
+def test_resume_after_kill_counts_every_trial_once(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=20)  # each trial runs long enough to be caught mid-way
     out = tmp_path / "out"
-    args = tune_args(data, out, space, 4, "--pruner", "none")
+    args = tune_args(tune_data, out, space, 4, "--pruner", "none")
 
     def mid_trial() -> bool:  # kill -9 here: at least one finished, one running with an epoch done
         t = trials_in(out)
@@ -103,10 +97,10 @@ def test_resume_after_kill_counts_every_trial_once(data, tmp_path, run):
     assert len(load(out).get_trials(deepcopy=False)) == len(after)
 
 
-def test_two_processes_share_one_sqlite_study(data, tmp_path):
+def test_two_processes_share_one_sqlite_study(tune_data, tmp_path):
     space = space_file(tmp_path, n_epochs=2)
     out = tmp_path / "out"
-    args = tune_args(data, out, space, 8, "--pruner", "none")
+    args = tune_args(tune_data, out, space, 8, "--pruner", "none")
     first = popen(args)
     # the second joins once the first has created the study and started trial 0
     wait_for(lambda: len(trials_in(out)) >= 1, 180, "the first process to start a trial")
@@ -132,11 +126,11 @@ def test_two_processes_share_one_sqlite_study(data, tmp_path):
         assert sorted(reported) == sorted(by_pid[proc.pid])
 
 
-def test_pruning_stops_bad_trials_early(data, tmp_path, run):
+def test_pruning_stops_bad_trials_early(tune_data, tmp_path, run):
     n_epochs, n_trials = 4, 10
     space = space_file(tmp_path, n_epochs=n_epochs)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, n_trials, "--pruner", "median"))
+    code, _, err = run(*tune_args(tune_data, out, space, n_trials, "--pruner", "median"))
     assert code == 0, err
     trials = load(out).get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -158,7 +152,7 @@ def test_pruning_stops_bad_trials_early(data, tmp_path, run):
 
 
 # ------------------------------------------------------------------------------------------------ reports
-def test_layer_stacks_as_choices_sample_and_report(data, tmp_path, run):
+def test_layer_stacks_as_choices_sample_and_report(tune_data, tmp_path, run):
     stacks = {
         "layers": {"type": "categorical", "choices": [[8], [8, 8]]},
         "learning_rate": {"type": "categorical", "choices": [BAD_LR, GOOD_LR]},
@@ -166,7 +160,7 @@ def test_layer_stacks_as_choices_sample_and_report(data, tmp_path, run):
     }
     space = space_file(tmp_path, n_epochs=1, search=stacks)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 6, "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 6, "--pruner", "none"))
     assert code == 0, err
     trials = load(out).get_trials(deepcopy=False, states=FINISHED)
     frame = pl.read_parquet(out / "trials.parquet").filter(pl.col("state") != "FAIL").sort("number")
@@ -188,18 +182,16 @@ def test_stepped_floats_are_their_decimal_grid_points():
     assert [dim.clean(v) for v in binary] == grid
 
 
-def test_validation_drops_and_no_effect_parameters_are_said(data, tmp_path, run):
-    valid = with_unseen_items(data["valid"], tmp_path)
+def test_validation_drops_and_no_effect_parameters_are_said(tune_data, tmp_path, run):
+    valid = with_unseen_items(tune_data["valid"], tmp_path)
     search = {"eval_batch_size": {"type": "categorical", "choices": [32, 64]}, **WIDE}
     space = space_file(tmp_path, n_epochs=1, search=search)
     out = tmp_path / "out"
-    args = tune_args(data, out, space, 1, "--pruner", "none")
+    args = tune_args(tune_data, out, space, 1, "--pruner", "none")
     args[args.index("--valid") + 1] = valid
     code, _, err = run(*args)
     assert code == 0, err
-    said = (
-        f"validation: dropped {n_unseen(valid, data['train']):,} event(s) of items not in the training data"
-    )
+    said = f"validation: dropped {n_unseen(valid, tune_data['train']):,} event(s) of items not in the training data"
     note = "note: searching eval_batch_size cannot change results"
     report = (out / "report.md").read_text()
     assert said in err and said in report
@@ -255,7 +247,7 @@ def test_embedding_mode_maps_to_the_official_modes():
 
 # ------------------------------------------------------------------------------------------------ slow
 @pytest.mark.slow
-def test_host_memory_is_flat_across_30_trials(data, tmp_path, run):
+def test_host_memory_is_flat_across_30_trials(tune_data, tmp_path, run):
     """Same shapes every trial (only dropout searched), so RSS differences would be leaks: a leaked
     sample store alone (1M int64 = 8 MB) would add 200 MB over 25 trials."""
     fixed_shapes = {"dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05}}
@@ -263,7 +255,7 @@ def test_host_memory_is_flat_across_30_trials(data, tmp_path, run):
     text = space.read_text().replace("sample_store_size = 20000", "sample_store_size = 1000000")
     space.write_text(text)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 30, "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 30, "--pruner", "none"))
     assert code == 0, err
     rss = pl.read_parquet(out / "trials.parquet").sort("number")["rss_mb_start"].to_list()
     assert len(rss) == 30 and all(r is not None for r in rss)
@@ -289,7 +281,7 @@ def n_unseen(events: Path, train: Path) -> int:
 
 
 @pytest.mark.slow
-def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
+def test_final_test_scores_through_onnx_like_pytorch(tune_data, tmp_path, run):
     """--final-test: the ONNX-scored test metrics equal a PyTorch evaluation of the saved checkpoints,
     and the test events of unknown items it drops are said, as `score` says them."""
     from gru4rec import checkpoint as ckpt_io
@@ -298,9 +290,11 @@ def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
 
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
-    test_path = with_unseen_items(data["valid"], tmp_path)
+    test_path = with_unseen_items(tune_data["valid"], tmp_path)
     code, _, err = run(
-        *tune_args(data, out, space, 2, "--final-test", test_path, "--preset", "demo", "-p", "n_epochs=1")
+        *tune_args(
+            tune_data, out, space, 2, "--final-test", test_path, "--preset", "demo", "-p", "n_epochs=1"
+        )
     )
     assert code == 0, err
     final = json.loads((out / "final" / "final.json").read_text())
@@ -310,19 +304,19 @@ def test_final_test_scores_through_onnx_like_pytorch(data, tmp_path, run):
         ck = ckpt_io.load(out / "final" / f"{stem}.pt")
         ref = evaluate(ck.model, ck.items, test, cutoffs=(20,), device="cpu")
         assert abs(ref["recall@20"] - r["recall@20"]) < 1e-5 and abs(ref["mrr@20"] - r["mrr@20"]) < 1e-5
-        assert r["n_unknown_dropped"] == n_unseen(test_path, data["train"]) == ref["n_unknown_dropped"]
-    said = f"dropped {n_unseen(test_path, data['train']):,} event(s) of items unknown to the model"
+        assert r["n_unknown_dropped"] == n_unseen(test_path, tune_data["train"]) == ref["n_unknown_dropped"]
+    said = f"dropped {n_unseen(test_path, tune_data['train']):,} event(s) of items unknown to the model"
     report = (out / "report.md").read_text()
     assert "## Final test" in report
     assert f"final test tuned: {said}" in err and f"- tuned: {said}" in report
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_final_retrain_is_said(data, tmp_path):
+def test_ctrl_c_in_the_final_retrain_is_said(tune_data, tmp_path):
     """Ctrl-C while the preset retrains (yoochoose: 480 units, 10 epochs, seconds even on tiny data)."""
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
-    args = tune_args(data, out, space, 1, "--final-test", data["valid"], "--preset", "yoochoose")
+    args = tune_args(tune_data, out, space, 1, "--final-test", tune_data["valid"], "--preset", "yoochoose")
     exported = (out / "final" / "tuned.onnx").exists
     code, err = signal_when(args, exported, signal.SIGINT, "the tuned model's export")
     assert code == 130, err
@@ -331,24 +325,26 @@ def test_ctrl_c_in_the_final_retrain_is_said(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_n_jobs_runs_worker_processes_on_the_study(data, tmp_path, run):
+def test_n_jobs_runs_worker_processes_on_the_study(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=1)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 6, "--n-jobs", "2", "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 6, "--n-jobs", "2", "--pruner", "none"))
     assert code == 0, err
     trials = load(out).get_trials(deepcopy=False)
     assert all(t.state == TrialState.COMPLETE for t in trials) and 6 <= len(trials) <= 7
     assert len({t.user_attrs["pid"] for t in trials}) == 2
 
 
-def test_tune_logs_to_mlflow_with_the_nightly_keys(data, tmp_path, run):
+def test_tune_logs_to_mlflow_with_the_nightly_keys(tune_data, tmp_path, run):
     """A real MLflow SQLite store, read back with MlflowClient: the best trial's parameters, its
     validation metric under the nightly's key style (mrr@20 -> mrr_at_20), tags and the outputs."""
     from mlflow import MlflowClient
 
     space = space_file(tmp_path, n_epochs=1)
     out, db = tmp_path / "out", tmp_path / "mlruns.db"
-    code, _, err = run(*tune_args(data, out, space, 3, "--pruner", "none", "--mlflow-uri", f"sqlite:///{db}"))
+    code, _, err = run(
+        *tune_args(tune_data, out, space, 3, "--pruner", "none", "--mlflow-uri", f"sqlite:///{db}")
+    )
     assert code == 0, err
     best = max(load(out).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

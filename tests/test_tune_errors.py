@@ -13,23 +13,17 @@ from tune_util import (
     popen,
     space_file,
     tune_args,
-    write_data,
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("tune-data"))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
-def study_dir(data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+def study_dir(tune_data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """A study with one finished trial, which the bad-input tests must leave exactly as it is."""
     folder = tmp_path_factory.mktemp("tune-study")
     space = space_file(folder, n_epochs=1)
     out = folder / "out"
-    args = tune_args(data, out, space, 1, "--pruner", "none")
+    args = tune_args(tune_data, out, space, 1, "--pruner", "none")
     proc = popen(args)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -61,44 +55,44 @@ BAD_SPACES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SPACES))
-def test_bad_space_is_one_error_line_and_the_study_is_untouched(case, study_dir, data, tmp_path, run):
+def test_bad_space_is_one_error_line_and_the_study_is_untouched(case, study_dir, tune_data, tmp_path, run):
     out, _, _ = study_dir
     before = _digest(out / "study.db")
     search, needle = BAD_SPACES[case]
     bad = tmp_path / "bad.toml"
     fixed = {k: v for k, v in {**TINY_FIXED, "n_epochs": 1}.items() if k not in search}
     bad.write_text(tomli_w.dumps({"fixed": fixed, "search": search}))
-    code, _, err = run(*tune_args(data, out, bad, 1, "--study", "tiny"))
+    code, _, err = run(*tune_args(tune_data, out, bad, 1, "--study", "tiny"))
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert _digest(out / "study.db") == before
 
 
-def test_another_space_under_the_same_study_name_is_refused(study_dir, data, tmp_path, run):
+def test_another_space_under_the_same_study_name_is_refused(study_dir, tune_data, tmp_path, run):
     out, _, _ = study_dir
     before = _digest(out / "study.db")
     (tmp_path / "o").mkdir()
     search = {"learning_rate": {"type": "float", "low": 0.01, "high": 0.2}}
     other = space_file(tmp_path / "o", n_epochs=1, search=search)
-    code, _, err = run(*tune_args(data, out, other, 2))
+    code, _, err = run(*tune_args(tune_data, out, other, 2))
     assert code == 2 and err.startswith("error:") and "another search space" in err, err
     assert len(err.strip().splitlines()) == 1
     assert _digest(out / "study.db") == before
     # a -p that fixes a searched parameter is another space too
-    code, _, err = run(*tune_args(data, out, study_dir[1], 2, "-p", "learning_rate=0.1"))
+    code, _, err = run(*tune_args(tune_data, out, study_dir[1], 2, "-p", "learning_rate=0.1"))
     assert code == 2 and "another search space" in err, err
     assert _digest(out / "study.db") == before
 
 
 def test_another_space_on_the_same_out_is_refused_and_the_outputs_are_untouched(
-    study_dir, data, tmp_path, run
+    study_dir, tune_data, tmp_path, run
 ):
     out, _, _ = study_dir
     before = {p.name: _digest(p) for p in out.iterdir() if p.is_file()}
     assert {"best.toml", "report.md", "trials.parquet", "study.db"} <= set(before)
     other = space_file(tmp_path, n_epochs=1, name="other")  # another study name: its own study
-    code, _, err = run(*tune_args(data, out, other, 1))
+    code, _, err = run(*tune_args(tune_data, out, other, 1))
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "one study per --out" in lines[0], err
@@ -113,11 +107,11 @@ def test_another_space_on_the_same_out_is_refused_and_the_outputs_are_untouched(
     ],
 )
 def test_a_run_that_fails_before_any_trial_leaves_no_out_folder(
-    extra, needle, study_dir, data, tmp_path, run
+    extra, needle, study_dir, tune_data, tmp_path, run
 ):
     _, space, _ = study_dir
     out = tmp_path / "new" / "out"
-    code, _, err = run(*tune_args(data, out, space, 1), *extra)
+    code, _, err = run(*tune_args(tune_data, out, space, 1), *extra)
     assert code == 2 and needle in err, err
     assert not (tmp_path / "new").exists()
 
@@ -134,10 +128,10 @@ def test_a_run_that_fails_before_any_trial_leaves_no_out_folder(
         (["--preset", "nope"], "preset"),
     ],
 )
-def test_bad_options(extra, needle, study_dir, data, run):
+def test_bad_options(extra, needle, study_dir, tune_data, run):
     out, space, _ = study_dir
     before = _digest(out / "study.db")
-    args = tune_args(data, out, space, 1)
+    args = tune_args(tune_data, out, space, 1)
     if "--space" in extra:
         args = args[: args.index("--space")] + args[args.index("--space") + 2 :]
     code, _, err = run(*args, *extra)

@@ -23,24 +23,17 @@ from tune_util import (
     space_file,
     trials_in,
     tune_args,
-    write_data,
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("tune-data"))
-
 
 # ------------------------------------------------------------------------------------------------ new configurations
 
 
-def test_top_up_never_repeats_and_the_same_commands_give_the_same_trials(data, tmp_path, run):
+def test_top_up_never_repeats_and_the_same_commands_give_the_same_trials(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=1, search=WIDE)
 
     def sequence(out: Path) -> list[tuple]:
         for n in (2, 4, 6):  # a study topped up twice (--n-trials raised)
-            code, _, err = run(*tune_args(data, out, space, n, "--pruner", "none"))
+            code, _, err = run(*tune_args(tune_data, out, space, n, "--pruner", "none"))
             assert code == 0, err
         assert len(finished_configs(out)) == 6
         trials = load(out).get_trials(deepcopy=False)
@@ -51,22 +44,22 @@ def test_top_up_never_repeats_and_the_same_commands_give_the_same_trials(data, t
     assert sequence(tmp_path / "b") == first  # reproducible: same commands, same trials
 
 
-def test_timeout_chunks_never_repeat(data, tmp_path, run):
+def test_timeout_chunks_never_repeat(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=1, search=WIDE)
     out = tmp_path / "out"
     starts = 0
     while starts < 3 or len(finished_configs(out)) < 6:  # at least 3 starts, however fast each is
         starts += 1
         assert starts <= 15, "15 chunks of 1 s each should have finished 6 trials"
-        code, _, err = run(*tune_args(data, out, space, 100, "--timeout", "1", "--pruner", "none"))
+        code, _, err = run(*tune_args(tune_data, out, space, 100, "--timeout", "1", "--pruner", "none"))
         assert code == 0, err
     assert_no_repeats(out)
 
 
-def test_resume_after_ctrl_c_never_repeats(data, tmp_path, run):
+def test_resume_after_ctrl_c_never_repeats(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=3, search=WIDE)
     out = tmp_path / "out"
-    args = tune_args(data, out, space, 6, "--pruner", "none")
+    args = tune_args(tune_data, out, space, 6, "--pruner", "none")
 
     def in_third_trial() -> bool:
         t = trials_in(out)
@@ -110,7 +103,7 @@ def test_a_ctrl_c_that_python_drops_is_noted_without_a_traceback():
 
 
 @pytest.mark.slow  # 50 skipped proposals in a row before it stops
-def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, tmp_path, run):
+def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(tune_data, tmp_path, run):
     """2 x 2 configurations, 5 wanted: the sampler repeats itself; every repeat is a failed trial naming
     its twin, the 4 configurations each finish once, and the run stops when nothing new comes."""
     small = {
@@ -119,7 +112,7 @@ def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, 
     }
     space = space_file(tmp_path, n_epochs=1, search=small)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 5, "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 5, "--pruner", "none"))
     assert code == 0, err
     configs = assert_no_repeats(out)
     assert len(configs) == 4
@@ -136,11 +129,11 @@ def test_an_exact_repeat_is_skipped_and_said_and_an_exhausted_space_stops(data, 
 
 
 @pytest.mark.slow
-def test_a_new_n_jobs_2_run_on_a_study_never_repeats(data, tmp_path, run):
+def test_a_new_n_jobs_2_run_on_a_study_never_repeats(tune_data, tmp_path, run):
     space = space_file(tmp_path, n_epochs=1, search=WIDE)
     out = tmp_path / "out"
-    code, _, err = run(*tune_args(data, out, space, 3, "--pruner", "none"))
+    code, _, err = run(*tune_args(tune_data, out, space, 3, "--pruner", "none"))
     assert code == 0, err
-    code, _, err = run(*tune_args(data, out, space, 8, "--pruner", "none", "--n-jobs", "2"))
+    code, _, err = run(*tune_args(tune_data, out, space, 8, "--pruner", "none", "--n-jobs", "2"))
     assert code == 0, err
     assert len(assert_no_repeats(out)) >= 8

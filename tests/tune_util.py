@@ -40,7 +40,7 @@ WIDE = {
 
 
 def write_data(folder: Path) -> dict[str, Path]:
-    """The tests' training and validation events (a module fixture `data` of each test file)."""
+    """The tests' training and validation events (the `tune_data` fixture of conftest.py)."""
     train, test = generate(600, 80, seed=3)
     paths = {"train": folder / "train.parquet", "valid": folder / "valid.parquet"}
     train.write_parquet(paths["train"])
