@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gru4rec.cli_options import EVENTS_HELP, ItemKey, SessionKey, TimeKey, TimeUnit
+from gru4rec.cli_options import EVENTS_HELP, with_event_keys
 from gru4rec.data import Keys
 
 data_app = typer.Typer(
@@ -75,6 +75,7 @@ def prepare_rsc15(
 
 
 @data_app.command()
+@with_event_keys
 def split(
     events_file: Annotated[Path, typer.Argument(metavar="EVENTS", help=EVENTS_HELP)],
     outdir: SplitOutDir,
@@ -104,10 +105,7 @@ def split(
             "--valid/--no-valid", help="Also split train_full into train_tr/train_valid the same way."
         ),
     ] = True,
-    session_key: SessionKey = "session_id",
-    item_key: ItemKey = "item_id",
-    time_key: TimeKey = "time",
-    time_unit: TimeUnit = "auto",
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
 ) -> None:
     """Time split of your own click log: filters, whole-session test split, unseen test items removed."""
     from gru4rec.data import open_events
@@ -116,7 +114,7 @@ def split(
     if test_days is None and test_fraction is None:
         test_days = 1.0
     cfg = SplitConfig(test_days, test_fraction, min_item_support, min_session_length, dedup, valid)
-    source = open_events(events_file, Keys(session_key, item_key, time_key, time_unit))
+    source = open_events(events_file, keys)
     _say_ignored(source)
     _split_to(outdir, events_file, "split", "events", source.read, lambda ev: split_with_report(ev, cfg))
 
@@ -143,15 +141,13 @@ def _split_to(outdir: Path, source: Path, title: str, noun: str, read, cut) -> N
 
 
 @data_app.command()
+@with_event_keys
 def stats(
     file: Annotated[Path, typer.Argument(metavar="EVENTS", help=EVENTS_HELP)],
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")
     ] = None,
-    session_key: SessionKey = "session_id",
-    item_key: ItemKey = "item_id",
-    time_key: TimeKey = "time",
-    time_unit: TimeUnit = "auto",
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
 ) -> None:
     """Sessions, events, items, predictions and the session-length distribution of an events file."""
     from rich.console import Console
@@ -162,7 +158,7 @@ def stats(
 
     if json_out is not None:
         check_output_file(json_out, inputs=(file,))
-    source = open_events(file, Keys(session_key, item_key, time_key, time_unit))
+    source = open_events(file, keys)
     s = dataset_stats(source.read())
     s["id_types"] = {"session": _kind(source, "session_id"), "item": _kind(source, "item_id")}
     s["ignored_columns"] = source.ignored

@@ -16,7 +16,7 @@ _synced = (0, 1)  # (torch's thread count numba was last matched to, numba's cou
 
 def use_torch_threads() -> int:
     """Numba's loops run on as many threads as torch (`--threads`), within numba's pool; returns
-    that count (numba.get_num_threads costs ~20 us a call, too much for every step).
+    that count (numba.get_num_threads is too costly a call to make on every step).
 
     With the omp layer numba shares torch's OpenMP runtime, and starting numba's pool (the first
     numba.get_num_threads) or setting its count resets that runtime's count: torch's is restored

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from gru4rec.cli_options import ItemKey, SessionKey, TimeKey, TimeUnit
+from gru4rec.cli_options import BenchSessions, ExportedModel, OrtProvider, with_event_keys
+from gru4rec.data import Keys
 from gru4rec.errors import UserError
 
 # `--engine` and the Ray settings, declared once (eval configs spell them as keys: engine, ray_address, workers).
@@ -38,121 +39,116 @@ def parse_cutoffs(text: str) -> tuple[int, ...]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("score")
-    def score_cmd(
-        model: Path = typer.Option(
-            ..., "--model", help="Exported serving graph m.onnx (m.eval.onnx and m.items.parquet beside it)."
-        ),
-        sessions: Path = typer.Option(
-            ...,
-            "--sessions",
-            help="Test sessions: a Parquet, TSV or CSV file, a folder of them (hive key=value folders "
-            "welcome) or a quoted glob such as 'events/**/*.parquet'; integer or string ids.",
-        ),
-        out: Path | None = typer.Option(
-            None, "--out", help="Write recommendations (one row per scored event) to this Parquet file."
-        ),
-        metrics: Path | None = typer.Option(
-            None, "--metrics", help="Write metrics and latency figures to this JSON file."
-        ),
-        k: int | None = typer.Option(
-            None,
-            "--k",
-            help="Recommendations per event in --out: at most the model's exported top-k \\[default: 20, or that top-k if smaller].",
-        ),
-        cutoffs: str = typer.Option(
-            "1,5,10,20", "--cutoffs", help="Comma-separated cut-offs for Recall@k and MRR@k."
-        ),
-        tie_mode: str = typer.Option(
-            "standard",
-            "--tie-mode",
-            help="Rank of a target tied with other items: standard (1 + items scored higher) | conservative (ties rank above the target) | median (half the ties above).",
-        ),
-        batch_size: int = typer.Option(
-            1024, "--batch-size", help="Sessions replayed in parallel (batch mode)."
-        ),
-        provider: str = typer.Option(
-            "auto", "--provider", help="ONNX Runtime provider: auto (CUDA if usable) | cuda | cpu."
-        ),
-        latency_mode: str = typer.Option(
-            "batch",
-            "--latency-mode",
-            help="batch: session-parallel; online: one session at a time, batch 1, as a server sees it.",
-        ),
-        tf32: bool = typer.Option(
-            False, "--tf32/--no-tf32", help="Allow TF32 matmuls on the CUDA EP (faster, not bit-exact fp32)."
-        ),
-        chunk_events: int = typer.Option(
-            1_000_000, "--chunk-events", help="Events read per chunk (whole sessions); bounds memory use."
-        ),
-        memory_budget: str | None = typer.Option(
-            None,
-            "--memory-budget",
-            help="Memory for one step's scores beyond the model's weights, e.g. 512MB, 2GB \\[default: a quarter of "
-            "free memory, at most 1 GiB]. Catalogs whose [batch x items] scores do not fit are scored in tiles of "
-            "items (same ranks); the batch shrinks only when even a tile of 8,192 items does not fit.",
-        ),
-        tile_items: int = typer.Option(
-            0, "--tile-items", help="Items per tile of the score matrix (at least the model's top-k); 0: from --memory-budget."
-        ),
-        session_key: SessionKey = "session_id",
-        item_key: ItemKey = "item_id",
-        time_key: TimeKey = "time",
-        time_unit: TimeUnit = "auto",
-        beyond_accuracy: bool = typer.Option(
-            False,
-            "--beyond-accuracy",
-            help="Also coverage@k (share of the catalog in any top-k list) and, with --train, popularity@k "
-            "(mean normalised training popularity of the recommended items), for cut-offs up to the model's top-k.",
-        ),
-        train: Path | None = typer.Option(
-            None, "--train", help="Training events, for popularity@k (with --beyond-accuracy)."
-        ),
-        engine: Engine = "local",
-        ray_address: RayAddress = None,
-        workers: Workers = None,
-        gpus_per_worker: GpusPerWorker = None,
-        cpus_per_worker: CpusPerWorker = 1.0,
-        shards: Shards = None,
-    ) -> None:
-        """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
-        from gru4rec.data import Keys
-        from gru4rec.score.scorer import ScoreConfig, score
-        from gru4rec.score.tiled import parse_bytes
+    app.command("score")(score_cmd)
 
-        cfg = ScoreConfig(
-            k=k,
-            cutoffs=parse_cutoffs(cutoffs),
-            tie_mode=tie_mode,
-            batch_size=batch_size,
-            latency_mode=latency_mode,
-            keys=Keys(session_key, item_key, time_key, time_unit),
-            chunk_events=chunk_events,
-            beyond_accuracy=beyond_accuracy,
-            memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
-            tile_items=tile_items,
-        )
-        if engine == "ray":
-            from gru4rec.score.ray_engine import RayEngine
 
-            runner = RayEngine(ray_address, workers, gpus_per_worker, cpus_per_worker, shards)
-        elif engine == "local":
-            from gru4rec.score.scorer import LocalEngine
+@with_event_keys
+def score_cmd(
+    model: ExportedModel,
+    sessions: Path = typer.Option(
+        ...,
+        "--sessions",
+        help="Test sessions: a Parquet, TSV or CSV file, a folder of them (hive key=value folders "
+        "welcome) or a quoted glob such as 'events/**/*.parquet'; integer or string ids.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write recommendations (one row per scored event) to this Parquet file."
+    ),
+    metrics: Path | None = typer.Option(
+        None, "--metrics", help="Write metrics and latency figures to this JSON file."
+    ),
+    k: int | None = typer.Option(
+        None,
+        "--k",
+        help="Recommendations per event in --out: at most the model's exported top-k \\[default: 20, or that top-k if smaller].",
+    ),
+    cutoffs: str = typer.Option(
+        "1,5,10,20", "--cutoffs", help="Comma-separated cut-offs for Recall@k and MRR@k."
+    ),
+    tie_mode: str = typer.Option(
+        "standard",
+        "--tie-mode",
+        help="Rank of a target tied with other items: standard (1 + items scored higher) | conservative (ties rank above the target) | median (half the ties above).",
+    ),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Sessions replayed in parallel (batch mode)."),
+    provider: OrtProvider = "auto",
+    latency_mode: str = typer.Option(
+        "batch",
+        "--latency-mode",
+        help="batch: session-parallel; online: one session at a time, batch 1, as a server sees it.",
+    ),
+    tf32: bool = typer.Option(
+        False, "--tf32/--no-tf32", help="Allow TF32 matmuls on the CUDA EP (faster, not bit-exact fp32)."
+    ),
+    chunk_events: int = typer.Option(
+        1_000_000, "--chunk-events", help="Events read per chunk (whole sessions); bounds memory use."
+    ),
+    memory_budget: str | None = typer.Option(
+        None,
+        "--memory-budget",
+        help="Memory for one step's scores beyond the model's weights, e.g. 512MB, 2GB \\[default: a quarter of "
+        "free memory, at most 1 GiB]. Catalogs whose [batch x items] scores do not fit are scored in tiles of "
+        "items (same ranks); the batch shrinks only when even a tile of 8,192 items does not fit.",
+    ),
+    tile_items: int = typer.Option(
+        0,
+        "--tile-items",
+        help="Items per tile of the score matrix (at least the model's top-k); 0: from --memory-budget.",
+    ),
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
+    beyond_accuracy: bool = typer.Option(
+        False,
+        "--beyond-accuracy",
+        help="Also coverage@k (share of the catalog in any top-k list) and, with --train, popularity@k "
+        "(mean normalised training popularity of the recommended items), for cut-offs up to the model's top-k.",
+    ),
+    train: Path | None = typer.Option(
+        None, "--train", help="Training events, for popularity@k (with --beyond-accuracy)."
+    ),
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    shards: Shards = None,
+) -> None:
+    """Score test sessions with an exported model: Recall@k / MRR@k, recommendations, latency."""
+    from gru4rec.score.scorer import ScoreConfig, score
+    from gru4rec.score.tiled import parse_bytes
 
-            ray_only = {"--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
-                        "--shards": shards, "--cpus-per-worker": None if cpus_per_worker == 1.0 else cpus_per_worker}  # fmt: skip
-            given = [name for name, value in ray_only.items() if value is not None]
-            if given:
-                raise UserError(f"{', '.join(given)}: only with --engine ray")
-            runner = LocalEngine()
-        else:
-            raise UserError(f"--engine must be local or ray, got {engine!r}")
-        report = score(model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32,
-                       progress=True, train=train, engine=runner)  # fmt: skip
-        print_report(report)
-        for path, what in ((out, "recommendations"), (metrics, "metrics")):
-            if path is not None:
-                typer.echo(f"{what}: {path}")
+    cfg = ScoreConfig(
+        k=k,
+        cutoffs=parse_cutoffs(cutoffs),
+        tie_mode=tie_mode,
+        batch_size=batch_size,
+        latency_mode=latency_mode,
+        keys=keys,
+        chunk_events=chunk_events,
+        beyond_accuracy=beyond_accuracy,
+        memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
+        tile_items=tile_items,
+    )
+    if engine == "ray":
+        from gru4rec.score.ray_engine import RayEngine
+
+        runner = RayEngine(ray_address, workers, gpus_per_worker, cpus_per_worker, shards)
+    elif engine == "local":
+        from gru4rec.score.scorer import LocalEngine
+
+        ray_only = {"--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
+                    "--shards": shards, "--cpus-per-worker": None if cpus_per_worker == 1.0 else cpus_per_worker}  # fmt: skip
+        given = [name for name, value in ray_only.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --engine ray")
+        runner = LocalEngine()
+    else:
+        raise UserError(f"--engine must be local or ray, got {engine!r}")
+    report = score(model, sessions, out=out, metrics=metrics, config=cfg, provider=provider, tf32=tf32,
+                   progress=True, train=train, engine=runner)  # fmt: skip
+    print_report(report)
+    for path, what in ((out, "recommendations"), (metrics, "metrics")):
+        if path is not None:
+            typer.echo(f"{what}: {path}")
 
 
 def print_report(report: dict) -> None:
@@ -215,11 +211,7 @@ def register_bench(bench_app: typer.Typer) -> None:
             "--model",
             help="Checkpoint (.pt, exported on the fly; torch runs use it too) or m.onnx (ORT runs only); default: a random-weight diginetica-shaped model (43,097 items, 512 units).",
         ),
-        sessions: Path | None = typer.Option(
-            None,
-            "--sessions",
-            help="Test sessions; default: ../shared/data/diginetica/test.parquet from the current folder, else synthetic data.",
-        ),
+        sessions: BenchSessions = None,
         out: Path | None = typer.Option(
             None, "--out", help="Write the results JSON here (default: print the summary only)."
         ),

@@ -49,15 +49,9 @@ class StepBackend(Protocol):
     def start(self, batch_size: int) -> None:
         """Prepare for batches of up to `batch_size` rows; the state starts at zero."""
 
-    def step(
-        self,
-        item_idx: np.ndarray,
-        target_idx: np.ndarray,
-        src_rows: np.ndarray,
-        reset_mask: np.ndarray,
-        fetch_topk: bool,
-    ) -> StepOutput:
-        """One step; returns host arrays (so the call ends device-synchronised)."""
+    # One step: step(item_idx, target_idx, src_rows, reset_mask, fetch_topk) as the module docstring
+    # says; returns host arrays (so the call ends device-synchronised).
+    step: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool], StepOutput]
 
 
 def buckets(batch_size: int) -> np.ndarray:

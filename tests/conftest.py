@@ -46,6 +46,14 @@ def synthetic_files(folder: Path, n_sessions: int, n_items: int, seed: int):
     return train, test
 
 
+def nightly_config(folder: Path, body: str, *, history: str = "h.parquet", name: str = "n.toml") -> Path:
+    """A nightly config file in `folder`, its history and out folder there too: `[nightly]` history and
+    out, then `body` (the rest of [nightly] and any further tables)."""
+    path = folder / name
+    path.write_text(f'[nightly]\nhistory = "{folder / history}"\nout = "{folder / "out"}"\n{body}')
+    return path
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process."""
     proc = subprocess.run(
@@ -93,6 +101,14 @@ def one_torch_thread():
 
 
 # ---------------------------------------------------------------------------------------------- serve tests
+@pytest.fixture(scope="module")
+def tune_data(tmp_path_factory) -> dict[str, Path]:
+    """The `tune` tests' training and validation events (tests/tune_util.py)."""
+    from tune_util import write_data
+
+    return write_data(tmp_path_factory.mktemp("tune-data"))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny exported models by id type, each with its `score --out` reference (built on first use)."""

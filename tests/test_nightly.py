@@ -10,6 +10,7 @@ import json
 
 import polars as pl
 import pytest
+from conftest import nightly_config, synthetic_files
 
 from gru4rec.errors import UserError
 from gru4rec.eval.nightly import Tolerances, compare, load_config, run
@@ -32,13 +33,7 @@ def metrics_json(path, recall=0.50, mrr=0.20, p50=2.0, p95=3.0):
 
 
 def config(tmp_path, extra: str = "") -> str:
-    cfg = tmp_path / "nightly.toml"
-    cfg.write_text(
-        f"""
-[nightly]
-history = "{tmp_path / "history.parquet"}"
-out = "{tmp_path / "out"}"
-metrics_json = "{tmp_path / "metrics.json"}"
+    body = f"""metrics_json = "{tmp_path / "metrics.json"}"
 tie_mode = "standard"
 [nightly.tolerances]
 metrics = ["recall@20", "mrr@20"]
@@ -49,8 +44,7 @@ latency_rise_abs_ms = 0.5
 latency_rise_rel = 0.10
 {extra}
 """
-    )
-    return str(cfg)
+    return str(nightly_config(tmp_path, body, history="history.parquet", name="nightly.toml"))
 
 
 def fabricate_history(tmp_path, recalls=(0.49, 0.52, 0.50), p50s=(2.0, 2.1, 1.9)):
@@ -297,18 +291,8 @@ def test_run_api_returns_summary(tmp_path):
 @pytest.mark.slow
 def test_full_pipeline_train_export_score_twice(tmp_path):
     """[nightly.train] trains, exports and scores for real; the same seed twice gives no regression."""
-    from gru4rec.synth import generate
-
-    train, test = generate(n_sessions=300, n_items=50, seed=5)
-    train.write_parquet(tmp_path / "train.parquet")
-    test.write_parquet(tmp_path / "test.parquet")
-    cfg = tmp_path / "n.toml"
-    cfg.write_text(
-        f"""
-[nightly]
-history = "{tmp_path / "history.parquet"}"
-out = "{tmp_path / "out"}"
-test = "{tmp_path / "test.parquet"}"
+    synthetic_files(tmp_path, 300, 50, 5)
+    body = f"""test = "{tmp_path / "test.parquet"}"
 batch_size = 16
 [nightly.train]
 train = "{tmp_path / "train.parquet"}"
@@ -319,7 +303,7 @@ device = "cpu"
 latency_rise_abs_ms = 1000.0
 min_latency_steps = 5
 """
-    )
+    cfg = nightly_config(tmp_path, body, history="history.parquet")
     first = run(load_config(cfg))
     assert first["regressions"] == [] and (tmp_path / "out" / "model.onnx").is_file()
     scored = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import synthetic_files
+from conftest import nightly_config, synthetic_files
 from test_replay import make_model
 from test_score import export_model
 
@@ -40,12 +40,7 @@ def data(tmp_path_factory):
 
 
 def config(tmp_path, d, champion, train="train.parquet") -> str:
-    path = tmp_path / "n.toml"
-    path.write_text(f"""
-[nightly]
-history = "{tmp_path / "h.parquet"}"
-out = "{tmp_path / "out"}"
-test = "{d / "test.parquet"}"
+    body = f"""test = "{d / "test.parquet"}"
 batch_size = 4
 [nightly.train]
 train = "{d / train}"
@@ -56,8 +51,8 @@ seed = 3
 [nightly.champion]
 model = "{champion}"
 promote = true
-""")
-    return str(path)
+"""
+    return str(nightly_config(tmp_path, body))
 
 
 def install(src_onnx, dst_onnx):

@@ -71,10 +71,13 @@ def test_console_script_declared(wheel):
 
 
 def test_search_spaces_ship_in_the_wheel(wheel):
-    """`tune --space xe|bpr-max` reads these data files beside gru4rec/train/space.py."""
+    """`tune --space xe|bpr-max` reads these data files beside gru4rec/train/tune/space.py."""
     names = wheel.namelist()
-    repo_spaces = sorted(p.name for p in (REPO / "train" / "spaces").glob("*.toml"))
+    repo_spaces = sorted(p.name for p in (REPO / "train" / "tune" / "spaces").glob("*.toml"))
     assert repo_spaces == ["bpr-max.toml", "xe.toml"]
     for name in repo_spaces:
-        assert f"gru4rec/train/spaces/{name}" in names, name
-        assert wheel.read(f"gru4rec/train/spaces/{name}") == (REPO / "train" / "spaces" / name).read_bytes()
+        assert f"gru4rec/train/tune/spaces/{name}" in names, name
+        assert (
+            wheel.read(f"gru4rec/train/tune/spaces/{name}")
+            == (REPO / "train" / "tune" / "spaces" / name).read_bytes()
+        )

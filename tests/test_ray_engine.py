@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO
+from conftest import REPO, nightly_config
 from test_replay import make_model, random_events
 from test_score import export_model
 
@@ -229,14 +229,12 @@ def identical_champion_config(folder: Path, synthetic, engine: str, batch: int, 
     from gru4rec.eval.promote import copy_bundle
 
     champion = copy_bundle(Path(synthetic["onnx"]), folder / "prod" / "m.onnx")
-    config = folder / "nightly.toml"
-    config.write_text(
-        f'[nightly]\nhistory = "{folder / "h.parquet"}"\nout = "{folder / "out"}"\n'
+    body = (
         f'test = "{synthetic["whole"]}"\nmodel = "{synthetic["onnx"]}"\nbatch_size = {batch}\n'
         + ('engine = "ray"\nworkers = 2\n' if engine == "ray" else "")
         + f'[nightly.champion]\nmodel = "{champion}"\npromote = true\n{extra}'
     )
-    return config
+    return nightly_config(folder, body, name="nightly.toml")
 
 
 def test_nightly_on_ray_with_an_identical_champion_promotes(ray_cluster, synthetic, tmp_path, run):

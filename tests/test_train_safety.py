@@ -218,7 +218,7 @@ def test_ctrl_c_right_after_the_device_line_is_an_interrupted_epoch(data, tmp_pa
 
 
 def test_ctrl_c_while_the_cli_is_importing_exits_130_with_one_line(monkeypatch, capsys):
-    # `gru4rec-cli` spends ~0.5 s importing typer, Polars and the stages before any command runs:
+    # `gru4rec-cli` imports typer, Polars and the stages before any command runs, long enough to be hit:
     # a Ctrl-C then used to print Python's traceback. Simulated here as the import being interrupted.
     from gru4rec.__main__ import main
 

@@ -10,15 +10,15 @@ import typer
 
 from gru4rec.cli_options import (
     Device,
-    ItemKey,
     Params,
     ParamsFile,
+    Quiet,
     Seed,
-    SessionKey,
     Threads,
-    TimeKey,
-    TimeUnit,
+    TrainEvents,
+    with_event_keys,
 )
+from gru4rec.data import Keys
 from gru4rec.errors import EXIT_INTERRUPTED
 
 
@@ -32,87 +32,82 @@ def _params_epilog() -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train", epilog=_params_epilog())
-    def train_cmd(
-        ctx: typer.Context,
-        train_path: Path = typer.Argument(
-            ...,
-            metavar="TRAIN",
-            help="Training events: a Parquet, TSV or CSV file, a folder (hive welcome) or a quoted glob.",
-        ),
-        out: Path = typer.Option(
-            ..., "--out", help="Model checkpoint to write (rewritten atomically after every epoch)."
-        ),
-        valid: Path = typer.Option(
-            None, "--valid", help="Validation events: Recall@20/MRR@20 after every epoch."
-        ),
-        preset: str = typer.Option(
-            None,
-            "--preset",
-            help="Named parameter set: rsc15, yoochoose, diginetica, retailrocket, rees46, coveo, demo.",
-        ),
-        param: Params = [],  # noqa: B006  (typer copies the default)
-        params_file: ParamsFile = None,
-        epochs: int = typer.Option(
-            None, "--epochs", help="Shortcut for -p n_epochs=N (default: the preset's, else 10)."
-        ),
-        device: Device = "auto",
-        seed: Seed = 42,
-        resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved in --out."),
-        overwrite: bool = typer.Option(
-            False,
-            "--overwrite",
-            help="Replace the file at --out (kept intact until the first new epoch is saved). Without it, "
-            "or --resume, an existing --out is refused.",
-        ),
-        dwell_boost: float = typer.Option(
-            None,
-            "--dwell-boost",
-            help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap); default: off.",
-        ),
-        session_key: SessionKey = "session_id",
-        item_key: ItemKey = "item_id",
-        time_key: TimeKey = "time",
-        time_unit: TimeUnit = "auto",
-        threads: Threads = None,
-        quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
-    ) -> None:
-        """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
-        import torch
+    app.command("train", epilog=_params_epilog())(train_cmd)
 
-        from gru4rec.cli import invocation
-        from gru4rec.data import Keys, check_same_id_types, read_training_events
-        from gru4rec.train.params import resolve
-        from gru4rec.train.safety import TrainingInterrupted, check_train_output
-        from gru4rec.train.trainer import train
-
-        overrides = {}
-        if epochs is not None:
-            overrides["n_epochs"] = epochs
-        if dwell_boost is not None:
-            overrides["dwell_boost"] = dwell_boost
-        cfg = resolve(preset, params_file, param, overrides)
-        check_train_output(out, resume, overwrite, inputs=(train_path, valid, params_file))
-        if threads is not None:
-            torch.set_num_threads(threads)
-        keys = Keys(session_key, item_key, time_key, time_unit)
-        try:
-            events = read_training_events(train_path, keys, "training")
-            valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
-            if valid_events is not None:
-                check_same_id_types(events, valid_events, str(train_path), str(valid))
-            train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out,
-                  resume=resume, overwrite=overwrite)  # fmt: skip
-        except TrainingInterrupted as e:
-            print(_interrupted_line(e, invocation(ctx)), file=sys.stderr, flush=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except KeyboardInterrupt:  # while reading or preparing the data: nothing was written
-            print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    from gru4rec.train import tune_cli
+    from gru4rec.train.tune import cli as tune_cli
 
     tune_cli.register(app)
+
+
+@with_event_keys
+def train_cmd(
+    ctx: typer.Context,
+    train_path: TrainEvents,
+    out: Path = typer.Option(
+        ..., "--out", help="Model checkpoint to write (rewritten atomically after every epoch)."
+    ),
+    valid: Path = typer.Option(
+        None, "--valid", help="Validation events: Recall@20/MRR@20 after every epoch."
+    ),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="Named parameter set: rsc15, yoochoose, diginetica, retailrocket, rees46, coveo, demo.",
+    ),
+    param: Params = [],  # noqa: B006  (typer copies the default)
+    params_file: ParamsFile = None,
+    epochs: int = typer.Option(
+        None, "--epochs", help="Shortcut for -p n_epochs=N (default: the preset's, else 10)."
+    ),
+    device: Device = "auto",
+    seed: Seed = 42,
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved in --out."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace the file at --out (kept intact until the first new epoch is saved). Without it, "
+        "or --resume, an existing --out is refused.",
+    ),
+    dwell_boost: float = typer.Option(
+        None,
+        "--dwell-boost",
+        help="Dwell-time boosting threshold T in seconds: repeat an event 1 + floor(dwell/T) times (capped by dwell_cap); default: off.",
+    ),
+    keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a GRU4Rec model (session-parallel, sampled negatives, official optimiser)."""
+    import torch
+
+    from gru4rec.cli import invocation
+    from gru4rec.data import check_same_id_types, read_training_events
+    from gru4rec.train.params import resolve
+    from gru4rec.train.safety import TrainingInterrupted, check_train_output
+    from gru4rec.train.trainer import train
+
+    overrides = {}
+    if epochs is not None:
+        overrides["n_epochs"] = epochs
+    if dwell_boost is not None:
+        overrides["dwell_boost"] = dwell_boost
+    cfg = resolve(preset, params_file, param, overrides)
+    check_train_output(out, resume, overwrite, inputs=(train_path, valid, params_file))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        events = read_training_events(train_path, keys, "training")
+        valid_events = read_training_events(valid, keys, "validation") if valid is not None else None
+        if valid_events is not None:
+            check_same_id_types(events, valid_events, str(train_path), str(valid))
+        train(events, cfg, valid_events, device=device, seed=seed, progress=not quiet, out=out,
+              resume=resume, overwrite=overwrite)  # fmt: skip
+    except TrainingInterrupted as e:
+        print(_interrupted_line(e, invocation(ctx)), file=sys.stderr, flush=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # while reading or preparing the data: nothing was written
+        print(f"interrupted before training started: {out} not written", file=sys.stderr, flush=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _interrupted_line(e, argv: list[str]) -> str:

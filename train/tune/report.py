@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from gru4rec.io import atomic_path, check_output_dir, write_parquet_atomic, write_text_atomic
-from gru4rec.train.space import SearchSpace
+from gru4rec.train.tune.space import SearchSpace
 
 STUDY_MARKER = "study.json"  # which study the folder's outputs are of: one study per --out
 OUTPUT_FILES = ("best.toml", "trials.parquet", "report.md", STUDY_MARKER)
