@@ -105,8 +105,9 @@ def _test_sets(test: pl.DataFrame, n_events: int, tmp: Path) -> tuple[Path, Path
     return single, folder
 
 
-def cli_peak_rss(args: list) -> int:
-    """Run `gru4rec-cli ARGS` in a process of its own; its own peak RSS in KiB (RuntimeError on failure)."""
+def cli_peak_rss(args: list, stdout: list[str] | None = None) -> int:
+    """Run `gru4rec-cli ARGS` in a process of its own; its own peak RSS in KiB (RuntimeError on
+    failure). Its output lines go to `stdout` when given."""
     code = (
         "import resource, sys\n"
         "from gru4rec.cli import main\n"
@@ -124,7 +125,10 @@ def cli_peak_rss(args: list) -> int:
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"gru4rec-cli {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return int(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if stdout is not None:
+        stdout.extend(lines[:-1])
+    return int(lines[-1])
 
 
 def _score_run(model: Path, sessions: Path, tmp: Path) -> dict:
