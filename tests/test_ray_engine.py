@@ -21,6 +21,7 @@ from conftest import REPO, nightly_config
 from test_replay import make_model, random_events
 from test_score import export_model
 
+from gru4rec.bundle import load_bundle
 from gru4rec.data import read_events
 from gru4rec.items import ItemMap
 from gru4rec.score.frame_source import FrameSource
@@ -109,6 +110,26 @@ def test_two_workers_equal_local_on_multi_file_input(ray_cluster, synthetic, tmp
     assert_same_recs(tmp_path / "local.parquet", recs, report["engine"]["shards_with_events"])
     assert report["latency"]["n_steps"] > 0 and report["latency"]["wall_s"] > 0
     assert "recall" in stdout.lower() or "Recall" in stdout
+
+
+def test_ray_workers_score_in_tiles_like_local_untiled(ray_cluster, synthetic, tmp_path, run):
+    """The memory plan travels with the job: every worker builds the tiled backend, same recs."""
+    local = score(synthetic["onnx"], synthetic["whole"], out=tmp_path / "local.parquet", provider="cpu",
+                  config=ScoreConfig(batch_size=32, k=5))  # fmt: skip
+    n_items = load_bundle(synthetic["onnx"]).n_items
+    tile = max(20, n_items // 3)
+    recs, metrics = tmp_path / "out" / "recs", tmp_path / "metrics.json"
+    code, _, err = run(
+        "score", "--model", synthetic["onnx"], "--sessions", synthetic["folder"] / "*.parquet",
+        "--engine", "ray", "--workers", "2", "--shards", "4", "--batch-size", "32", "--k", "5",
+        "--tile-items", str(tile), "--out", recs, "--metrics", metrics,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(metrics.read_text())
+    assert report["memory"]["n_tiles"] == -(-n_items // tile) > 1 and local["memory"]["n_tiles"] == 1
+    assert report["latency"]["provider"] == "ort-cpu-tiled" and local["latency"]["provider"] == "ort-cpu"
+    assert report["metrics"] == local["metrics"]
+    assert_same_recs(tmp_path / "local.parquet", recs, report["engine"]["shards_with_events"])
 
 
 def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthetic, tmp_path, monkeypatch):
