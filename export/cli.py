@@ -56,7 +56,7 @@ def export(
         typer.Option(
             "--external-data/--no-external-data",
             help="Weights in one file beside the graphs, DIR/<export id>.weights (ONNX external data), stored "
-            "once for both graphs \\[default: only when they take 2 GiB or more, which one ONNX file cannot hold].",
+            "once for both graphs \\[default: when they take 512 MiB or more; one ONNX file cannot hold 2 GiB].",
             show_default=False,
         ),
     ] = None,
@@ -91,7 +91,11 @@ def export(
     else:
         out_console.print("verification skipped (--no-verify)")
     m = result.meta
-    weights = f", {m['weights_file']} ({_mb(result.onnx_path.with_name(m['weights_file']))})" if m.get("weights_file") else ""
+    weights = (
+        f", {m['weights_file']} ({_mb(result.onnx_path.with_name(m['weights_file']))})"
+        if m.get("weights_file")
+        else ""
+    )
     out_console.print(
         f"wrote {result.onnx_path} ({_mb(result.onnx_path)}), {result.eval_path.name}, {result.sidecar_path.name}{weights}: "
         f"{m['input_mode']} input, {_gru(m)} GRU, {int(m['n_items']):,} items, "

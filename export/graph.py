@@ -179,8 +179,10 @@ class EvalStep(ServingStep):
         out_dtype = torch.float16 if score_half else dtype
         # The scoring matrix: the input table too in shared mode, unless scores get their own copy.
         self.score_half = score_half and dtype != torch.float16
-        wy = torch.cat([self.Wy, self.Wy.new_zeros(pad, self.Wy.shape[1])])
-        by = torch.cat([self.By, self.By.new_full((pad,), float("-inf"))])
+        wy, by = self.Wy, self.By  # (a cat would copy the item matrix even with nothing to pad)
+        if pad:
+            wy = torch.cat([self.Wy, self.Wy.new_zeros(pad, self.Wy.shape[1])])
+            by = torch.cat([self.By, self.By.new_full((pad,), float("-inf"))])
         if self.score_half:
             self.Wy_out, self.By_out = _frozen(wy, out_dtype), _frozen(by, out_dtype)
         else:

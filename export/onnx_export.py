@@ -241,8 +241,8 @@ def export_bundle(
 
     eval_out, sidecar_out = companion_paths(out)
     say(f"loading {checkpoint}")
-    ckpt = ckpt_io.load(checkpoint)
-    ckpt.train_state = None  # the optimiser state (as large as the weights, or twice) is not exported
+    ckpt = ckpt_io.load(checkpoint, mmap=True)  # the optimiser state is never read, so never loaded
+    ckpt.train_state = None
     export_id = uuid.uuid4().hex
     say("tracing the serving and evaluation graphs")
     graphs = build_graphs(ckpt, top_k, opset, fp16, export_id, topk_chunks, count_block, external_data)

@@ -4,7 +4,7 @@
   DIR/m.onnx           serving step graph (item_idx, hidden -> scores, hidden_out, top-k)
   DIR/m.eval.onnx      evaluation step graph (adds target_idx -> n_greater, n_equal)
   DIR/m.items.parquet  sidecar: item_idx, item_id (index -> original id)
-  DIR/<export id>.weights  only for models whose weights do not fit a 2 GiB ONNX file (or with
+  DIR/<export id>.weights  only for models whose weights take 512 MiB or more (or with
                        `export --external-data`): both graphs' weights as ONNX external data,
                        each tensor once; its name is in the `weights_file` metadata
 The recurrent state is one float32 tensor `hidden` [L, B, H], H = `hidden_size` = max(layer sizes):
@@ -96,13 +96,17 @@ def check_weights(path: Path, graph: Path) -> None:
     import onnx
 
     if not path.is_file():
-        raise UserError(f"{path}: weights file not found (export writes it beside {graph.name}; copy it with the bundle)")
+        raise UserError(
+            f"{path}: weights file not found (export writes it beside {graph.name}; copy it with the bundle)"
+        )
     size = path.stat().st_size
     model = onnx.load(str(graph), load_external_data=False)
     for t in model.graph.initializer:
         info = {e.key: e.value for e in t.external_data}
         if info and (info.get("location") != path.name or int(info["offset"]) + int(info["length"]) > size):
-            raise UserError(f"{path}: weights file is truncated or belongs to another export; re-export the model")
+            raise UserError(
+                f"{path}: weights file is truncated or belongs to another export; re-export the model"
+            )
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,16 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
         torch.save(payload, tmp)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Checkpoint:
+    """`mmap`: tensors stay in the file until read (the model's weights become views of it; an
+    optimiser state nobody reads costs no memory), for read-only uses such as export."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model file not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise UserError(f"{path}: not a gru4rec checkpoint (not a PyTorch file, or truncated)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise UserError(f"{path}: not a gru4rec checkpoint (holds objects other than plain data)") from None
     except Exception as e:
@@ -81,7 +83,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
     try:
         cfg = ModelConfig(**payload["model_config"])
         model = GRU4Rec(cfg, seed=None)
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(payload["state_dict"], assign=mmap)
         items = _unpack_ids(payload["item_ids"])
         if len(items) != cfg.n_items:
             raise ValueError(f"item map has {len(items)} items, model {cfg.n_items}")

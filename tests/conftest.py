@@ -142,3 +142,30 @@ def redis_url(tmp_path_factory):
     proc, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     stop_process(proc)
+
+
+# ---------------------------------------------------------------------------------------------- scoring tests
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny exported model with exactly tied items (0..11 score 0) and test sessions for it."""
+    from test_replay import make_model, random_events
+    from test_score import IDS, N_ITEMS, TOP_K, export_model
+
+    from gru4rec.items import ItemMap
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_model(N_ITEMS, seed=7, tied=12)
+    onnx_path = export_model(model, ItemMap(IDS), root, TOP_K)
+    events = random_events(150, N_ITEMS, seed=8)
+    sessions = root / "test.parquet"
+    events.write_parquet(sessions)
+    return {"root": root, "model": model, "onnx": onnx_path, "sessions": str(sessions), "events": events}
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny):
+    """Brute-force PyTorch counts of `tiny`'s test sessions (test_replay.brute_force_counts)."""
+    from test_replay import brute_force_counts
+    from test_score import IDS
+
+    return brute_force_counts(tiny["model"], IDS, tiny["events"])

@@ -8,7 +8,7 @@ import shutil
 
 import onnx
 import pytest
-from test_replay import assert_metrics_equal, brute_force_counts, make_model, random_events, reference_metrics
+from test_replay import assert_metrics_equal, make_model, reference_metrics
 from test_score import IDS, N_ITEMS, TOP_K, export_model
 
 from gru4rec.bundle import load_bundle
@@ -19,20 +19,11 @@ from gru4rec.score.scorer import ScoreConfig, score
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """The same model exported twice: weights inside the graphs, and as external data."""
+def pair(tiny, tmp_path_factory):
+    """test_score's tiny model (items 0..11 tie) exported again, its weights as external data."""
     root = tmp_path_factory.mktemp("external")
-    model = make_model(N_ITEMS, seed=7, tied=12)
-    events = random_events(150, N_ITEMS, seed=8)
-    events.write_parquet(root / "test.parquet")
-    (root / "single").mkdir()
-    (root / "ext").mkdir()
-    return {
-        "root": root, "model": model, "sessions": str(root / "test.parquet"),
-        "single": export_model(model, ItemMap(IDS), root / "single", TOP_K),
-        "ext": export_model(model, ItemMap(IDS), root / "ext", TOP_K, external_data=True),
-        "ref": brute_force_counts(model, IDS, events),
-    }  # fmt: skip
+    ext = export_model(tiny["model"], ItemMap(IDS), root, TOP_K, external_data=True)
+    return {"root": root, "sessions": tiny["sessions"], "single": tiny["onnx"], "ext": ext}
 
 
 def initializer_bytes(path) -> dict[str, int]:
@@ -57,12 +48,12 @@ def test_weights_live_once_in_one_file_beside_small_graphs(pair):
 
 
 @pytest.mark.parametrize("tile", [0, TOP_K])
-def test_external_bundle_scores_as_the_brute_force_reference(pair, tile):
+def test_external_bundle_scores_as_the_brute_force_reference(pair, tiny_reference, tile):
     def cfg():
         return ScoreConfig(batch_size=32, tie_mode="conservative", tile_items=tile)
 
     report = score(pair["ext"], pair["sessions"], config=cfg(), provider="cpu")
-    assert_metrics_equal(report["metrics"], reference_metrics(pair["ref"], "conservative"))
+    assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, "conservative"))
     single = score(pair["single"], pair["sessions"], config=cfg(), provider="cpu")
     assert report["metrics"] == single["metrics"]
 
@@ -70,7 +61,7 @@ def test_external_bundle_scores_as_the_brute_force_reference(pair, tile):
 def test_missing_or_truncated_weights_are_refused(pair, tmp_path):
     copy = tmp_path / "m.onnx"
     for f in ("m.onnx", "m.eval.onnx", "m.items.parquet"):
-        shutil.copyfile(pair["root"] / "ext" / f, tmp_path / f)
+        shutil.copyfile(pair["root"] / f, tmp_path / f)
     weights = load_bundle(pair["ext"]).weights_path
     with pytest.raises(UserError, match="weights file not found"):
         load_bundle(copy)
@@ -83,7 +74,7 @@ def test_missing_or_truncated_weights_are_refused(pair, tmp_path):
 
 def test_cli_names_the_weights_file_and_refuses_a_missing_one(cli, pair, tmp_path):
     for f in ("m.onnx", "m.eval.onnx", "m.items.parquet"):
-        shutil.copyfile(pair["root"] / "ext" / f, tmp_path / f)
+        shutil.copyfile(pair["root"] / f, tmp_path / f)
     res = cli("score", "--model", str(tmp_path / "m.onnx"), "--sessions", pair["sessions"])
     assert (
         res.returncode == 2

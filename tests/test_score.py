@@ -40,23 +40,6 @@ def export_model(model, items: ItemMap, directory, top_k: int, **options) -> str
     return str(directory / "m.onnx")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny exported model with exactly tied items (0..11 score 0) and test sessions for it."""
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_model(N_ITEMS, seed=7, tied=12)
-    onnx_path = export_model(model, ItemMap(IDS), root, TOP_K)
-    events = random_events(150, N_ITEMS, seed=8)
-    sessions = root / "test.parquet"
-    events.write_parquet(sessions)
-    return {"root": root, "model": model, "onnx": onnx_path, "sessions": str(sessions), "events": events}
-
-
-@pytest.fixture(scope="module")
-def tiny_reference(tiny):
-    return brute_force_counts(tiny["model"], IDS, tiny["events"])
-
-
 # ---------------------------------------------------------------------------------------------- metrics
 @pytest.mark.parametrize("mode", ["standard", "conservative", "median"])
 def test_ort_metrics_match_brute_force_in_every_tie_mode(tiny, tiny_reference, mode):

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_replay import assert_metrics_equal, brute_force_counts, make_model, random_events, reference_metrics
+from test_replay import assert_metrics_equal, make_model, random_events, reference_metrics
 from test_score import IDS, N_ITEMS, TOP_K, export_model
 
 from gru4rec.bundle import load_bundle
@@ -72,32 +72,21 @@ def test_a_wrong_merge_would_be_caught():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    """A tiny exported model whose items 0..11 tie exactly at 0, and test sessions for it."""
-    root = tmp_path_factory.mktemp("tiled")
-    model = make_model(N_ITEMS, seed=7, tied=12)
-    events = random_events(150, N_ITEMS, seed=8)
-    events.write_parquet(root / "test.parquet")
-    return {"root": root, "model": model, "onnx": export_model(model, ItemMap(IDS), root, TOP_K),
-            "sessions": str(root / "test.parquet"), "ref": brute_force_counts(model, IDS, events)}  # fmt: skip
-
-
 @pytest.mark.parametrize("mode", ["standard", "conservative", "median"])
-def test_tiled_metrics_equal_brute_force_in_every_tie_mode(tied, mode):
+def test_tiled_metrics_equal_brute_force_in_every_tie_mode(tiny, tiny_reference, mode):
     cfg = ScoreConfig(
         tie_mode=mode, batch_size=32, tile_items=TOP_K
     )  # tile boundary at item 10, inside 0..11
-    report = score(tied["onnx"], tied["sessions"], config=cfg, provider="cpu")
+    report = score(tiny["onnx"], tiny["sessions"], config=cfg, provider="cpu")
     assert report["latency"]["provider"] == "ort-cpu-tiled" and report["memory"]["n_tiles"] == 6
-    assert_metrics_equal(report["metrics"], reference_metrics(tied["ref"], mode))
+    assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, mode))
 
 
-def test_tiled_recommendations_equal_untiled(tied, tmp_path):
+def test_tiled_recommendations_equal_untiled(tiny, tmp_path):
     runs = {}
     for tile in (0, TOP_K, 23):
         out = tmp_path / f"recs{tile}.parquet"
-        score(tied["onnx"], tied["sessions"], out=out, config=ScoreConfig(batch_size=16, tile_items=tile),
+        score(tiny["onnx"], tiny["sessions"], out=out, config=ScoreConfig(batch_size=16, tile_items=tile),
               provider="cpu")  # fmt: skip
         runs[tile] = pl.read_parquet(out)
     assert runs[0].height > 500
@@ -200,6 +189,6 @@ def test_parse_bytes(text, value):
 
 
 @pytest.mark.parametrize("text", ["lots", "12XB", "-1GB", "10KB", ""])
-def test_bad_budget_is_one_clear_line(cli, tied, text):
-    res = cli("score", "--model", tied["onnx"], "--sessions", tied["sessions"], "--memory-budget", text)
+def test_bad_budget_is_one_clear_line(cli, tiny, text):
+    res = cli("score", "--model", tiny["onnx"], "--sessions", tiny["sessions"], "--memory-budget", text)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--memory-budget" in res.stderr, res.stderr

@@ -250,14 +250,18 @@ def test_embedding_mode_maps_to_the_official_modes():
 def test_host_memory_is_flat_across_30_trials(tune_data, tmp_path, run):
     """Same shapes every trial (only dropout searched), so RSS differences would be leaks: a leaked
     sample store alone (1M int64 = 8 MB) would add 200 MB over 25 trials."""
-    fixed_shapes = {"dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.01}}  # 51 configs
+    fixed_shapes = {
+        "dropout_p_hidden": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.01}
+    }  # 51 configs
     space = space_file(tmp_path, n_epochs=1, search=fixed_shapes)
     text = space.read_text().replace("sample_store_size = 20000", "sample_store_size = 1000000")
     space.write_text(text)
     out = tmp_path / "out"
     code, _, err = run(*tune_args(tune_data, out, space, 30, "--pruner", "none"))
     assert code == 0, err
-    trials = pl.read_parquet(out / "trials.parquet").filter(pl.col("repeat_of").is_null())  # repeats never run
+    trials = pl.read_parquet(out / "trials.parquet").filter(
+        pl.col("repeat_of").is_null()
+    )  # repeats never run
     rss = trials.sort("number")["rss_mb_start"].to_list()
     assert len(rss) == 30 and all(r is not None for r in rss)
     growth = rss[-1] - rss[4]
