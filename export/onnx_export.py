@@ -38,6 +38,9 @@ from gru4rec.export.external import WeightsWriter, attach_weights, step_params, 
 from gru4rec.io import atomic_path
 from gru4rec.items import INDEX, ItemMap
 
+# Weights from this size on go to external data by default: stored once instead of in both graphs,
+# and read without a protobuf copy (a reader holds the weights once, not twice).
+EXTERNAL_FROM = 512 * 2**20
 MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 17, 17, 20  # 20: newest opset of torch's TorchScript exporter
 BATCH = "batch"
 
@@ -154,7 +157,7 @@ def build_graphs(
     ckpt, top_k: int, opset: int, fp16: bool, export_id: str, topk_chunks: int = 0, count_block: int = 0,
     external: bool | None = None,
 ) -> Graphs:  # fmt: skip
-    """The serving and eval graphs; `external` None: weights in the graphs below 2 GiB, else external data."""
+    """The serving and eval graphs; `external` None: weights in the graphs below EXTERNAL_FROM, else external data."""
     import torch
 
     from gru4rec.export.graph import EVAL_IO, SERVING_IO, EvalStep, ServingStep
@@ -172,7 +175,7 @@ def build_graphs(
         raise UserError(
             f"weights take {n_bytes / 2**30:.2f} GiB; one ONNX file holds < 2 GiB: drop --no-external-data"
         )
-    external = too_big if external is None else external
+    external = n_bytes >= EXTERNAL_FROM if external is None else external
     L, H, N = len(cfg.layers), max(cfg.layers), cfg.n_items
     B = 3  # any batch: the axis is exported dynamic
     x, h, t = torch.arange(B) % N, torch.zeros(L, B, H), (torch.arange(B) + 1) % N

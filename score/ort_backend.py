@@ -165,7 +165,9 @@ def make_session(
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not isinstance(model, str | Path):
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(source).parent))
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(Path(source).parent)
+        )
     if threads:
         so.intra_op_num_threads = threads
     providers: list = [CPU_EP]
