@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/export-2gib.json"))
     ap.add_argument("--items", type=int, default=1_200_000)
     ap.add_argument("--units", type=int, default=512)
+    ap.add_argument("--test-events", type=int, default=3000, help="events scored (each against every item)")
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args(argv)
     from gru4rec.bundle import bundle_files, load_bundle
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, onnx_path, test = tmp / "m.pt", tmp / "m.onnx", tmp / "test.parquet"
     print(f"random-weight checkpoint: {a.items:,} items x {a.units} units", file=sys.stderr)
     make_checkpoint(ckpt, a.items, a.units)
-    catalog_log(a.items, 20_000, seed=2, every_item=False).write_parquet(test)
+    catalog_log(a.items, a.test_events, seed=2, every_item=False).write_parquet(test)
     said: list[str] = []
     runs = [stage(["export", ckpt, "--out", onnx_path], "export (verified)", said)]
     runs.append(stage(["score", "--model", onnx_path, "--sessions", test, "--metrics", tmp / "metrics.json",
