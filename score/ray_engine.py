@@ -47,6 +47,7 @@ from pathlib import Path
 from gru4rec.bundle import companion_paths, weights_path
 from gru4rec.errors import UserError
 from gru4rec.score.ray_shards import InputFile, ShardScorer, input_files, inspect_inputs, read_files
+from gru4rec.score.tiled import tiled
 
 RAY_INSTALL = "pip install 'gru4rec[ray]'"
 MAX_RETRIES = 3  # restarts of a dead scorer actor, and retries of the shard it held
@@ -305,7 +306,7 @@ def run_job(engine: RayEngine, job) -> object:
         totals,
         job.recorder,
         fingerprint.result(),
-        provider=f"ort-{worker_provider}",
+        provider=f"ort-{worker_provider}" + ("-tiled" if tiled(cfg.tile_items, job.bundle.n_items) else ""),
         device=_device_name(worker_provider),
         batch_size=max(int(r["batch"]) for r in rows),
         tf32=bool(job.tf32) and worker_provider == "cuda",

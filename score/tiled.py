@@ -398,12 +398,17 @@ def plan_for(cfg, bundle) -> MemoryPlan:
     return plan_memory(bundle.n_items, bundle.top_k, cfg.batch_size, cfg.memory_budget, cfg.tile_items)
 
 
+def tiled(tile: int, n_items: int) -> bool:
+    """Whether tiles of `tile` items (0: none) take the tiled backend: they split the catalog."""
+    return 0 < tile < n_items
+
+
 def make_backend(bundle, tile: int, provider: str = "auto", tf32: bool = False, with_topk: bool = True,
                  threads: int = 0):  # fmt: skip
     """The step backend for tiles of `tile` items: the exported eval graph where one tile is the
     whole catalog (0 too), else the tiled backend."""
     from gru4rec.score.ort_backend import OrtBackend
 
-    if 0 < tile < bundle.n_items:
+    if tiled(tile, bundle.n_items):
         return TiledOrtBackend.from_bundle(bundle, tile, provider, threads=threads, with_topk=with_topk)
     return OrtBackend.from_bundle(bundle, provider, tf32, threads=threads, with_topk=with_topk)

@@ -128,7 +128,8 @@ def test_ray_workers_score_in_tiles_like_local_untiled(ray_cluster, synthetic, t
     report = json.loads(metrics.read_text())
     assert report["memory"]["n_tiles"] == -(-n_items // tile) > 1 and local["memory"]["n_tiles"] == 1
     assert report["latency"]["provider"] == "ort-cpu-tiled" and local["latency"]["provider"] == "ort-cpu"
-    assert report["metrics"] == local["metrics"]
+    for key, value in local["metrics"].items():  # shard sums merge in another order: equal to 1e-12
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-12, rel=0), key
     assert_same_recs(tmp_path / "local.parquet", recs, report["engine"]["shards_with_events"])
 
 
