@@ -391,8 +391,7 @@ def train(
         console.print(
             f"device: {describe_device(dev)}  |  items {len(items)}  sessions {int(np.unique(sched.session).size)}  "
             f"pairs/epoch {len(sched.inputs)}  loss {cfg.loss}  layers {cfg.layers}  batch {cfg.batch_size}  "
-            f"memory ~{need.total / 2**30:.1f} GiB"
-            + ("  cuda_graph on" if trainer.use_graph else "")
+            f"memory ~{need.total / 2**30:.1f} GiB" + ("  cuda_graph on" if trainer.use_graph else "")
         )
         for epoch in range(start, cfg.n_epochs):
             stats = _run_with_bar(trainer, epoch, cfg.n_epochs, console, progress)
