@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-events", type=int, default=3000, help="events scored (each against every item)")
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args(argv)
-    from gru4rec.bundle import bundle_files, load_bundle
+    from gru4rec.bundle import bundle_paths, load_bundle
     from gru4rec.eval.bench_catalog import catalog_log
     from gru4rec.io import write_text_atomic
     from gru4rec.provenance import git_commit
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_items": a.items,
         "units": a.units,
         "parameter_bytes": a.items * (a.units + 1) * 4,
-        "files": {p.name: p.stat().st_size for p in bundle_files(onnx_path)},
+        "files": {p.name: p.stat().st_size for p in bundle_paths(onnx_path)},
         "initializer_bytes": {"serving": initializer_bytes(bundle.onnx_path), "eval": initializer_bytes(bundle.eval_path)},
         "export_said": [ln.strip() for ln in said],
         "runs": runs,

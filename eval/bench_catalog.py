@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gru4rec.bundle import bundle_files
+from gru4rec.bundle import bundle_paths
 from gru4rec.provenance import git_commit
 from gru4rec.score.bench_memory import cli_peak_rss
 
@@ -100,7 +100,7 @@ def _one_size(n: int, units: int, folder: Path, console, memory_budget: str | No
         "memory": report["memory"],
     }
     row["score"]["flop_rate"] = 2 * row["score"]["events_per_s"] * n * units
-    row["bundle_bytes"] = {p.name: p.stat().st_size for p in bundle_files(onnx)}
+    row["bundle_bytes"] = {p.name: p.stat().st_size for p in bundle_paths(onnx)}
     row["weights_bytes"] = n * (units + 1) * 4
     return row
 

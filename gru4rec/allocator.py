@@ -12,6 +12,7 @@ glibc serves blocks above its mmap threshold with fresh mmap/munmap pairs, so ev
 page-fault its working set back in, a measurable share of a step. `keep_freed_memory()`
 raises the mmap and trim thresholds so those blocks stay in the heap for the next step; the cost is
 the step's peak working set (tens of MB) kept mapped. An explicit `release()` still trims.
+`available_memory()` is what the kernel could hand out now (scoring's budget, training's check).
 """
 
 from __future__ import annotations
@@ -75,3 +76,15 @@ def _glibc():
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); 8 GiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

@@ -72,7 +72,7 @@ def weights_path(onnx_path: str | Path, meta: dict | None = None) -> Path | None
     return Path(onnx_path).with_name(name) if name else None
 
 
-def bundle_files(onnx_path: str | Path) -> list[Path]:
+def bundle_paths(onnx_path: str | Path) -> list[Path]:
     """Every file of the bundle, in install order: weights (if external), sidecar, eval graph,
     serving graph last (whoever installs them in this order never exposes a mixed bundle)."""
     eval_path, sidecar = companion_paths(onnx_path)

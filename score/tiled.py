@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gru4rec.allocator import available_memory
 from gru4rec.errors import UserError
 from gru4rec.score.ort_backend import _drop_outputs, make_session, resolve_provider, scoring_graph
 from gru4rec.score.replay import StepOutput
@@ -45,18 +46,6 @@ CELL_BYTES = 24
 MIN_TILE = 8192  # below this, per-run overhead outweighs the GEMM
 DEFAULT_BUDGET_FRACTION = 0.25
 DEFAULT_BUDGET_CAP = 1 << 30  # larger tiles buy no speed: the GEMM is at its rate well before
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); 8 GiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def default_budget() -> int:
@@ -96,7 +85,7 @@ class MemoryPlan:
 
     @property
     def tiled(self) -> bool:
-        return self.tile < self.n_items
+        return tiled(self.tile, self.n_items)
 
     @property
     def n_tiles(self) -> int:
@@ -189,7 +178,10 @@ def front_graph(model, n_items: int):
     graph.node.append(oh.make_node("Identity", [x], ["gru4rec_x"]))
     graph.output.append(oh.make_tensor_value_info("gru4rec_x", elem, ["batch", None]))
     _drop_outputs(graph, {o.name for o in graph.output} - {"hidden_out", "gru4rec_x"})
-    return model, [i for i in tables if i in {g.name for g in graph.input}], w, b
+    read = {i for node in graph.node for i in node.input}
+    for unused in [i for i in graph.input if i.name in tables and i.name not in read]:  # e.g. the biases
+        graph.input.remove(unused)
+    return model, [i for i in tables if i in read], w, b
 
 
 def half_gemm(inputs: list[str], out: str) -> list:
@@ -288,33 +280,27 @@ def run_tiles(session, x: np.ndarray, targets: np.ndarray, W: np.ndarray, bias: 
               top_k: int, with_topk: bool) -> StepOutput:  # fmt: skip
     """One step's counts against each row's target item (and top-k) over all items, `tile` rows of
     W at a time through `session` (a `tile_graph`)."""
-    b, K = len(x), top_k
+    b, K = len(x), np.array([top_k], np.int64)
     state = {"gt": np.zeros(b, np.int64), "eq": np.zeros(b, np.int64)}
-    topk_feed = {}
     if with_topk:
-        state |= {"run_v": np.full((b, K), -np.inf, np.float32), "run_i": np.zeros((b, K), np.int64)}
-        topk_feed = {
-            "k": np.array([min(K, b)], np.int64),
-            "offset": np.array(0, np.int64),
-            "K": np.array([K], np.int64),
-        }
-    feed = {
-        "x": x,
-        "t": np.zeros((b, 1), np.float32),
-        "W": W[targets],
-        "bias": bias[targets],
-        **state,
-        **topk_feed,
-    }
-    t = np.ascontiguousarray(session.run(["s"], feed)[0].diagonal()[:, None])
+        state |= {"run_v": np.full((b, top_k), -np.inf, np.float32), "run_i": np.zeros((b, top_k), np.int64)}
+
+    def feed(rows, t: np.ndarray, offset: int) -> dict:
+        out = {"x": x, "t": t, "W": W[rows], "bias": bias[rows], **state}
+        if with_topk:
+            k = min(top_k, len(out["bias"]))
+            out |= {"k": np.array([k], np.int64), "offset": np.array(offset, np.int64), "K": K}
+        return out
+
+    # the targets' own scores, by the ops that score every tile (state and top-k are not read back)
+    t = np.ascontiguousarray(
+        session.run(["s"], feed(targets, np.zeros((b, 1), np.float32), 0))[0].diagonal()[:, None]
+    )
     names = ["gt_out", "eq_out", *(("run_v_out", "run_i_out") if with_topk else ())]
     for lo in range(0, len(W), tile):
-        hi = min(lo + tile, len(W))
-        feed = {"x": x, "t": t, "W": W[lo:hi], "bias": bias[lo:hi], **state}
-        if with_topk:
-            feed |= {"k": np.array([min(K, hi - lo)], np.int64), "offset": np.array(lo, np.int64),
-                     "K": np.array([K], np.int64)}  # fmt: skip
-        state = dict(zip(("gt", "eq", "run_v", "run_i"), session.run(names, feed)))
+        state = dict(
+            zip(("gt", "eq", "run_v", "run_i"), session.run(names, feed(slice(lo, lo + tile), t, lo)))
+        )
     out = StepOutput(state["gt"], state["eq"])
     if with_topk:
         out.topk_idx, out.topk_scores = state["run_i"], state["run_v"]

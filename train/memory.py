@@ -66,7 +66,7 @@ def available_bytes(device) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info(device)[0])
-    from gru4rec.score.tiled import available_memory
+    from gru4rec.allocator import available_memory
 
     return available_memory()
 
