@@ -88,3 +88,28 @@ def available_memory() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def gpu_free_memory() -> int | None:
+    """Free memory of the first visible GPU (bytes), None where it cannot be read. nvidia-smi first:
+    asking torch would create a CUDA context (hundreds of MB of the GPU) in the scoring process."""
+    import shutil
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    smi = shutil.which("nvidia-smi")
+    if smi is not None and visible != "-1":
+        cmd = [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", visible or "0"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+            return int(out.split()[0]) << 20  # MiB
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info(0)[0])
+    except Exception:
+        pass
+    return None

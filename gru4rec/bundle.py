@@ -80,6 +80,11 @@ def bundle_paths(onnx_path: str | Path) -> list[Path]:
     return [*([weights] if weights else []), sidecar, eval_path, Path(onnx_path)]
 
 
+def weights_bytes(bundle: ModelBundle) -> int:
+    """About what the weights take in memory: the external-data file, else the eval graph's file."""
+    return (bundle.weights_path or bundle.eval_path).stat().st_size
+
+
 def remove_unreferenced(weights: Path) -> None:
     """Delete an external-data file that no ONNX graph in its folder reads any more."""
     for graph in weights.parent.glob("*.onnx*"):

@@ -75,6 +75,11 @@ class RayEngine:
     def run(self, job):
         return run_job(self, job)
 
+    def planning_kind(self, provider: str) -> str:
+        """The provider the memory plan is made for: the workers' GPUs are not visible from here, so
+        CUDA only when asked for by name (a tiled plan on GPU workers is refused in `run_job`)."""
+        return "cuda" if provider == "cuda" else "cpu"
+
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
@@ -283,6 +288,11 @@ def run_job(engine: RayEngine, job) -> object:
     out = job.out
     with ray_runtime(ray, engine) as runtime:
         workers, gpus, worker_provider, n_shards = _plan_resources(ray, engine, job.provider)
+        if worker_provider == "cuda" and job.memory is not None and job.memory.tiled:
+            raise UserError(
+                "this catalog is scored in tiles within the memory budget, which runs on CPU workers: "
+                "pass --provider cuda (the budget then bounds the batch on the GPU) or --provider cpu"
+            )
         tmp = _make_tmp_dir(out) if out is not None else None
         plan = RayJob(inputs, job.bundle, cfg, str(job.sessions), worker_provider, job.tf32, workers, gpus,
                       engine.cpus_per_worker, n_shards, tmp, job.progress)  # fmt: skip

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gru4rec.allocator import available_memory
+from gru4rec.allocator import available_memory, gpu_free_memory
 from gru4rec.errors import UserError
 from gru4rec.score.ort_backend import _drop_outputs, make_session, resolve_provider, scoring_graph
 from gru4rec.score.replay import StepOutput
@@ -50,6 +50,20 @@ DEFAULT_BUDGET_CAP = 1 << 30  # larger tiles buy no speed: the GEMM is at its ra
 
 def default_budget() -> int:
     return int(min(available_memory() * DEFAULT_BUDGET_FRACTION, DEFAULT_BUDGET_CAP))
+
+
+def default_gpu_budget(weights_bytes: int) -> int:
+    """Half of the GPU's free memory once the weights are on it: on CUDA a larger batch is faster, so
+    no cap. Where free GPU memory cannot be read, the CPU default, with a notice."""
+    import sys
+
+    free = gpu_free_memory()
+    if free is None:
+        budget = default_budget()
+        print(f"notice: free GPU memory unknown; planning with {budget / 2**20:,.0f} MiB "
+              "(set --memory-budget)", file=sys.stderr)  # fmt: skip
+        return budget
+    return max(0, free - weights_bytes) // 2
 
 
 def parse_bytes(text: str) -> int:
@@ -114,9 +128,13 @@ def describe_memory(plan: dict) -> str:
     return f"memory budget {plan['budget_bytes'] / 2**20:,.0f} MiB: {batch}{how}"
 
 
-def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0) -> MemoryPlan:
-    """Batch and tile from a memory budget: the untiled graph where [batch, N] fits, else tiles as
-    wide as fit (at least MIN_TILE, or the catalog), else a smaller batch. `tile_items` forces it."""
+def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0,
+                kind: str = "cpu", weights_bytes: int = 0) -> MemoryPlan:  # fmt: skip
+    """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else
+    tiles as wide as fit (at least MIN_TILE, or the catalog), else a smaller batch. CUDA EP: always
+    the untiled graph, with the batch the budget allows (see `plan_cuda`). `tile_items` forces tiles."""
+    if kind == "cuda":
+        return plan_cuda(n_items, batch, budget or default_gpu_budget(weights_bytes), tile_items)
     budget = budget or default_budget()
     if tile_items:
         if not top_k <= tile_items:
@@ -129,6 +147,26 @@ def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_i
     if tile >= floor:
         return MemoryPlan(budget, batch, int(tile), n_items)
     return MemoryPlan(budget, max(1, budget // (floor * CELL_BYTES)), floor, n_items)
+
+
+def plan_cuda(n_items: int, batch: int, budget: int, tile_items: int = 0) -> MemoryPlan:
+    """On CUDA the exported graph runs untiled and the budget (GPU memory) bounds the batch instead.
+
+    Why not tiles there: the untiled graph is one cuBLAS GEMM and one CUDA TopK per step over the
+    whole catalog, and at a million items even a batch of a few dozen rows keeps the GPU busy (the
+    GEMM is as wide as the catalog), while tiles would add a launch, a merge and a host round trip
+    per tile and per step. The weights must fit the GPU's memory (a 5M x 512 float32 model is 10 GiB)."""
+    if tile_items and tile_items < n_items:
+        raise UserError("--tile-items: tiles run on the CPU execution provider; on CUDA the memory budget "
+                        "bounds the batch instead (pass --provider cpu to score in tiles)")  # fmt: skip
+    rows = budget // (n_items * CELL_BYTES)
+    if rows < 1:
+        raise UserError(
+            f"one row of scores over {n_items:,} items needs {n_items * CELL_BYTES / 2**20:,.0f} MiB of GPU "
+            f"memory, more than the budget of {budget / 2**20:,.0f} MiB: pass a larger --memory-budget, "
+            "or --provider cpu to score in tiles"
+        )
+    return MemoryPlan(budget, int(min(batch, rows)), n_items, n_items)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,8 +359,8 @@ class TiledOrtBackend:
         self.kind = resolve_provider(provider)
         if self.kind != "cpu":
             raise UserError(
-                "tiled scoring (catalogs past the memory budget) runs on the CPU execution provider; "
-                "pass --provider cpu, or a larger --memory-budget to score untiled on CUDA"
+                "tiled scoring runs on the CPU execution provider; on CUDA the memory budget bounds the "
+                "batch instead of tiling (pass --provider cpu to score in tiles)"
             )
         self.n_items, self.top_k, self.tile = int(n_items), int(top_k), int(tile)
         self.n_layers, self.hidden_size, self.with_topk = int(n_layers), int(hidden_size), bool(with_topk)
@@ -376,12 +414,15 @@ class TiledOrtBackend:
         return StepOutput(out.n_greater[:n], out.n_equal[:n], *topk)
 
 
-def plan_for(cfg, bundle) -> MemoryPlan:
-    """The memory plan of a scoring run (`score.scorer.ScoreConfig` over a loaded bundle)."""
+def plan_for(cfg, bundle, kind: str = "cpu") -> MemoryPlan:
+    """The memory plan of a scoring run (`score.scorer.ScoreConfig` over a loaded bundle) on the
+    execution provider `kind` ('cpu' or 'cuda')."""
+    from gru4rec.bundle import weights_bytes
+
+    args = (cfg.memory_budget, cfg.tile_items, kind, weights_bytes(bundle) if kind == "cuda" else 0)
     if cfg.latency_mode == "online":  # one row per step: the batch stays 1
-        plan = plan_memory(bundle.n_items, bundle.top_k, 1, cfg.memory_budget, cfg.tile_items)
-        return replace(plan, batch=0)  # 0: the run keeps its configured batch size (online ignores it)
-    return plan_memory(bundle.n_items, bundle.top_k, cfg.batch_size, cfg.memory_budget, cfg.tile_items)
+        return replace(plan_memory(bundle.n_items, bundle.top_k, 1, *args), batch=0)  # 0: keep its own
+    return plan_memory(bundle.n_items, bundle.top_k, cfg.batch_size, *args)
 
 
 def tiled(tile: int, n_items: int) -> bool:

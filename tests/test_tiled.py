@@ -181,6 +181,37 @@ def test_plan_untiled_when_the_matrix_fits_else_tiles_else_smaller_batch():
         plan_memory(n, k, 1024, 1 << 30, tile_items=10)
 
 
+def test_cuda_plan_is_untiled_with_the_batch_the_budget_allows():
+    n, k = 1_000_000, 20
+    row = n * CELL_BYTES
+    plan = plan_memory(n, k, 1024, 40 * row + row // 2, kind="cuda")
+    assert not plan.tiled and plan.tile == n and plan.batch == 40  # rows that fit, rounded down
+    assert plan_memory(n, k, 16, 40 * row, kind="cuda").batch == 16  # never more than asked for
+    assert "batch 40, all 1,000,000 items in one pass" in plan.describe()
+    with pytest.raises(UserError, match="one row of scores over 1,000,000 items needs 23 MiB"):
+        plan_memory(n, k, 1024, row - 1, kind="cuda")
+    with pytest.raises(UserError, match="--tile-items: tiles run on the CPU"):
+        plan_memory(n, k, 1024, 40 * row, tile_items=5000, kind="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_free_memory_agrees_with_cuda():
+    from gru4rec.allocator import gpu_free_memory
+
+    free, total = torch.cuda.mem_get_info(0)  # made after ours: torch's own context is in neither
+    ours = gpu_free_memory()
+    assert ours is not None and 0 < ours <= total and abs(ours - free) < 0.05 * total
+
+
+@pytest.mark.gpu
+def test_cuda_batch_from_the_budget_matches_the_reference(tiny, tiny_reference):
+    budget = 3 * N_ITEMS * CELL_BYTES  # three rows of scores at a time
+    report = score(tiny["onnx"], tiny["sessions"], provider="cuda",
+                   config=ScoreConfig(batch_size=256, memory_budget=budget))  # fmt: skip
+    assert report["memory"]["batch"] == 3 and report["memory"]["n_tiles"] == 1
+    assert_metrics_equal(report["metrics"], reference_metrics(tiny_reference, "standard"))
+
+
 @pytest.mark.parametrize(
     "text, value", [("512MB", 512e6), ("2GiB", 2**31), ("1.5G", 1.5e9), ("3000000", 3e6)]
 )
