@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -28,24 +27,18 @@ import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import StringConstraints
 
 from gru4rec.serve.batcher import BatchConfig, Batcher, ModelHolder, Outcome
+from gru4rec.serve.event_routes import EventRoutes, Reply, authorized
 from gru4rec.serve.metrics import RequestMetrics, ServeMetrics
 from gru4rec.serve.model import ServedModel, load_model
 from gru4rec.serve.ordering import SessionLocks
 from gru4rec.serve.reload import Reloader
+from gru4rec.serve.schema import INT64, MAX_ID_LENGTH, EventIn, add_event_routes_to_openapi, validation_error
 from gru4rec.serve.state import open_store, record_key, session_key
 
 log = logging.getLogger("gru4rec.serve")
-
-MAX_ID_LENGTH = 256  # characters of a string id; longer ones are refused (422)
-INT64 = 2**63
-# Integer ids are int64 (as the item map and score store them); string ids 1..MAX_ID_LENGTH characters.
-Id = (
-    Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]
-    | Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-)
 
 
 @dataclass
@@ -62,33 +55,6 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 256 * 1024
     max_batch_events: int = 1000
-
-
-class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    session_id: Id = Field(description="The session's id: an integer or a string (max 256 characters).")
-    item_id: Id = Field(description="The item the user interacted with, in the model's id type.")
-    k: StrictInt | None = Field(
-        None, ge=1, description="How many recommendations (1..the model's top-k; default: its top-k)."
-    )
-
-
-class EventOut(BaseModel):
-    session_id: Id
-    item_id: Id
-    items: list[Id] = Field(description="Top-k item ids, best first (empty: no known item yet).")
-    scores: list[float] = Field(description="Their scores (raw logits of the model).")
-    model: str = Field(description="Export id of the model that answered.")
-    unknown_item: bool = Field(description="The model does not know item_id: the state was left unchanged.")
-
-
-class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    events: list[EventIn] = Field(min_length=1, description="Events, applied in list order per session.")
-
-
-class BatchOut(BaseModel):
-    results: list[EventOut]
 
 
 def _json(payload, status: int = 200) -> Response:
@@ -146,13 +112,14 @@ class Service:
             self.metrics.set_model(model.export_id)
 
     def check_event(self, ev: EventIn) -> int:
-        """The k to answer with; HTTPException 422 for a k or an item id type the model cannot take."""
+        """The k to answer with; a 422 Reply for a k or an item id type the model cannot take."""
         model = self.models.current
         if ev.k is not None and ev.k > model.top_k:
-            raise HTTPException(422, f"k must be between 1 and the model's top-k ({model.top_k}), got {ev.k}")
+            message = f"k must be between 1 and the model's top-k ({model.top_k}), got {ev.k}"
+            raise Reply(422, {"error": message})
         if (model.id_kind == "int") != isinstance(ev.item_id, int):
             kind = "integer" if model.id_kind == "int" else "string"
-            raise HTTPException(422, f"item_id: the model was trained on {kind} item ids")
+            raise Reply(422, {"error": f"item_id: the model was trained on {kind} item ids"})
         return ev.k or model.top_k
 
     async def apply(self, ev: EventIn, k: int) -> dict:
@@ -168,8 +135,10 @@ class Service:
         }
 
 
-def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI:
-    """The app for `config`; `model` already loaded (the CLI loads it first to fail before binding)."""
+def create_app(config: ServeConfig, model: ServedModel | None = None) -> EventRoutes:
+    """The ASGI app for `config`; `model` already loaded (the CLI loads it first to fail before binding).
+
+    The event routes are served by `EventRoutes` in front of a FastAPI app that has the rest."""
     service = Service(config, model or load_model(config.model, config.provider, config.threads))
 
     @contextlib.asynccontextmanager
@@ -186,14 +155,24 @@ def create_app(config: ServeConfig, model: ServedModel | None = None) -> FastAPI
         version="1",
         lifespan=lifespan,
         max_body_size=config.max_body_bytes,  # 413 past it, counted as the body arrives (chunked too)
+        # /metrics is the server's telemetry; FastAPI's OpenTelemetry hooks would cost every request
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.service = service
     guarded = _guard(config)
     _add_error_handlers(app)
-    _add_event_routes(app, service, config, guarded)
+    _add_session_route(app, service, guarded)
     _add_operations_routes(app, service, guarded)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
-    return app
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_event_routes_to_openapi(generate(), config.api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return EventRoutes(app, service, config)
 
 
 def _guard(config: ServeConfig) -> list:
@@ -201,28 +180,17 @@ def _guard(config: ServeConfig) -> list:
     if config.api_key is None:
         return []
 
-    async def authorized(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
+    async def check_token(request: Request) -> None:
+        if not authorized(request.headers.get("authorization", ""), config.api_key):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    return [Depends(authorized)]
+    return [Depends(check_token)]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        # The message names the field and the problem but never echoes the input (it may be huge).
-        errors = [
-            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))[:200]}
-            for e in exc.errors()[:10]
-        ]
-        where = ".".join(x for x in errors[0]["loc"] if x != "body" and not x.isdigit()) if errors else ""
-        head = f"{where or 'body'}: {errors[0]['msg']}" if errors else "unreadable body"
-        return _json({"error": f"invalid request: {head}", "detail": errors}, 422)
+        return _json(validation_error(list(exc.errors())), 422)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -242,27 +210,7 @@ async def _answer(coro) -> Response:
         return _error(503, f"service unavailable: {type(e).__name__}")
 
 
-def _add_event_routes(app: FastAPI, service: Service, config: ServeConfig, guarded: list) -> None:
-    @app.post("/v1/events", response_model=EventOut, dependencies=guarded)
-    async def post_event(event: EventIn) -> Response:
-        """Apply one event to its session; answer the session's top-k after it."""
-        k = service.check_event(event)
-        return await _answer(service.apply(event, k))
-
-    @app.post("/v1/events:batch", response_model=BatchOut, dependencies=guarded)
-    async def post_events(batch: BatchIn) -> Response:
-        """Apply many events (sessions in any mix); each session's events in list order."""
-        if len(batch.events) > config.max_batch_events:
-            raise HTTPException(413, f"at most {config.max_batch_events} events per batch request")
-        ks = [service.check_event(ev) for ev in batch.events]
-
-        async def run() -> dict:
-            # Tasks start in list order, so each session's events take its lock in list order.
-            results = await asyncio.gather(*(service.apply(ev, k) for ev, k in zip(batch.events, ks)))
-            return {"results": list(results)}
-
-        return await _answer(run())
-
+def _add_session_route(app: FastAPI, service: Service, guarded: list) -> None:
     @app.delete("/v1/sessions/{session_id}", dependencies=guarded)
     async def delete_session(
         session_id: Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)],

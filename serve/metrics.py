@@ -1,8 +1,9 @@
 """Prometheus metrics of one server (prometheus-client), in a registry of its own so that several
 apps in one process (the tests) never share counters.
 
-Requests and their latency are recorded by a small ASGI wrapper around the whole app, so 4xx
-answers produced before a handler runs (validation, body limit, bad token) are counted too.
+Requests and their latency are recorded by the event routes (`serve.event_routes`) and, for every
+other route, by a small ASGI wrapper around the FastAPI app, so 4xx answers produced before a handler
+runs (validation, body limit, bad token) are counted too.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class ServeMetrics:
         self.model_info.labels(export_id).set(1)
         self._export_id = export_id
 
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        route = route_label(path)
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
     def on_batch(self, size: int, known: int, model_s: float, state_s: float) -> None:
         self.batch_size.observe(size)
         self.model_seconds.observe(model_s)
@@ -108,6 +114,4 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_label(scope.get("path", ""))
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.observe_request(scope.get("path", ""), status[0], time.perf_counter() - t0)
