@@ -164,6 +164,16 @@ def test_200_hostile_requests_get_4xx_never_5xx(int_model):
           f"{sum(s == 200 for s in statuses)} 200 (unknown items)")  # fmt: skip
     assert n5xx == 0 and statuses.count(413) >= 4 and statuses.count(401) >= 6
     assert "gru4rec_serve_unknown_items_total" in metrics
+    for route, status in (
+        ("/v1/events", 422),
+        ("/v1/events", 413),
+        ("/v1/events", 401),
+        ("/v1/events:batch", 413),
+    ):
+        assert f'gru4rec_serve_requests_total{{route="{route}",status="{status}"}}' in metrics, (
+            route,
+            status,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- reload
@@ -247,6 +257,9 @@ def test_openapi_schema_documents_the_api(int_model):
         "/readyz",
         "/metrics",
     } <= set(schema["paths"])
+    for path, model in (("/v1/events", "EventIn"), ("/v1/events:batch", "BatchIn")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
     event = schema["components"]["schemas"]["EventIn"]
     assert set(event["properties"]) == {"session_id", "item_id", "k"} and set(event["required"]) == {
         "session_id",
