@@ -130,8 +130,8 @@ def describe_memory(plan: dict) -> str:
 
 def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0,
                 kind: str = "cpu", weights_bytes: int = 0) -> MemoryPlan:  # fmt: skip
-    """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else as
-    few tiles as fit, of equal width (at least MIN_TILE, or the catalog), else a smaller batch. CUDA EP: always
+    """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else
+    tiles as wide as fit (at least MIN_TILE, or the catalog), else a smaller batch. CUDA EP: always
     the untiled graph, with the batch the budget allows (see `plan_cuda`). `tile_items` forces tiles."""
     if kind == "cuda":
         return plan_cuda(n_items, batch, budget or default_gpu_budget(weights_bytes), tile_items)
@@ -145,9 +145,7 @@ def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_i
         return MemoryPlan(budget, batch, n_items, n_items)
     floor = min(n_items, max(MIN_TILE, top_k))
     if tile >= floor:
-        # as few tiles as fit, of equal width: no narrow last tile paying a whole tile's overhead
-        even = -(-n_items // -(-n_items // tile))
-        return MemoryPlan(budget, batch, int(even if even >= floor else tile), n_items)
+        return MemoryPlan(budget, batch, int(tile), n_items)
     return MemoryPlan(budget, max(1, budget // (floor * CELL_BYTES)), floor, n_items)
 
 
