@@ -43,9 +43,13 @@ from gru4rec.score.replay import StepOutput
 # Bytes per (row x item) cell that one step holds at once: scores, the comparisons' bool and
 # float32 copies; the untiled eval graph holds about this much over the whole catalog.
 CELL_BYTES = 24
-MIN_TILE = 8192  # below this, per-run overhead outweighs the GEMM
+# A tile's [batch x tile] scores, and the comparisons and casts made of them, are streamed through
+# several times per tile: at about 4M cells (16 MiB of float32 scores) they stay in cache, and a cell
+# costs about half what it does at 16M cells or more (`gru4rec-cli bench catalog`, docs/performance.md).
+TILE_CELLS = 1 << 22
+MIN_TILE = 8192  # the narrowest tile a small budget may force; below it, the batch shrinks instead
 DEFAULT_BUDGET_FRACTION = 0.25
-DEFAULT_BUDGET_CAP = 1 << 30  # larger tiles buy no speed: the GEMM is at its rate well before
+DEFAULT_BUDGET_CAP = 1 << 30  # where [batch, N] fits it, the exported graph runs untiled
 
 
 def default_budget() -> int:
@@ -131,7 +135,8 @@ def describe_memory(plan: dict) -> str:
 def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0,
                 kind: str = "cpu", weights_bytes: int = 0) -> MemoryPlan:  # fmt: skip
     """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else
-    tiles as wide as fit (at least MIN_TILE, or the catalog), else a smaller batch. CUDA EP: always
+    tiles of about TILE_CELLS cells and never wider than the budget allows; where not even MIN_TILE
+    items fit, a smaller batch. CUDA EP: always
     the untiled graph, with the batch the budget allows (see `plan_cuda`). `tile_items` forces tiles."""
     if kind == "cuda":
         return plan_cuda(n_items, batch, budget or default_gpu_budget(weights_bytes), tile_items)
@@ -140,13 +145,13 @@ def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_i
         if not top_k <= tile_items:
             raise UserError(f"--tile-items must be at least the model's top-k ({top_k}), got {tile_items}")
         return MemoryPlan(budget, batch, min(tile_items, n_items), n_items)
-    tile = budget // (batch * CELL_BYTES)
-    if tile >= n_items:
+    widest = budget // (batch * CELL_BYTES)
+    if widest >= n_items:
         return MemoryPlan(budget, batch, n_items, n_items)
     floor = min(n_items, max(MIN_TILE, top_k))
-    if tile >= floor:
-        return MemoryPlan(budget, batch, int(tile), n_items)
-    return MemoryPlan(budget, max(1, budget // (floor * CELL_BYTES)), floor, n_items)
+    if widest < floor:
+        batch, widest = max(1, budget // (floor * CELL_BYTES)), floor
+    return MemoryPlan(budget, batch, int(max(min(widest, TILE_CELLS // batch), top_k)), n_items)
 
 
 def plan_cuda(n_items: int, batch: int, budget: int, tile_items: int = 0) -> MemoryPlan:

@@ -21,6 +21,7 @@ from gru4rec.score.scorer import ScoreConfig, score
 from gru4rec.score.tiled import (
     CELL_BYTES,
     MIN_TILE,
+    TILE_CELLS,
     TiledOrtBackend,
     parse_bytes,
     plan_memory,
@@ -169,8 +170,10 @@ def test_plan_untiled_when_the_matrix_fits_else_tiles_else_smaller_batch():
     n, k = 1_000_000, 20
     assert not plan_memory(50_000, k, 1024, 50_000 * 1024 * CELL_BYTES).tiled
     plan = plan_memory(n, k, 1024, 1 << 30)
-    assert plan.tiled and plan.batch == 1024 and plan.tile * 1024 * CELL_BYTES <= 1 << 30
-    assert (plan.tile + 1) * 1024 * CELL_BYTES > 1 << 30  # as wide as fits
+    assert plan.tiled and plan.batch == 1024 and plan.tile == TILE_CELLS // 1024  # cache-sized
+    assert plan_memory(n, k, 64, 1 << 30).tile == TILE_CELLS // 64  # wider tiles for a narrower batch
+    tight = plan_memory(n, k, 64, 10_000 * 64 * CELL_BYTES)
+    assert tight.tile == 10_000 < TILE_CELLS // 64  # never wider than the budget allows
     small = plan_memory(n, k, 1024, 64 << 20)
     assert (
         small.tile == MIN_TILE
