@@ -174,33 +174,113 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _fields(buf, pos: int, end: int):
+    """(field number, wire type, value, start) of each protobuf field in buf[pos:end]; a length-delimited
+    field's value is its payload's (start, end) span, `start` where the field's key begins.
+    ValueError/IndexError on bytes that are not a message."""
+    while pos < end:
+        start = pos
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1 or wire == 5:
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated file")
+            value, pos = (pos, pos + size), pos + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if field == 0 or pos > end:
+            raise ValueError("not a protobuf message")
+        yield field, wire, value, start
+
+
 def scan_metadata_props(buf) -> dict[str, str]:
     """metadata_props of a serialized ModelProto without parsing the graph (whose weights are most of
     the file): walk the top-level protobuf fields, skip all but field 14. Raises ValueError/IndexError
     on bytes that are not a well-formed message."""
     from onnx import StringStringEntryProto
 
-    props, pos, end = {}, 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1 or wire == 5:
-            pos += 8 if wire == 1 else 4
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > end:
-                raise ValueError("truncated file")
-            if field == 14:
-                entry = StringStringEntryProto.FromString(bytes(buf[pos : pos + size]))
-                props[entry.key] = entry.value
-            pos += size
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        if field == 0 or pos > end:
-            raise ValueError("not a protobuf message")
+    props = {}
+    for field, wire, value, _ in _fields(buf, 0, len(buf)):
+        if field == 14 and wire == 2:
+            entry = StringStringEntryProto.FromString(bytes(buf[value[0] : value[1]]))
+            props[entry.key] = entry.value
     return props
+
+
+def _tensors(buf):
+    """(name, dims, raw_data span or None, tensor span, tensor field start) of each initializer of a
+    serialized ModelProto: ModelProto.graph (7) -> initializer (5) -> dims (1), name (8), raw_data (9)."""
+    for field, wire, graph, _ in _fields(buf, 0, len(buf)):
+        if field != 7 or wire != 2:
+            continue
+        for field, wire, tensor, start in _fields(buf, *graph):
+            if field != 5 or wire != 2:
+                continue
+            name, dims, raw = None, [], None
+            for field, wire, value, _ in _fields(buf, *tensor):
+                if field == 1 and wire == 0:
+                    dims.append(value)
+                elif field == 1 and wire == 2:  # packed
+                    pos = value[0]
+                    while pos < value[1]:
+                        d, pos = _varint(buf, pos)
+                        dims.append(d)
+                elif field == 8 and wire == 2:
+                    name = bytes(buf[value[0] : value[1]]).decode()
+                elif field == 9 and wire == 2:
+                    raw = value
+            yield name, dims, raw, tensor, start
+
+
+def scan_raw_data(buf) -> dict[str, tuple[int, int]]:
+    """{initializer name: (offset, bytes)} of the initializers whose data is inside the file (raw_data):
+    the offsets let a reader map the weights straight from the file instead of parsing them."""
+    return {name: (raw[0], raw[1] - raw[0]) for name, _, raw, _, _ in _tensors(buf) if raw is not None}
+
+
+def _key_and_length(field: int, size: int) -> bytes:
+    out, value = bytearray(), (field << 3) | 2
+    for v in (value, size):
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def load_without_tables(path: str | Path, n_rows: int):
+    """The ONNX ModelProto at `path` with the data of every initializer of `n_rows` or more rows (the
+    item tables) left out: name, type and dims kept, raw_data dropped, so parsing the graph never holds
+    the item tables in memory (`scan_raw_data` says where they are in the file). External data is not
+    loaded."""
+    import mmap
+
+    from onnx import ModelProto
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        drop = [(start, tensor, raw) for _, dims, raw, tensor, start in _tensors(buf)
+                if raw is not None and dims and dims[0] >= n_rows]  # fmt: skip
+        if not drop:
+            return ModelProto.FromString(buf[:])
+        graph, head = next(
+            (v, s) for field, wire, v, s in _fields(buf, 0, len(buf)) if field == 7 and wire == 2
+        )
+        body, pos = bytearray(), graph[0]
+        for start, tensor, raw in drop:  # in file order: each tensor again, without its raw_data field
+            body += buf[pos:start]
+            fields = list(_fields(buf, *tensor))
+            ends = [f[3] for f in fields[1:]] + [tensor[1]]
+            payload = b"".join(buf[f[3] : end] for f, end in zip(fields, ends) if f[2] != raw)
+            body += _key_and_length(5, len(payload)) + payload
+            pos = tensor[1]
+        body += buf[pos : graph[1]]
+        data = buf[:head] + _key_and_length(7, len(body)) + bytes(body) + buf[graph[1] :]
+    return ModelProto.FromString(data)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gru4rec.allocator import available_memory, gpu_free_memory
+from gru4rec.bundle import load_without_tables
 from gru4rec.errors import UserError
 from gru4rec.score.ort_backend import _drop_outputs, make_session, resolve_provider, scoring_graph
 from gru4rec.score.replay import StepOutput
@@ -295,27 +296,40 @@ def tile_graph(elem: int, with_topk: bool):
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
-def load_tables(model, names: list[str], base_dir: Path) -> dict[str, np.ndarray]:
-    """The named initializers as numpy arrays. External data is read straight from its file into
-    the array (onnx's own reader goes through a bytes copy: twice the item matrix at its peak)."""
-    from onnx import TensorProto, helper, numpy_helper
+def load_tables(model, names: list[str], path: Path) -> dict[str, np.ndarray]:
+    """The named initializers of the graph file at `path` as read-only arrays mapped from their file
+    (external data, or the graph file itself where the weights are inside it). Nothing is copied: the
+    pages are read as scoring touches them and are the page cache's, so the weights are in memory once
+    (reading them through onnx would hold them twice at once: the parsed graph and the arrays)."""
+    import mmap
+
+    from onnx import TensorProto, helper
+
+    from gru4rec.bundle import scan_raw_data
 
     by_name = {i.name: i for i in model.graph.initializer}
+    inside = None
     out = {}
     for name in names:
         t = by_name[name]
-        info = {e.key: e.value for e in t.external_data}
-        if t.data_location != TensorProto.EXTERNAL:
-            out[name] = np.ascontiguousarray(numpy_helper.to_array(t))
-            continue
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        count = int(np.prod(t.dims))
-        array = np.fromfile(
-            base_dir / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0))
-        )
-        if array.size != count:
-            raise UserError(f"{base_dir / info['location']}: weights file is truncated; re-export the model")
-        out[name] = array.reshape(tuple(t.dims))
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        shape = tuple(int(d) for d in t.dims)
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            file, offset = path.parent / info["location"], int(info.get("offset", 0))
+        else:
+            if inside is None:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    inside = scan_raw_data(buf)
+            if name not in inside:  # stored as typed fields, not raw bytes: small, read the usual way
+                from onnx import numpy_helper
+
+                out[name] = numpy_helper.to_array(t)
+                continue
+            file, offset = path, inside[name][0]
+        if file.stat().st_size < offset + dtype.itemsize * int(np.prod(shape)):
+            raise UserError(f"{file}: weights file is truncated; re-export the model")
+        out[name] = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
     return out
 
 
@@ -370,14 +384,14 @@ class TiledOrtBackend:
         self.n_items, self.top_k, self.tile = int(n_items), int(top_k), int(tile)
         self.n_layers, self.hidden_size, self.with_topk = int(n_layers), int(hidden_size), bool(with_topk)
         eval_path = Path(eval_path)
-        try:
-            model = onnx.load(str(eval_path), load_external_data=False)
+        try:  # the graph without the item tables' data: they are mapped from the file (load_tables)
+            model = load_without_tables(eval_path, self.n_items)
         except Exception as e:
             raise UserError(
                 f"{eval_path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})"
             ) from None
         tables = item_tables(model, self.n_items)
-        self.tables = load_tables(model, tables, eval_path.parent)
+        self.tables = load_tables(model, tables, eval_path)
         front, feeds, w, b = front_graph(model, self.n_items)  # (edits `model` in place)
         onnx.external_data_helper.load_external_data_for_model(front, str(eval_path.parent))
         self.feeds = {n: self.tables[n] for n in feeds}

@@ -109,3 +109,29 @@ def test_re_export_replaces_the_old_weights_file(pair, tmp_path):
     assert first != second and second.is_file() and not first.exists()
     export_model(model, ItemMap(IDS), tmp_path, TOP_K, external_data=False)
     assert load_bundle(tmp_path / "m.onnx").weights_path is None and not second.exists()
+
+
+@pytest.mark.parametrize("which", ["single", "ext"])
+def test_tables_are_mapped_from_the_file_as_onnx_reads_them(pair, which):
+    """The tiled scorer's reader (graph parsed without the item tables, tables mapped from the file)
+    against onnx's own full load: same graph, the same values in every table."""
+    from onnx import numpy_helper
+
+    from gru4rec.bundle import companion_paths, load_without_tables
+    from gru4rec.score.tiled import item_tables, load_tables
+
+    eval_path = companion_paths(pair[which])[0]
+    full = onnx.load(str(eval_path))  # external data loaded too
+    stripped = load_without_tables(eval_path, N_ITEMS)
+    assert stripped.graph.node == full.graph.node and stripped.metadata_props == full.metadata_props
+    names = item_tables(stripped, N_ITEMS)
+    assert names and names == item_tables(full, N_ITEMS)
+    tables = load_tables(stripped, names, eval_path)
+    by_name = {t.name: t for t in full.graph.initializer}
+    for name in names:
+        expected = numpy_helper.to_array(by_name[name])
+        assert tables[name].dtype == expected.dtype and (tables[name] == expected).all(), name
+    if which == "single":  # the tables' data is left out of the parsed graph, the rest kept as it is
+        kept = {t.name: t for t in stripped.graph.initializer}
+        assert all(not kept[n].raw_data for n in names)
+        assert all(kept[t.name] == t for t in full.graph.initializer if t.name not in names)
