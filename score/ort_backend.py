@@ -155,11 +155,13 @@ def make_session(
     threads: int = 0,
     tf32: bool = False,
     cuda_graph: bool = False,
+    spin: bool = True,
 ):
     """An ONNX Runtime session on `kind` ('cuda' or 'cpu', see `resolve_provider`) for a serialized
     graph or a file; UserError (naming `source`) when ORT cannot load it or the CUDA EP does not
     take it. `threads` 0 = ORT's default intra-op thread count. A serialized graph's external data
-    (if any) is read from `source`'s folder."""
+    (if any) is read from `source`'s folder. `spin=False`: the intra-op threads sleep as soon as a
+    run ends, for a session that runs briefly between another session's runs."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -170,6 +172,8 @@ def make_session(
         )
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = [CPU_EP]
     if kind == "cuda":
         options = {"device_id": 0, "use_tf32": int(tf32), "enable_cuda_graph": int(cuda_graph)}

@@ -396,7 +396,9 @@ class TiledOrtBackend:
         onnx.external_data_helper.load_external_data_for_model(front, str(eval_path.parent))
         self.feeds = {n: self.tables[n] for n in feeds}
         self.W, self.bias = self.tables[w][: self.n_items], self.tables[b][: self.n_items]
-        self.front = make_session(front.SerializeToString(), eval_path, "cpu", threads)
+        # The front runs once per step between the tile loops: were its threads left spinning after
+        # each run, they would take the cores from the tile session's (docs/performance.md).
+        self.front = make_session(front.SerializeToString(), eval_path, "cpu", threads, spin=False)
         elem = onnx.helper.np_dtype_to_tensor_dtype(self.W.dtype)
         tile_model = tile_graph(elem, self.with_topk)
         self.tile_session = make_session(tile_model.SerializeToString(), eval_path, "cpu", threads)
