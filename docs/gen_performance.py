@@ -215,7 +215,7 @@ def catalog() -> str:
         tr, ex, sc = r["train"], r["export"], r["score"]
         disk = sum(r["bundle_bytes"].values()) / 2**20
         mem = sc["memory"]
-        tiles = f"{mem['n_tiles']} x {mem['tile_items']:,}" if mem["n_tiles"] > 1 else "untiled"
+        tiles = f"{mem['n_tiles']:,} x {mem['tile_items']:,}" if mem["n_tiles"] > 1 else "untiled"
         rows.append([f"{r['n_items']:,}", f"{r['weights_bytes'] / 2**20:,.0f} MiB",
                      f"{tr['events_per_s']:,.0f} / {tr['peak_rss_mib']:,.0f} MiB",
                      f"{ex['wall_s']:.0f} s / {ex['peak_rss_mib']:,.0f} MiB", f"{disk:,.0f} MiB",
@@ -224,7 +224,7 @@ def catalog() -> str:
     head = ["items", "weights", "train: events/s / peak RSS", "export: time / peak RSS", "bundle on disk",
             "score: events/s / peak RSS", "score tiles", "score GFLOP/s"]  # fmt: skip
     ratios = "; ".join(
-        f"{n} items: FLOP rate {v['score_flop_rate_over_smallest']:.2f}x the smallest, peak RSS "
+        f"{int(n):,} items: FLOP rate {v['score_flop_rate_over_smallest']:.2f}x the smallest, peak RSS "
         f"{v['score_rss_over_smallest_plus_weights']:.2f}x (smallest's + weights), "
         f"{v['score_rss_minus_weights_mib']:,.0f} MiB beyond the weights"
         for n, v in d["ratios"].items()
