@@ -23,9 +23,12 @@ and is concatenated before the new tile, so ties still go to the lower item inde
 both against a brute-force numpy reference and against the untiled graph.
 
 The item tables (every initializer with one row per item: the output matrix, the biases, an
-input embedding) are graph inputs of the front session, fed the same numpy arrays each step, and
-the tile session reads row slices of them: on the CPU EP neither is copied, so the weights are in
-memory once.
+input embedding) are mapped from the model's file (`load_tables`; the graph is parsed without their
+data), are graph inputs of the front session, fed the same arrays each step, and the tile session
+reads row slices of them: on the CPU EP nothing is copied, so the weights are in memory once.
+
+Tile width: about TILE_CELLS (batch x item) cells, so that a tile's scores and the passes over them
+run from cache (docs/performance.md has the measurements).
 """
 
 from __future__ import annotations
