@@ -237,12 +237,6 @@ def _tensors(buf):
             yield name, dims, raw, tensor, start
 
 
-def scan_raw_data(buf) -> dict[str, tuple[int, int]]:
-    """{initializer name: (offset, bytes)} of the initializers whose data is inside the file (raw_data):
-    the offsets let a reader map the weights straight from the file instead of parsing them."""
-    return {name: (raw[0], raw[1] - raw[0]) for name, _, raw, _, _ in _tensors(buf) if raw is not None}
-
-
 def _key_and_length(field: int, size: int) -> bytes:
     out, value = bytearray(), (field << 3) | 2
     for v in (value, size):
@@ -255,15 +249,16 @@ def _key_and_length(field: int, size: int) -> bytes:
 
 def load_without_tables(path: str | Path, n_rows: int):
     """The ONNX ModelProto at `path` with the data of every initializer of `n_rows` or more rows (the
-    item tables) left out: name, type and dims kept, raw_data dropped, so parsing the graph never holds
-    the item tables in memory (`scan_raw_data` says where they are in the file). External data is not
+    item tables) left out, so parsing the graph never holds the item tables in memory: their raw_data
+    is dropped and they become external data of `path` itself (location, offset and length of the
+    bytes left in the file), as tables exported to a weights file already are. External data is not
     loaded."""
     import mmap
 
-    from onnx import ModelProto
+    from onnx import ModelProto, TensorProto
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        drop = [(start, tensor, raw) for _, dims, raw, tensor, start in _tensors(buf)
+        drop = [(start, tensor, raw, name) for name, dims, raw, tensor, start in _tensors(buf)
                 if raw is not None and dims and dims[0] >= n_rows]  # fmt: skip
         if not drop:
             return ModelProto.FromString(buf[:])
@@ -271,7 +266,7 @@ def load_without_tables(path: str | Path, n_rows: int):
             (v, s) for field, wire, v, s in _fields(buf, 0, len(buf)) if field == 7 and wire == 2
         )
         body, pos = bytearray(), graph[0]
-        for start, tensor, raw in drop:  # in file order: each tensor again, without its raw_data field
+        for start, tensor, raw, _ in drop:  # in file order: each tensor again, without its raw_data field
             body += buf[pos:start]
             fields = list(_fields(buf, *tensor))
             ends = [f[3] for f in fields[1:]] + [tensor[1]]
@@ -280,7 +275,15 @@ def load_without_tables(path: str | Path, n_rows: int):
             pos = tensor[1]
         body += buf[pos : graph[1]]
         data = buf[:head] + _key_and_length(7, len(body)) + bytes(body) + buf[graph[1] :]
-    return ModelProto.FromString(data)
+    model = ModelProto.FromString(data)
+    where = {name: raw for _, _, raw, name in drop}
+    for t in model.graph.initializer:
+        if t.name in where:
+            start, end = where[t.name]
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", Path(path).name), ("offset", start), ("length", end - start)):
+                t.external_data.add(key=key, value=str(value))
+    return model
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -300,36 +300,24 @@ def tile_graph(elem: int, with_topk: bool):
 
 
 def load_tables(model, names: list[str], path: Path) -> dict[str, np.ndarray]:
-    """The named initializers of the graph file at `path` as read-only arrays mapped from their file
-    (external data, or the graph file itself where the weights are inside it). Nothing is copied: the
-    pages are read as scoring touches them and are the page cache's, so the weights are in memory once
-    (reading them through onnx would hold them twice at once: the parsed graph and the arrays)."""
-    import mmap
-
-    from onnx import TensorProto, helper
-
-    from gru4rec.bundle import scan_raw_data
+    """The named initializers of the graph file at `path` as read-only arrays mapped from the file
+    their external data names (a weights file, or the graph file itself: `load_without_tables`).
+    Nothing is copied: the pages are read as scoring touches them and are the page cache's, so the
+    weights are in memory once (reading them through onnx would hold them twice at once: the parsed
+    graph and the arrays)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     by_name = {i.name: i for i in model.graph.initializer}
-    inside = None
     out = {}
     for name in names:
         t = by_name[name]
+        if t.data_location != TensorProto.EXTERNAL:  # stored as typed fields, not raw bytes: small
+            out[name] = numpy_helper.to_array(t)
+            continue
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
         shape = tuple(int(d) for d in t.dims)
-        if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            file, offset = path.parent / info["location"], int(info.get("offset", 0))
-        else:
-            if inside is None:
-                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                    inside = scan_raw_data(buf)
-            if name not in inside:  # stored as typed fields, not raw bytes: small, read the usual way
-                from onnx import numpy_helper
-
-                out[name] = numpy_helper.to_array(t)
-                continue
-            file, offset = path, inside[name][0]
+        info = {e.key: e.value for e in t.external_data}
+        file, offset = path.parent / info["location"], int(info.get("offset", 0))
         if file.stat().st_size < offset + dtype.itemsize * int(np.prod(shape)):
             raise UserError(f"{file}: weights file is truncated; re-export the model")
         out[name] = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
