@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -30,15 +29,13 @@ from fastapi.responses import Response
 from pydantic import StringConstraints
 
 from gru4rec.serve.batcher import BatchConfig, Batcher, ModelHolder, Outcome
-from gru4rec.serve.event_routes import EventRoutes, Reply, authorized
+from gru4rec.serve.event_routes import EventRoutes, Reply, authorized, served
 from gru4rec.serve.metrics import RequestMetrics, ServeMetrics
 from gru4rec.serve.model import ServedModel, load_model
 from gru4rec.serve.ordering import SessionLocks
 from gru4rec.serve.reload import Reloader
 from gru4rec.serve.schema import INT64, MAX_ID_LENGTH, EventIn, add_event_routes_to_openapi, validation_error
 from gru4rec.serve.state import open_store, record_key, session_key
-
-log = logging.getLogger("gru4rec.serve")
 
 
 @dataclass
@@ -192,22 +189,19 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _json(validation_error(list(exc.errors())), 422)
 
+    @app.exception_handler(Reply)
+    async def on_reply(request: Request, reply: Reply) -> Response:
+        response = _json(reply.body, reply.status)
+        for k, v in reply.headers:
+            response.headers[k.decode()] = v.decode()
+        return response
+
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         response = _error(exc.status_code, str(exc.detail))
         for k, v in (exc.headers or {}).items():
             response.headers[k] = v
         return response
-
-
-async def _answer(coro) -> Response:
-    try:
-        return _json(await coro)
-    except HTTPException:
-        raise
-    except Exception as e:  # the state store or the model failed, not the request
-        log.error("request failed: %s: %s", type(e).__name__, e)
-        return _error(503, f"service unavailable: {type(e).__name__}")
 
 
 def _add_session_route(app: FastAPI, service: Service, guarded: list) -> None:
@@ -229,7 +223,7 @@ def _add_session_route(app: FastAPI, service: Service, guarded: list) -> None:
                     deleted += await service.store.delete([record_key(export_id, sid)])
             return {"session_id": session_id, "deleted": deleted > 0}
 
-        return await _answer(run())
+        return _json(await served(run()))
 
 
 def _add_operations_routes(app: FastAPI, service: Service, guarded: list) -> None:

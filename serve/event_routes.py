@@ -27,7 +27,8 @@ JSON = (b"content-type", b"application/json")
 
 
 class Reply(Exception):
-    """An answer other than 200, raised anywhere in the handling of a request (`Service.check_event` too)."""
+    """An answer other than 200, raised anywhere in the handling of a request (`Service.check_event`
+    too); the FastAPI routes answer it through an exception handler."""
 
     def __init__(self, status: int, body: dict, headers: tuple = ()):
         self.status, self.body, self.headers = status, body, headers
@@ -94,7 +95,7 @@ class EventRoutes:
 
     async def _one(self, body: bytes) -> dict:
         event = parse(EventIn, body)
-        return await self._answer(self.service.apply(event, self.service.check_event(event)))
+        return await served(self.service.apply(event, self.service.check_event(event)))
 
     async def _batch(self, body: bytes) -> dict:
         batch = parse(BatchIn, body)
@@ -103,15 +104,17 @@ class EventRoutes:
         ks = [self.service.check_event(ev) for ev in batch.events]
         # Tasks start in list order, so each session's events take its lock in list order.
         run = asyncio.gather(*(self.service.apply(ev, k) for ev, k in zip(batch.events, ks)))
-        return {"results": list(await self._answer(run))}
+        return {"results": list(await served(run))}
 
-    @staticmethod
-    async def _answer(awaitable):
-        try:
-            return await awaitable
-        except Exception as e:  # the state store or the model failed, not the request
-            log.error("request failed: %s: %s", type(e).__name__, e)
-            raise Reply(503, {"error": f"service unavailable: {type(e).__name__}"}) from None
+
+async def served(awaitable):
+    """The awaitable's result; a 503 Reply when it fails (the state store or the model, not the request:
+    every check of the request has raised its own 4xx Reply before)."""
+    try:
+        return await awaitable
+    except Exception as e:
+        log.error("request failed: %s: %s", type(e).__name__, e)
+        raise Reply(503, {"error": f"service unavailable: {type(e).__name__}"}) from None
 
 
 def parse(model, body: bytes):
