@@ -75,10 +75,11 @@ class RayEngine:
     def run(self, job):
         return run_job(self, job)
 
-    def planning_kind(self, provider: str) -> str:
-        """The provider the memory plan is made for: the workers' GPUs are not visible from here, so
-        CUDA only when asked for by name (a tiled plan on GPU workers is refused in `run_job`)."""
-        return "cuda" if provider == "cuda" else "cpu"
+    def providers(self, provider: str) -> tuple[str, str]:
+        """(the kind the memory plan is made for, the provider the job carries): the workers' GPUs are
+        not visible from here, so the plan is for CUDA only when asked for by name (a tiled plan on GPU
+        workers is refused in `run_job`), and the workers resolve the provider themselves."""
+        return ("cuda" if provider == "cuda" else "cpu"), provider
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:

@@ -135,11 +135,13 @@ class LocalEngine:
             backend = make_backend(job.bundle, cfg.tile_items, job.provider, job.tf32, with_topk)
         return run_source(backend, job.bundle.items, source, cfg, job.out, rec, job.progress)
 
-    def planning_kind(self, provider: str) -> str:
-        """'cpu' or 'cuda': where this process will score (the memory plan is made for it)."""
+    def providers(self, provider: str) -> tuple[str, str]:
+        """(the kind the memory plan is made for, the provider the job carries): here both are where
+        this process scores, resolved once (one notice when 'auto' falls back to the CPU)."""
         from gru4rec.score.ort_backend import resolve_provider
 
-        return resolve_provider(provider)
+        kind = resolve_provider(provider)
+        return kind, kind
 
 
 def score(
@@ -179,9 +181,8 @@ def score(
             if not cfg.beyond_accuracy:
                 raise UserError("--train gives popularity@k for --beyond-accuracy; add --beyond-accuracy")
             cfg.popularity = item_popularity(bundle.items, train, cfg.keys)
-        kind = engine.planning_kind(provider)
+        kind, provider = engine.providers(provider)
         memory = plan_for(cfg, bundle, kind)
-        provider = kind if engine.name == "local" else provider  # resolved once: one 'auto' notice
         # the run's own copy: every engine and worker builds its backend from these two
         run_cfg = replace(cfg, tile_items=memory.tile, batch_size=memory.batch or cfg.batch_size)
     job = ScoreJob(Path(model), bundle, sessions, out, run_cfg, provider, tf32, progress, rec, memory)

@@ -140,8 +140,8 @@ def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_i
                 kind: str = "cpu", weights_bytes: int = 0) -> MemoryPlan:  # fmt: skip
     """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else
     tiles of about TILE_CELLS cells and never wider than the budget allows; where not even MIN_TILE
-    items fit, a smaller batch. CUDA EP: always
-    the untiled graph, with the batch the budget allows (see `plan_cuda`). `tile_items` forces tiles."""
+    items fit, a smaller batch. CUDA EP: always the untiled graph, with the batch the budget allows
+    (see `plan_cuda`). `tile_items` forces tiles."""
     if kind == "cuda":
         return plan_cuda(n_items, batch, budget or default_gpu_budget(weights_bytes), tile_items)
     budget = budget or default_budget()
