@@ -54,11 +54,13 @@ def nightly_config(folder: Path, body: str, *, history: str = "h.parquet", name:
     return path
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process."""
+def run_cli(*args: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process.
+    `timeout` bounds the wait (subprocess.TimeoutExpired past it: a hung command fails its test)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gru4rec.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO
-    )
+        [sys.executable, "-m", "gru4rec.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+        timeout=timeout,
+    )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(
             f"gru4rec-cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
