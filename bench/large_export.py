@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,38 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from gru4rec.bundle import bundle_paths, load_bundle
     from gru4rec.eval.bench_catalog import catalog_log
-    from gru4rec.io import write_text_atomic
+    from gru4rec.io import scratch_dir, write_text_atomic
     from gru4rec.provenance import git_commit
 
-    tmp = a.workdir or Path(tempfile.mkdtemp(prefix="gru4rec-2gib-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    ckpt, onnx_path, test = tmp / "m.pt", tmp / "m.onnx", tmp / "test.parquet"
-    print(f"random-weight checkpoint: {a.items:,} items x {a.units} units", file=sys.stderr)
-    make_checkpoint(ckpt, a.items, a.units)
-    catalog_log(a.items, a.test_events, seed=2, every_item=False).write_parquet(test)
-    said: list[str] = []
-    runs = [stage(["export", ckpt, "--out", onnx_path], "export (verified)", said)]
-    runs.append(stage(["score", "--model", onnx_path, "--sessions", test, "--metrics", tmp / "metrics.json",
-                       "--provider", "cpu"], "score (metrics only)"))  # fmt: skip
-    bundle = load_bundle(onnx_path)
-    report = json.loads((tmp / "metrics.json").read_text())
-    result = {
-        "what": "a model past ONNX's 2 GiB limit (random weights): export, verify, score on the CPU",
-        "host": f"{platform.node()} ({platform.machine()})",
-        "commit": git_commit(),
-        "n_items": a.items,
-        "units": a.units,
-        "parameter_bytes": a.items * (a.units + 1) * 4,
-        "files": {p.name: p.stat().st_size for p in bundle_paths(onnx_path)},
-        "initializer_bytes": {"serving": initializer_bytes(bundle.onnx_path), "eval": initializer_bytes(bundle.eval_path)},
-        "export_said": [ln.strip() for ln in said],
-        "runs": runs,
-        "score": {"n_predictions": report["n_predictions"], "events_per_s": report["latency"]["events_per_s"],
-                  "memory": report["memory"], "recall@20": report["metrics"]["recall@20"]},
-    }  # fmt: skip
-    write_text_atomic(a.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    with scratch_dir("gru4rec-2gib-", a.workdir) as tmp:
+        ckpt, onnx_path, test = tmp / "m.pt", tmp / "m.onnx", tmp / "test.parquet"
+        print(f"random-weight checkpoint: {a.items:,} items x {a.units} units", file=sys.stderr)
+        make_checkpoint(ckpt, a.items, a.units)
+        catalog_log(a.items, a.test_events, seed=2, every_item=False).write_parquet(test)
+        said: list[str] = []
+        runs = [stage(["export", ckpt, "--out", onnx_path], "export (verified)", said)]
+        runs.append(stage(["score", "--model", onnx_path, "--sessions", test, "--metrics", tmp / "metrics.json",
+                           "--provider", "cpu"], "score (metrics only)"))  # fmt: skip
+        bundle = load_bundle(onnx_path)
+        report = json.loads((tmp / "metrics.json").read_text())
+        result = {
+            "what": "a model past ONNX's 2 GiB limit (random weights): export, verify, score on the CPU",
+            "host": f"{platform.node()} ({platform.machine()})",
+            "commit": git_commit(),
+            "n_items": a.items,
+            "units": a.units,
+            "parameter_bytes": a.items * (a.units + 1) * 4,
+            "files": {p.name: p.stat().st_size for p in bundle_paths(onnx_path)},
+            "initializer_bytes": {"serving": initializer_bytes(bundle.onnx_path), "eval": initializer_bytes(bundle.eval_path)},
+            "export_said": [ln.strip() for ln in said],
+            "runs": runs,
+            "score": {"n_predictions": report["n_predictions"], "events_per_s": report["latency"]["events_per_s"],
+                      "memory": report["memory"], "recall@20": report["metrics"]["recall@20"]},
+        }  # fmt: skip
+        write_text_atomic(a.out, json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import json
 import math
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime
 
+    from gru4rec.io import scratch_dir
     from gru4rec.score.ort_backend import gpu_name
 
     shape = TINY if args.tiny else DIGINETICA
@@ -318,23 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [],
         "failed": [],
     }
-    tmp = Path(tempfile.mkdtemp(prefix="score-variants-"))
-    refs: dict[int, list] = {}
-    for v in todo:
-        path = tmp / f"{v.name}.eval.onnx"
-        try:
-            t0 = time.perf_counter()
-            build_eval_graph(ckpt, v, args.top_k, path)
-            export_s = time.perf_counter() - t0
-        except Exception as e:
-            result["failed"].append({"variant": v.name, "stage": "export", "error": repr(e)[:300]})
-            continue
-        if cuda:
+    with scratch_dir("gru4rec-score-variants-") as tmp:  # every variant's graph: removed at the end
+        refs: dict[int, list] = {}
+        for v in todo:
+            path = tmp / f"{v.name}.eval.onnx"
             try:
-                result.setdefault("placement", {})[v.name] = placement(path)
+                t0 = time.perf_counter()
+                build_eval_graph(ckpt, v, args.top_k, path)
+                export_s = time.perf_counter() - t0
             except Exception as e:
-                result.setdefault("placement", {})[v.name] = {"error": repr(e)[:300]}
-        _time_variant(v, path, export_s, batches, cuda, (N, L, H), refs, result, args, started)
+                result["failed"].append({"variant": v.name, "stage": "export", "error": repr(e)[:300]})
+                continue
+            if cuda:
+                try:
+                    result.setdefault("placement", {})[v.name] = placement(path)
+                except Exception as e:
+                    result.setdefault("placement", {})[v.name] = {"error": repr(e)[:300]}
+            _time_variant(v, path, export_s, batches, cuda, (N, L, H), refs, result, args, started)
     if cuda:
         try:
             import torch

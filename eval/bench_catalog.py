@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,16 +49,16 @@ def run_bench(out: Path | None, sizes=SIZES, units: int = 100, workdir: Path | N
               memory_budget: str | None = None) -> dict:  # fmt: skip
     from rich.console import Console
 
-    from gru4rec.io import check_output_file, write_text_atomic
+    from gru4rec.io import check_output_file, scratch_dir, write_text_atomic
 
     if out is not None:
         check_output_file(out)
     console = Console(stderr=True)
-    tmp = Path(workdir or tempfile.mkdtemp(prefix="gru4rec-bench-catalog-"))
     runs = []
-    for n in sizes:
+    for n in sizes:  # one size's files at a time: the largest alone takes gigabytes
         console.print(f"[bold]{n:,} items x {units} units[/]")
-        runs.append(_one_size(n, units, tmp / f"n{n}", console, memory_budget))
+        with scratch_dir(f"gru4rec-bench-catalog-{n}-", workdir and Path(workdir, f"n{n}")) as folder:
+            runs.append(_one_size(n, units, folder, console, memory_budget))
         if out is not None:  # each size as it completes: a long run killed late keeps what it measured
             write_text_atomic(out, json.dumps(_result(runs, units), indent=2) + "\n")
     result = _result(runs, units)

@@ -103,6 +103,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A working folder for intermediate files: `keep` when given (created if missing, left in place
+    for the user to inspect), else a new temporary folder that is removed when the block ends, by
+    return or by exception, so a run repeated every night does not fill the disk."""
+    if keep is not None:
+        folder = Path(keep)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

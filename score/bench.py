@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,24 +42,24 @@ def run_bench(
 
     from gru4rec.bundle import load_bundle
     from gru4rec.checkpoint import load as load_checkpoint
-    from gru4rec.io import check_output_file
+    from gru4rec.io import check_output_file, scratch_dir
     from gru4rec.score.ort_backend import cuda_usable
 
     if out is not None:
         check_output_file(out, inputs=(model, sessions))
     console = Console(stderr=True)
-    tmp = Path(tempfile.mkdtemp(prefix="gru4rec-bench-score-"))
-    with console.status("preparing model and data"):
-        sessions, data_desc, train_path = _sessions(sessions, tmp)
-        onnx_path, ckpt_path, model_desc = _model(model, train_path, tmp)
-        bundle = load_bundle(onnx_path)
-        torch_model = load_checkpoint(ckpt_path).model if ckpt_path is not None else None
-        online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
-    has_cuda = cuda_usable()
+    with scratch_dir("gru4rec-bench-score-") as tmp:
+        with console.status("preparing model and data"):
+            sessions, data_desc, train_path = _sessions(sessions, tmp)
+            onnx_path, ckpt_path, model_desc = _model(model, train_path, tmp)
+            bundle = load_bundle(onnx_path)
+            torch_model = load_checkpoint(ckpt_path).model if ckpt_path is not None else None
+            online_path = _subset(sessions, online_sessions, tmp / "online.parquet")
+        has_cuda = cuda_usable()
 
-    plan = _plan(bundle, torch_model, ckpt_path, sessions, online_path, batch_size, has_cuda, tmp)
-    load_before = os.getloadavg()
-    runs, failed = _run_plan(plan, bundle, console)
+        plan = _plan(bundle, torch_model, ckpt_path, sessions, online_path, batch_size, has_cuda, tmp)
+        load_before = os.getloadavg()
+        runs, failed = _run_plan(plan, bundle, console)
     result = {
         "benchmark": "score",
         "machine": {

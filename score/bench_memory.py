@@ -13,7 +13,6 @@ import json
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,22 +30,22 @@ GOAL_SPEED_LOSS = 0.10  # events/s at the largest size may be this much lower, a
 def run_bench(out: Path | None, sizes: tuple[int, ...] = SIZES, workdir: Path | None = None) -> dict:
     from rich.console import Console
 
-    from gru4rec.io import check_output_file
+    from gru4rec.io import check_output_file, scratch_dir
 
     if out is not None:
         check_output_file(out)
     console = Console(stderr=True)
-    tmp = Path(workdir or tempfile.mkdtemp(prefix="gru4rec-bench-memory-"))
-    with console.status("training the demo model (1 epoch) for the scoring runs"):
-        model, test = _demo_model(tmp)
-    runs = []
-    for n in sizes:
-        single, folder = _test_sets(test, n, tmp)
-        for layout, path in (("single file", single), (f"{N_FILES}-file dataset", folder)):
-            console.print(f"scoring {n:,} events, {layout} ...")
-            runs.append({"target_events": n, "layout": layout, **_score_run(model, path, tmp)})
-            r = runs[-1]
-            console.print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB, {r['events_per_s']:,.0f} events/s")
+    with scratch_dir("gru4rec-bench-memory-", workdir) as tmp:
+        with console.status("training the demo model (1 epoch) for the scoring runs"):
+            model, test = _demo_model(tmp)
+        runs = []
+        for n in sizes:
+            single, folder = _test_sets(test, n, tmp)
+            for layout, path in (("single file", single), (f"{N_FILES}-file dataset", folder)):
+                console.print(f"scoring {n:,} events, {layout} ...")
+                runs.append({"target_events": n, "layout": layout, **_score_run(model, path, tmp)})
+                r = runs[-1]
+                console.print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB, {r['events_per_s']:,.0f} events/s")
     result = {
         "what": "score (ORT CPU EP, metrics only) on synthetic test sets: peak RSS and events/s",
         "host": f"{platform.node()} ({platform.machine()})",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,15 +164,18 @@ class ShardScorer:
         import ray
 
         from gru4rec.bundle import load_bundle
+        from gru4rec.io import scratch_dir
         from gru4rec.score.tiled import make_backend
 
         files: dict[str, bytes] = ray.get(bundle_ref[0])
-        self._model_dir = tempfile.mkdtemp(prefix="gru4rec-model-")
-        for name, data in files.items():
-            Path(self._model_dir, name).write_bytes(data)
-        bundle = load_bundle(Path(self._model_dir, "m.onnx"))
+        # The bundle's files are needed only while the sessions load (tiled tables stay mapped after
+        # the folder is gone); removed at once, since Ray ends its workers without running cleanup.
+        with scratch_dir("gru4rec-model-") as folder:
+            for name, data in files.items():
+                Path(folder, name).write_bytes(data)
+            bundle = load_bundle(Path(folder, "m.onnx"))
+            self.backend = make_backend(bundle, cfg.tile_items, provider, tf32, out_dir is not None, threads)
         self.items = bundle.items
-        self.backend = make_backend(bundle, cfg.tile_items, provider, tf32, out_dir is not None, threads)
         self.cfg, self.out_dir, self.source_name, self.kill_marker = cfg, out_dir, source_name, kill_marker
 
     def __call__(self, block):

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -350,7 +349,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from rich.console import Console
 
     from gru4rec.bundle import read_metadata
-    from gru4rec.io import check_output_file, write_text_atomic
+    from gru4rec.io import check_output_file, scratch_dir, write_text_atomic
     from gru4rec.score.bench import _model, _sessions
     from gru4rec.serve.model import load_model
 
@@ -358,23 +357,23 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.out is not None:
         check_output_file(cfg.out, inputs=(cfg.model, cfg.sessions))
     console = Console(stderr=True)
-    tmp = Path(tempfile.mkdtemp(prefix="gru4rec-bench-serve-"))
-    with console.status("preparing model and sessions"):
-        sessions_path, data_desc, train_path = _sessions(cfg.sessions, tmp)
-        onnx, _, model_desc = _model(cfg.model, train_path, tmp)
-        sessions = load_sessions(sessions_path)
-    proc = None
-    if url is None:
-        with console.status("starting the server"):
-            proc, url = _start_server(onnx, cfg)
-    k = min(K, read_metadata(onnx)["top_k"])
-    load_before = os.getloadavg()
-    try:
-        levels = _load_levels(url, sessions, cfg, k, proc, console)
-    finally:
-        if proc is not None:
-            stop_process(proc)
-    served = load_model(onnx, cfg.provider, cfg.threads)
+    with scratch_dir("gru4rec-bench-serve-") as tmp:
+        with console.status("preparing model and sessions"):
+            sessions_path, data_desc, train_path = _sessions(cfg.sessions, tmp)
+            onnx, _, model_desc = _model(cfg.model, train_path, tmp)
+            sessions = load_sessions(sessions_path)
+        proc = None
+        if url is None:
+            with console.status("starting the server"):
+                proc, url = _start_server(onnx, cfg)
+        k = min(K, read_metadata(onnx)["top_k"])
+        load_before = os.getloadavg()
+        try:
+            levels = _load_levels(url, sessions, cfg, k, proc, console)
+        finally:
+            if proc is not None:
+                stop_process(proc)
+        served = load_model(onnx, cfg.provider, cfg.threads)
     stateless, ort_steps = _offline_costs(served, sessions, cfg, console)
     result = _result(cfg, served, data_desc, model_desc, url if proc is None else None, k, load_before,
                      levels, ort_steps, stateless)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,18 +55,27 @@ def nightly_config(folder: Path, body: str, *, history: str = "h.parquet", name:
     return path
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False, timeout: float = 1800, tmpdir: Path | None = None
+            ) -> subprocess.CompletedProcess:  # fmt: skip
     """Run `gru4rec-cli ARGS` in a subprocess, as a user would; returns the completed process.
-    `timeout` bounds the wait (subprocess.TimeoutExpired past it: a hung command fails its test)."""
+    `timeout` bounds the wait (subprocess.TimeoutExpired past it: a hung command fails its test);
+    `tmpdir` is the command's TMPDIR, for a test to see what it leaves behind."""
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     proc = subprocess.run(
         [sys.executable, "-m", "gru4rec.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
-        timeout=timeout,
+        timeout=timeout, env=env,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(
             f"gru4rec-cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
         )
     return proc
+
+
+def ours(folder: Path) -> list[str]:
+    """What our code left in a temporary folder: its folders are named gru4rec-* (onnxruntime keeps a
+    .ses file of its own there, rewritten in place)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("gru4rec-"))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import pytest
 
 from gru4rec.errors import UserError
-from gru4rec.io import atomic_path, check_output_file, write_text_atomic
+from gru4rec.io import atomic_path, check_output_file, scratch_dir, write_text_atomic
 
 
 def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
@@ -44,3 +44,19 @@ def test_output_may_not_overwrite_an_input(tmp_path):
     with pytest.raises(UserError, match="overwrite an input"):
         check_output_file(tmp_path / "." / "in.parquet", inputs=(inp,))
     assert check_output_file(tmp_path / "out.parquet", inputs=(inp,)) == tmp_path / "out.parquet"
+
+
+def test_scratch_dir_is_removed_on_return_and_on_error_and_kept_when_named(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with scratch_dir("gru4rec-x-") as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "f.bin").write_bytes(b"x" * 100)
+        assert folder.parent == tmp_path and folder.name.startswith("gru4rec-x-")
+    with pytest.raises(RuntimeError), scratch_dir("gru4rec-y-") as folder:
+        (folder / "f").write_text("half")
+        raise RuntimeError("crash mid-run")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "work" / "n1"
+    with scratch_dir("gru4rec-z-", kept) as folder:
+        (folder / "f").write_text("keep")
+    assert folder == kept and (kept / "f").read_text() == "keep"  # the user asked to inspect it

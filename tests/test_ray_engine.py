@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, nightly_config
+from conftest import REPO, nightly_config, ours
 from test_replay import make_model, random_events
 from test_score import export_model
 
@@ -34,10 +34,13 @@ IDS = np.arange(1000, 1000 + N_ITEMS, dtype=np.int64)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray runtime (2 CPUs) for the module; the engine uses it as it finds it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
+def ray_cluster(tmp_path_factory):
+    """One local Ray runtime (2 CPUs) for the module; the engine uses it as it finds it. Its workers'
+    TMPDIR is a folder of their own (yielded), so a test can see what they leave behind."""
+    worker_tmp = tmp_path_factory.mktemp("ray-worker-tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"TMPDIR": str(worker_tmp)}})  # fmt: skip
+    yield worker_tmp
     ray.shutdown()
 
 
@@ -110,6 +113,7 @@ def test_two_workers_equal_local_on_multi_file_input(ray_cluster, synthetic, tmp
     assert_same_recs(tmp_path / "local.parquet", recs, report["engine"]["shards_with_events"])
     assert report["latency"]["n_steps"] > 0 and report["latency"]["wall_s"] > 0
     assert "recall" in stdout.lower() or "Recall" in stdout
+    assert ours(ray_cluster) == []  # each worker's copy of the bundle is gone once loaded
 
 
 def test_ray_workers_score_in_tiles_like_local_untiled(ray_cluster, synthetic, tmp_path, run):
@@ -131,6 +135,7 @@ def test_ray_workers_score_in_tiles_like_local_untiled(ray_cluster, synthetic, t
     for key, value in local["metrics"].items():  # shard sums merge in another order: equal to 1e-12
         assert report["metrics"][key] == pytest.approx(value, abs=1e-12, rel=0), key
     assert_same_recs(tmp_path / "local.parquet", recs, report["engine"]["shards_with_events"])
+    assert ours(ray_cluster) == []  # the tables stay mapped after the bundle's copy is gone
 
 
 def test_worker_killed_mid_shard_is_retried_and_counted_once(ray_cluster, synthetic, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ours
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "score_variants.py"
 
@@ -18,7 +20,12 @@ def run_tiny(provider: str, out: Path, timeout: int) -> subprocess.CompletedProc
     """bench/score_variants.py on the tiny random model, a few steps per run."""
     args = ["--provider", provider, "--tiny", "--steps", "3", "--warmup", "1", "--check-steps", "2"]
     cmd = [sys.executable, str(SCRIPT), *args, "--out", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    scratch = out / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert ours(scratch) == []  # every variant's graph is removed with its working folder
+    return res
 
 
 def test_score_variants_cpu_tiny(tmp_path):

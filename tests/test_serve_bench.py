@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import ours, run_cli
 
 
 def test_bench_serve_writes_bounded_results(int_model, tmp_path):
-    out = tmp_path / "serve.json"
+    out, scratch = tmp_path / "serve.json", tmp_path / "tmp"
+    scratch.mkdir()
     run_cli(
         "bench", "serve", "--model", int_model["onnx"], "--sessions", int_model["sessions"], "--out", out,
         "--concurrency", "1,4", "--requests", "120", "--seconds", "600", "--lengths", "2,3",
-        "--stateless-sessions", "4", "--threads", "1", check=True,
+        "--stateless-sessions", "4", "--threads", "1", check=True, tmpdir=scratch,
     )  # fmt: skip
+    assert ours(scratch) == []  # its working copies are removed: a nightly bench fills no disk
     result = json.loads(out.read_text())
     assert [lv["concurrency"] for lv in result["levels"]] == [1, 4]
     for level in result["levels"]:
