@@ -44,6 +44,7 @@ bench: install
 	$(CLI) bench score-memory --out bench/results/score-memory.json
 	$(CLI) bench catalog --out bench/results/catalog-cpu.json
 	$(PY) bench/tile_width.py --out bench/results/tile-width-cpu.json
+	$(PY) bench/untiled_vs_tiled.py --out bench/results/untiled-vs-tiled-cpu.json
 	$(PY) bench/ray_scale.py --out bench/results/ray-score-latest.json
 	$(PY) bench/nightly_false_alarms.py --out bench/results/nightly-false-alarms.json
 	$(CLI) bench serve --out bench/results/serve-cpu.json

@@ -88,14 +88,15 @@ def score_cmd(
         "--memory-budget",
         help="Memory for one step's scores beyond the model's weights, e.g. 512MB, 2GB: host memory on the CPU "
         "EP \\[default: a quarter of free memory, at most 1 GiB], GPU memory on CUDA \\[default: half of the "
-        "GPU's free memory after the weights]. On the CPU, catalogs whose batch x items scores do not fit are "
-        "scored in tiles of items (same ranks) and the batch shrinks only when even a tile of 8,192 items does "
-        "not fit; on CUDA the batch shrinks to fit.",
+        "GPU's free memory after the weights]. On the CPU, catalogs whose batch x items scores do not fit, or "
+        "are more than 8M cells (where tiles are faster), are scored in tiles of items (same ranks) and the "
+        "batch shrinks only when even a tile of 8,192 items does not fit; on CUDA the batch shrinks to fit.",
     ),
     tile_items: int = typer.Option(
         0,
         "--tile-items",
-        help="Items per tile of the score matrix (at least the model's top-k; CPU EP only); 0: from --memory-budget.",
+        help="Items per tile of the score matrix (at least the model's top-k; CPU EP only); 0: from "
+        "--memory-budget; the catalog's size or more: the whole catalog in one pass.",
     ),
     keys: Keys = Keys(),  # --session-key, --item-key, --time-key, --time-unit (with_event_keys)
     beyond_accuracy: bool = typer.Option(

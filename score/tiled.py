@@ -52,6 +52,10 @@ CELL_BYTES = 24
 # costs about half what it does at 16M cells or more (`gru4rec-cli bench catalog`, docs/performance.md).
 TILE_CELLS = 1 << 22
 MIN_TILE = 8192  # the narrowest tile a small budget may force; below it, the batch shrinks instead
+# Up to this many cells per step the exported graph runs untiled where the budget holds it. Past it
+# the graph's passes over the whole [batch, N] matrix run from memory, and tiles of TILE_CELLS score
+# faster even where the matrix fits (`python bench/untiled_vs_tiled.py`, docs/performance.md).
+UNTILED_CELLS = 2 * TILE_CELLS
 DEFAULT_BUDGET_FRACTION = 0.25
 DEFAULT_BUDGET_CAP = 1 << 30  # where [batch, N] fits it, the exported graph runs untiled
 
@@ -138,10 +142,11 @@ def describe_memory(plan: dict) -> str:
 
 def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_items: int = 0,
                 kind: str = "cpu", weights_bytes: int = 0) -> MemoryPlan:  # fmt: skip
-    """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits, else
-    tiles of about TILE_CELLS cells and never wider than the budget allows; where not even MIN_TILE
-    items fit, a smaller batch. CUDA EP: always the untiled graph, with the batch the budget allows
-    (see `plan_cuda`). `tile_items` forces tiles."""
+    """Batch and tile from a memory budget. CPU EP: the untiled graph where [batch, N] fits the budget
+    and is at most UNTILED_CELLS cells, else tiles of about TILE_CELLS cells and never wider than the
+    budget allows; where not even MIN_TILE items fit, a smaller batch. CUDA EP: always the untiled
+    graph, with the batch the budget allows (see `plan_cuda`). `tile_items` forces the tile width
+    (the catalog's size or more: one pass)."""
     if kind == "cuda":
         return plan_cuda(n_items, batch, budget or default_gpu_budget(weights_bytes), tile_items)
     budget = budget or default_budget()
@@ -150,7 +155,7 @@ def plan_memory(n_items: int, top_k: int, batch: int, budget: int | None, tile_i
             raise UserError(f"--tile-items must be at least the model's top-k ({top_k}), got {tile_items}")
         return MemoryPlan(budget, batch, min(tile_items, n_items), n_items)
     widest = budget // (batch * CELL_BYTES)
-    if widest >= n_items:
+    if widest >= n_items and batch * n_items <= UNTILED_CELLS:
         return MemoryPlan(budget, batch, n_items, n_items)
     floor = min(n_items, max(MIN_TILE, top_k))
     if widest < floor:

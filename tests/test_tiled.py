@@ -22,6 +22,7 @@ from gru4rec.score.tiled import (
     CELL_BYTES,
     MIN_TILE,
     TILE_CELLS,
+    UNTILED_CELLS,
     TiledOrtBackend,
     parse_bytes,
     plan_memory,
@@ -168,7 +169,13 @@ def test_tiled_ranks_identical_on_shared_data(shared_data, tmp_path, dataset):
 # ---------------------------------------------------------------------------------------------- the budget
 def test_plan_untiled_when_the_matrix_fits_else_tiles_else_smaller_batch():
     n, k = 1_000_000, 20
-    assert not plan_memory(50_000, k, 1024, 50_000 * 1024 * CELL_BYTES).tiled
+    fits = UNTILED_CELLS // 1024  # items of the widest matrix still scored in one pass at batch 1,024
+    assert not plan_memory(fits, k, 1024, fits * 1024 * CELL_BYTES).tiled
+    assert plan_memory(fits, k, 1024, fits * 1024 * CELL_BYTES - 1).tiled  # the budget is one byte short
+    wide = plan_memory(fits + 1, k, 1024, 1 << 40)  # fits any budget, but past UNTILED_CELLS: tiles
+    assert wide.tiled and wide.tile == TILE_CELLS // 1024 and wide.n_tiles == 3
+    assert not plan_memory(fits + 1, k, 256, 1 << 40).tiled  # a narrower batch: the same cells in one pass
+    assert not plan_memory(fits + 1, k, 1024, 1 << 40, tile_items=fits + 1).tiled  # asked for one pass
     plan = plan_memory(n, k, 1024, 1 << 30)
     assert plan.tiled and plan.batch == 1024 and plan.tile == TILE_CELLS // 1024  # cache-sized
     assert plan_memory(n, k, 64, 1 << 30).tile == TILE_CELLS // 64  # wider tiles for a narrower batch
