@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             "score": {"n_predictions": report["n_predictions"], "events_per_s": report["latency"]["events_per_s"],
                       "memory": report["memory"], "recall@20": report["metrics"]["recall@20"]},
         }  # fmt: skip
-        write_text_atomic(a.out, json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        return 0
+    write_text_atomic(a.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

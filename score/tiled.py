@@ -57,7 +57,7 @@ MIN_TILE = 8192  # the narrowest tile a small budget may force; below it, the ba
 # faster even where the matrix fits (`python bench/untiled_vs_tiled.py`, docs/performance.md).
 UNTILED_CELLS = 2 * TILE_CELLS
 DEFAULT_BUDGET_FRACTION = 0.25
-DEFAULT_BUDGET_CAP = 1 << 30  # where [batch, N] fits it, the exported graph runs untiled
+DEFAULT_BUDGET_CAP = 1 << 30  # the plan takes at most this; a plan within UNTILED_CELLS needs far less
 
 
 def default_budget() -> int:

@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from pydantic import StringConstraints
 
 from gru4rec.serve.batcher import BatchConfig, Batcher, ModelHolder, Outcome
-from gru4rec.serve.event_routes import EventRoutes, Reply, authorized, served
+from gru4rec.serve.event_routes import EventRoutes, Reply, require_token, served
 from gru4rec.serve.metrics import RequestMetrics, ServeMetrics
 from gru4rec.serve.model import ServedModel, load_model
 from gru4rec.serve.ordering import SessionLocks
@@ -178,8 +178,7 @@ def _guard(config: ServeConfig) -> list:
         return []
 
     async def check_token(request: Request) -> None:
-        if not authorized(request.headers.get("authorization", ""), config.api_key):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        require_token(request.headers.get("authorization", ""), config.api_key)
 
     return [Depends(check_token)]
 

@@ -34,10 +34,12 @@ class Reply(Exception):
         self.status, self.body, self.headers = status, body, headers
 
 
-def authorized(header: str, api_key: str) -> bool:
-    """`Authorization: Bearer <api_key>`, compared in constant time."""
+def require_token(header: str, api_key: str) -> None:
+    """A 401 Reply unless `header` is `Bearer <api_key>` (compared in constant time): every guarded
+    route's check, the event routes' and FastAPI's."""
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise Reply(401, {"error": "missing or wrong bearer token"}, ((b"www-authenticate", b"Bearer"),))
 
 
 class EventRoutes:
@@ -70,8 +72,7 @@ class EventRoutes:
         if self.config.api_key is None:
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if not authorized(header.decode("latin-1"), self.config.api_key):
-            raise Reply(401, {"error": "missing or wrong bearer token"}, ((b"www-authenticate", b"Bearer"),))
+        require_token(header.decode("latin-1"), self.config.api_key)
 
     async def _read_body(self, scope, receive) -> bytes:
         """The whole body, refused (413) as soon as it is known to pass the limit, chunked or not."""

@@ -82,15 +82,15 @@ def add_event_routes_to_openapi(schema: dict, guarded: bool) -> dict:
         "properties": {"error": {"type": "string"}, "detail": {"type": "array", "items": {"type": "object"}}},
         "required": ["error"],
     }
+
+    def body(model) -> dict:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
     for path, (request, response, summary, description) in EVENT_ROUTES.items():
         for model in (request, response):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
-
-        def body(model) -> dict:
-            return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-
         responses = {
             "200": {"description": "The top-k after the event", "content": body(response)},
             "413": {"description": "Body too large", **error},
